@@ -1,0 +1,91 @@
+"""What every command shares: the context, JSON output, error mapping, rendering helpers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+
+import click
+
+from cryopool.repo import CryopoolError, Repository
+
+__all__ = ["Context", "emit_json", "handle_errors", "json_option", "human_bytes", "short", "progress_bar", "table"]
+
+JSON_FORMAT_VERSION = 1
+
+
+class Context:
+    def __init__(self, repo_path: str, debug: bool) -> None:
+        self.repo_path = repo_path
+        self.debug = debug
+
+    def repo(self) -> Repository:
+        return Repository.open(self.repo_path)
+
+
+def emit_json(payload: dict) -> None:
+    click.echo(json.dumps({"format_version": JSON_FORMAT_VERSION, **payload}, indent=2, sort_keys=True, default=str))
+
+
+def handle_errors(fn):
+    """Map library errors to a one-line message (and a hint) with exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CryopoolError as exc:
+            obj = click.get_current_context().find_object(Context)
+            if obj is not None and obj.debug:
+                traceback.print_exc()
+            click.secho(f"error: {exc}", fg="red", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (versioned JSON).")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def short(object_id: str | None) -> str:
+    return "(none)" if object_id is None else object_id[:12]
+
+
+class progress_bar:
+    """A click progress bar on stderr, or nothing when quiet/JSON/not a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar = click.progressbar(length=total, label=label, file=sys.stderr) if self.enabled else None
+
+    def __enter__(self):
+        if self._bar:
+            self._bar.__enter__()
+        return self
+
+    def update(self, n: int) -> None:
+        if self._bar:
+            self._bar.update(n)
+
+    def __exit__(self, *exc):
+        if self._bar:
+            self._bar.__exit__(*exc)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

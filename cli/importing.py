@@ -1,0 +1,97 @@
+"""``cryopool import``: bring tilt series and species into the population."""
+
+from __future__ import annotations
+
+import click
+
+from cryopool.repo.importers import import_species, import_tilt_series
+from cryopool.repo.formats.mrc import read_mrc_header
+
+from .common import Context, emit_json, handle_errors, human_bytes, json_option, progress_bar, short
+
+__all__ = ["COMMANDS"]
+
+
+@click.group("import")
+def import_group() -> None:
+    """Import data into the current branch (one commit per import)."""
+
+
+@import_group.command("tilt-series")
+@click.argument("stack", type=click.Path(dir_okay=False))
+@click.option("--source", required=True, help="Data source (e.g. your lab or session); namespaces item names.")
+@click.option("--name", help="Item name [default: the stack's file name without extensions].")
+@click.option("--tilt-angles", metavar="MIN:MAX:STEP", help="Tilt angles in stack order, e.g. -60:60:3.")
+@click.option("--tlt", type=click.Path(dir_okay=False), help="IMOD .tlt file with one angle per line.")
+@click.option("--mdoc", type=click.Path(dir_okay=False), help="SerialEM .mdoc with per-tilt metadata.")
+@click.option("--dose-per-tilt", type=float, help="Exposure per tilt image in e-/Å² (if the mdoc has none).")
+@click.option("--order", type=click.Choice(["dose-symmetric", "sequential", "file"]),
+              help="Acquisition order [default: from the mdoc's DateTime, else dose-symmetric].")
+@click.option("--group-size", default=2, show_default=True, help="Tilts per side in the dose-symmetric scheme.")
+@click.option("--pixel-size", type=float, help="Å per pixel [default: mdoc, else MRC header].")
+@click.option("--voltage", type=float, help="kV [default: mdoc, else 300].")
+@click.option("--cs", "cs_mm", default=2.7, show_default=True, help="Spherical aberration in mm.")
+@click.option("--amplitude-contrast", default=0.07, show_default=True)
+@click.option("--tilt-axis", type=float, help="Tilt-axis angle in degrees [default: mdoc, else 0].")
+@click.option("--defocus-um", type=float, help="Nominal defocus in µm, positive = underfocus.")
+@click.option("--tomogram-size", nargs=3, type=int, metavar="X Y Z", help="Tomogram size in pixels.")
+@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
+@click.option("-m", "--message", help="Commit message.")
+@json_option
+@click.pass_obj
+@handle_errors
+def tilt_series(obj: Context, stack, source, name, tilt_angles, tlt, mdoc, dose_per_tilt, order, group_size,
+                pixel_size, voltage, cs_mm, amplitude_contrast, tilt_axis, defocus_um, tomogram_size, branch,
+                message, as_json) -> None:
+    """Import an MRC tilt-series STACK (.mrc/.st/.mrcs) with its per-tilt metadata."""
+    repo = obj.repo()
+    shape, _, dtype = read_mrc_header(stack)
+    total = shape[0] * shape[1] * shape[2] * dtype.itemsize
+    with progress_bar(total, f"importing {stack}", enabled=not as_json) as bar:
+        commit = import_tilt_series(
+            repo, stack, source=source, name=name, tilt_angles=tilt_angles, tlt=tlt, mdoc=mdoc,
+            dose_per_tilt=dose_per_tilt, order=order, group_size=group_size, pixel_size_angstrom=pixel_size,
+            voltage_kv=voltage, spherical_aberration_mm=cs_mm, amplitude_contrast=amplitude_contrast,
+            tilt_axis_deg=tilt_axis, defocus_um=defocus_um, tomogram_size_px=tomogram_size, branch=branch,
+            message=message, progress=bar.update)
+    c = repo.get_commit(commit)
+    params = c.operation.parameters
+    if as_json:
+        emit_json({"commit": commit, "item": f"{params['source']}/{params['item']}", "tilts": shape[0]})
+    else:
+        click.echo(f"[{short(commit)}] {c.message}")
+        click.echo(f"  {shape[0]} tilts of {shape[2]}x{shape[1]} px at {params['pixel_size_angstrom']} Å/px "
+                   f"({human_bytes(total)} of image data)")
+
+
+@import_group.command("species")
+@click.argument("name")
+@click.option("--half1", "half_map_1", required=True, type=click.Path(dir_okay=False), help="Half-map 1 (MRC).")
+@click.option("--half2", "half_map_2", required=True, type=click.Path(dir_okay=False), help="Half-map 2 (MRC).")
+@click.option("--mask", type=click.Path(dir_okay=False), help="Mask (MRC, values in [0, 1]).")
+@click.option("--particles", required=True, type=click.Path(dir_okay=False),
+              help="RELION STAR particle table (rlnTomoName, rlnCenteredCoordinateX/Y/ZAngst, rlnAngleRot/Tilt/Psi).")
+@click.option("--symmetry", default="C1", show_default=True)
+@click.option("--diameter", "diameter_angstrom", required=True, type=float, help="Particle diameter in Å.")
+@click.option("--pixel-size", type=float, help="Map pixel size in Å [default: MRC header].")
+@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
+@click.option("-m", "--message", help="Commit message.")
+@json_option
+@click.pass_obj
+@handle_errors
+def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetry, diameter_angstrom, pixel_size,
+            branch, message, as_json) -> None:
+    """Import species NAME from two half-maps, a mask and a particle table."""
+    repo = obj.repo()
+    commit = import_species(repo, name, half_map_1=half_map_1, half_map_2=half_map_2, mask=mask, particles=particles,
+                            symmetry=symmetry, diameter_angstrom=diameter_angstrom, pixel_size_angstrom=pixel_size,
+                            branch=branch, message=message)
+    c = repo.get_commit(commit)
+    n = c.operation.parameters["particles"]
+    if as_json:
+        emit_json({"commit": commit, "species": name, "particles": n})
+    else:
+        click.echo(f"[{short(commit)}] {c.message}")
+
+
+COMMANDS = [import_group]

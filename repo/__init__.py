@@ -1,0 +1,45 @@
+"""cryopool.repo: the content-addressed population repository (no torch, no engine).
+
+Layers, lowest first: ``hashing``/``canonical`` (ids and encoding) ←
+``store`` (objects) and ``refs`` (names) ← ``arrays``/``records`` (typed
+content) ← ``repository`` (the API) ← ``population``, ``verify``, ``gc``,
+``diff``, ``importers`` (porcelain).
+"""
+
+from .canonical import Ref
+from .errors import (
+    AlreadyExistsError,
+    ConflictError,
+    CryopoolError,
+    FormatError,
+    IntegrityError,
+    InvalidInputError,
+    LockedError,
+    NotFoundError,
+)
+from .hashing import Kind, ObjectId, hash_bytes
+from .records import (
+    ArrayManifest,
+    Commit,
+    DataSource,
+    DeformationModel,
+    Grid,
+    ImagingModel,
+    Metrics,
+    Operation,
+    ParticleTable,
+    Population,
+    Species,
+    StateDict,
+    TiltSeries,
+)
+from .repository import Head, Repository
+from .version import __version__
+
+__all__ = [
+    "Ref", "Kind", "ObjectId", "hash_bytes", "Repository", "Head", "__version__",
+    "CryopoolError", "NotFoundError", "AlreadyExistsError", "ConflictError", "LockedError", "IntegrityError",
+    "FormatError", "InvalidInputError",
+    "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "ImagingModel", "Metrics", "Operation",
+    "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
+]

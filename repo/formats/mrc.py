@@ -1,0 +1,78 @@
+"""Strict MRC reading (mrcfile underneath) with errors that name the file.
+
+mrcfile's own messages often leave out the file name and use ValueError for
+everything; here each problem is a FormatError or InvalidInputError naming
+the file and the header field.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from ..errors import FormatError, InvalidInputError, NotFoundError
+
+__all__ = ["MrcData", "read_mrc", "read_mrc_header"]
+
+
+@dataclass(frozen=True)
+class MrcData:
+    data: np.ndarray  # (z, y, x) or (n, y, x) for stacks
+    voxel_size_angstrom: tuple[float, float, float]  # x, y, z
+    is_stack: bool
+    labels: tuple[str, ...]
+
+
+def _open(path: Path, header_only: bool):
+    if not path.is_file():
+        raise NotFoundError("file not found", path=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # mrcfile warns about damage it tolerates; we do not
+            return mrcfile.open(path, mode="r", permissive=False, header_only=header_only)
+    except (ValueError, RuntimeWarning, OSError, EOFError) as exc:
+        msg = str(exc)
+        if "bytes" in msg and ("Expected" in msg or "read enough" in msg):
+            raise FormatError(f"truncated MRC file ({msg})", path=str(path), field="data block") from None
+        raise FormatError(f"not a valid MRC file ({msg})", path=str(path), field="header") from None
+
+
+def read_mrc_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, float, float], np.dtype]:
+    """Shape (z/n, y, x), voxel size (x, y, z) in Å and data type, without reading the data."""
+    path = Path(path)
+    with _open(path, header_only=True) as mrc:
+        h = mrc.header
+        shape = (int(h.nz), int(h.ny), int(h.nx))
+        vs = mrc.voxel_size
+        try:
+            dtype = mrcfile.utils.data_dtype_from_header(h)
+        except ValueError as exc:
+            raise FormatError(f"unsupported MRC mode ({exc})", path=str(path), field="mode") from None
+        return shape, (float(vs.x), float(vs.y), float(vs.z)), np.dtype(dtype)
+
+
+def read_mrc(path: str | Path, *, allow_nonfinite: bool = False) -> MrcData:
+    """The data and voxel size of an MRC file; NaN/inf values are refused by default."""
+    path = Path(path)
+    with _open(path, header_only=False) as mrc:
+        data = np.array(mrc.data, copy=True)
+        vs = mrc.voxel_size
+        voxel = (float(vs.x), float(vs.y), float(vs.z))
+        is_stack = bool(mrc.is_image_stack() or mrc.is_volume_stack()) or int(mrc.header.ispg) == 0
+        labels = tuple(
+            lab.decode("ascii", "replace").strip() for lab in mrc.header.label[: int(mrc.header.nlabl)]
+        )
+    if data.ndim == 2:
+        data = data[np.newaxis]
+    if data.dtype.kind == "f" and not allow_nonfinite:
+        bad = ~np.isfinite(data)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidInputError("MRC data contains NaN or infinite values", path=str(path), field="data",
+                                    found=f"{int(bad.sum())} non-finite voxels, first at (z, y, x) = {idx}")
+    data = data.astype(data.dtype.newbyteorder("<"), copy=False) if data.dtype.byteorder == ">" else data
+    return MrcData(data=data, voxel_size_angstrom=voxel, is_stack=is_stack, labels=labels)

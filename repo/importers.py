@@ -1,0 +1,408 @@
+"""Importing files into a population: tilt-series stacks and species.
+
+Every importer reads and checks *all* of its input before it writes anything,
+then writes inside one transaction, so bad input or a crash leaves the
+repository exactly as it was.  The files themselves are part of provenance:
+small metadata files are stored as blobs referenced by the operation record,
+and every input file's BLAKE3 (plain, over the file bytes) is recorded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+
+from .canonical import Ref
+from .errors import FormatError, InvalidInputError, NotFoundError
+from .formats.mrc import read_mrc, read_mrc_header
+from .formats.star import numeric_column, read_star_blocks, require_table, string_column
+from .formats.tilts import dose_symmetric_order, parse_tilt_range, pre_exposure, read_mdoc, read_tlt
+from .hashing import ObjectId
+from .population import find_item, with_item, with_species
+from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
+                      TiltSeries, validate_name)
+from .repository import Repository, software_version
+
+__all__ = ["import_tilt_series", "import_species", "file_blake3", "stable_particle_ids", "validate_symmetry"]
+
+Progress = Callable[[int], None] | None
+_SYMMETRY = re.compile(r"^(?:[CD][1-9][0-9]*|T|O|I[1-4]?)$")
+_PIXEL_TOLERANCE = 1e-3  # relative
+
+
+def file_blake3(path: Path) -> str:
+    h = blake3.blake3()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def validate_symmetry(symmetry: str) -> str:
+    if not isinstance(symmetry, str) or not _SYMMETRY.match(symmetry.upper()):
+        raise InvalidInputError("unknown point-group symmetry", field="symmetry",
+                                expected="Cn, Dn, T, O or I (I1-I4)", found=repr(symmetry))
+    return symmetry.upper()
+
+
+def _same_pixel(a: float, b: float) -> bool:
+    return abs(a - b) <= _PIXEL_TOLERANCE * max(abs(a), abs(b))
+
+
+# --------------------------------------------------------------------------- tilt series
+
+
+@dataclass(frozen=True)
+class _TiltMetadata:
+    angles: list[float]
+    order: list[int]
+    exposure: list[float]
+    tilt_axis_deg: float
+    pixel_size_angstrom: float | None
+    voltage_kv: float | None
+    defocus_um: float | None
+    sources: dict[str, Path]
+
+
+def _tilt_metadata(*, tilt_angles, tlt, mdoc, dose_per_tilt, order, group_size, tilt_axis_deg,
+                   defocus_um) -> _TiltMetadata:
+    given = [x is not None for x in (tilt_angles, tlt, mdoc)]
+    if sum(given) != 1:
+        raise InvalidInputError("give exactly one of tilt angles (MIN:MAX:STEP), a .tlt file or an .mdoc file",
+                                field="tilts")
+    sources: dict[str, Path] = {}
+    pixel = voltage = None
+    axis = tilt_axis_deg
+    acquisition = None
+    exposure = None
+    if mdoc is not None:
+        path = Path(mdoc)
+        m = read_mdoc(path)
+        sources["mdoc"] = path
+        angles = m.floats("TiltAngle", str(path))
+        acquisition = m.acquisition_order(str(path))
+        doses = [float(s.get("ExposureDose", "0").split()[0]) for s in m.sections]
+        if any(d > 0 for d in doses):
+            exposure = doses
+        if "PixelSpacing" in m.global_values:
+            pixel = float(m.global_values["PixelSpacing"].split()[0])
+        if axis is None:
+            text = path.read_text(errors="replace")
+            hit = re.search(r"Tilt axis angle\s*=\s*([-+0-9.eE]+)", text)
+            axis = float(hit.group(1)) if hit else None
+        if defocus_um is None and "TargetDefocus" in m.sections[0]:
+            defocus_um = -float(m.sections[0]["TargetDefocus"].split()[0])  # SerialEM: negative = underfocus
+        if "Voltage" in m.global_values:
+            voltage = float(m.global_values["Voltage"].split()[0])
+    elif tlt is not None:
+        sources["tlt"] = Path(tlt)
+        angles = read_tlt(Path(tlt))
+    else:
+        angles = list(tilt_angles) if not isinstance(tilt_angles, str) else parse_tilt_range(tilt_angles)
+    n = len(angles)
+    if exposure is None:
+        if dose_per_tilt is None:
+            raise InvalidInputError("the dose per tilt is unknown", field="dose_per_tilt",
+                                    hint="pass --dose-per-tilt (e-/Å² per tilt image)")
+        if dose_per_tilt < 0 or not np.isfinite(dose_per_tilt):
+            raise InvalidInputError("dose per tilt must be >= 0", field="dose_per_tilt", found=dose_per_tilt)
+        exposure = [float(dose_per_tilt)] * n
+    if order == "file" or (order is None and acquisition is not None):
+        if acquisition is None:
+            raise InvalidInputError("acquisition order 'file' needs an .mdoc with DateTime per tilt", field="order")
+        acq = acquisition
+    elif order in (None, "dose-symmetric"):
+        acq = dose_symmetric_order(angles, group_size)
+    elif order == "sequential":
+        acq = list(range(n))
+    else:
+        raise InvalidInputError("unknown acquisition order", field="order",
+                                expected="dose-symmetric, sequential or file", found=order)
+    return _TiltMetadata(angles=[float(a) for a in angles], order=acq, exposure=exposure,
+                         tilt_axis_deg=float(axis if axis is not None else 0.0), pixel_size_angstrom=pixel,
+                         voltage_kv=voltage, defocus_um=defocus_um, sources=sources)
+
+
+def import_tilt_series(
+    repo: Repository,
+    stack: str | Path,
+    *,
+    source: str,
+    name: str | None = None,
+    tilt_angles: str | list[float] | None = None,
+    tlt: str | Path | None = None,
+    mdoc: str | Path | None = None,
+    dose_per_tilt: float | None = None,
+    order: str | None = None,
+    group_size: int = 2,
+    pixel_size_angstrom: float | None = None,
+    voltage_kv: float | None = None,
+    spherical_aberration_mm: float = 2.7,
+    amplitude_contrast: float = 0.07,
+    tilt_axis_deg: float | None = None,
+    defocus_um: float | None = None,
+    tomogram_size_px: tuple[int, int, int] | None = None,
+    branch: str | None = None,
+    message: str | None = None,
+    progress: Progress = None,
+) -> ObjectId:
+    """Import one MRC tilt-series stack as a new item; returns the commit id."""
+    stack = Path(stack)
+    name = validate_name(name or stack.name.split(".")[0], "item")
+    validate_name(source, "data source")
+    shape, voxel, _ = read_mrc_header(stack)
+    meta = _tilt_metadata(tilt_angles=tilt_angles, tlt=tlt, mdoc=mdoc, dose_per_tilt=dose_per_tilt, order=order,
+                          group_size=group_size, tilt_axis_deg=tilt_axis_deg, defocus_um=defocus_um)
+    n, height, width = shape
+    if len(meta.angles) != n:
+        where = str(meta.sources.get("mdoc") or meta.sources.get("tlt") or "tilt angles")
+        raise InvalidInputError("tilt count differs between metadata and image stack", path=where,
+                                field="tilt angles", expected=f"{n} (sections in {stack.name})", found=len(meta.angles))
+    pixel = _choose_pixel_size(stack, voxel[0], pixel_size_angstrom, meta.pixel_size_angstrom)
+    volt = float(voltage_kv if voltage_kv is not None else (meta.voltage_kv or 300.0))
+    if meta.defocus_um is None:
+        raise InvalidInputError("the nominal defocus is unknown", field="defocus_um",
+                                hint="pass --defocus-um (positive = underfocus)")
+    for field_name, value, lo, hi in (("voltage_kv", volt, 10, 3000), ("amplitude_contrast", amplitude_contrast, 0, 1),
+                                      ("spherical_aberration_mm", spherical_aberration_mm, 0, 100)):
+        if not lo <= value <= hi:
+            raise InvalidInputError("value out of range", field=field_name, expected=f"{lo}..{hi}", found=value)
+    size = tuple(int(v) for v in (tomogram_size_px or (width, height, max(2, (width // 4) // 2 * 2))))
+    data = read_mrc(stack).data  # checks truncation and non-finite values before anything is written
+    if data.shape != (n, height, width):
+        raise FormatError("MRC data shape differs from its header", path=str(stack), expected=(n, height, width),
+                          found=data.shape)
+    file_hashes = {"stack": {"name": stack.name, "blake3": file_blake3(stack), "bytes": stack.stat().st_size}}
+    defocus_a = float(meta.defocus_um) * 1e4
+
+    with repo.transaction() as tx:
+        stack_ref = tx.put_array(data, chunks=(1, height, width) if height * width * data.itemsize <= 1 << 24 else None,
+                                 progress=progress)
+        deformation = DeformationModel(
+            tilt_shifts_angstrom=tx.put_array(np.zeros((n, 2))),
+            tilt_angle_corrections_deg=tx.put_array(np.zeros((n, 3))))
+        imaging = ImagingModel(
+            defocus_u_angstrom=tx.put_array(np.full(n, defocus_a)),
+            defocus_v_angstrom=tx.put_array(np.full(n, defocus_a)),
+            defocus_angle_deg=tx.put_array(np.zeros(n)))
+        item = TiltSeries(
+            name=name, stack=stack_ref, pixel_size_angstrom=pixel, voltage_kv=volt,
+            spherical_aberration_mm=spherical_aberration_mm, amplitude_contrast=amplitude_contrast,
+            tilt_axis_angle_deg=meta.tilt_axis_deg, tilt_angles_deg=meta.angles,
+            exposure_e_per_angstrom2=[float(e) for e in meta.exposure],
+            pre_exposure_e_per_angstrom2=pre_exposure(meta.order, meta.exposure),
+            tomogram_size_px=list(size), deformation=tx.put_record(deformation), imaging=tx.put_record(imaging),
+            metadata={"source_files": file_hashes, "acquisition_order": meta.order})
+        item_ref = tx.put_record(item)
+        inputs: dict[str, Ref] = {}
+        for label, path in meta.sources.items():
+            inputs[label] = tx.put_blob(path.read_bytes())
+            file_hashes[label] = {"name": path.name, "blake3": file_blake3(path), "bytes": path.stat().st_size}
+        operation = Operation(kind="import", software=software_version(), inputs=inputs, parameters={
+            "what": "tilt-series", "source": source, "item": name, "files": file_hashes,
+            "pixel_size_angstrom": pixel, "voltage_kv": volt, "spherical_aberration_mm": spherical_aberration_mm,
+            "amplitude_contrast": amplitude_contrast, "tilt_axis_angle_deg": meta.tilt_axis_deg,
+            "defocus_um": float(meta.defocus_um), "acquisition_order": meta.order, "tomogram_size_px": list(size)})
+
+        def update(pop: Population | None) -> Population:
+            return with_item(tx, pop or Population(name="population"), source, name, item_ref)
+
+        return tx.commit(update, message=message or f"Import tilt series {source}/{name} ({n} tilts)",
+                         operation=operation, branch=branch)
+
+
+def _choose_pixel_size(path: Path, header: float, given: float | None, metadata: float | None) -> float:
+    if given is not None:
+        if given <= 0:
+            raise InvalidInputError("pixel size must be > 0", field="pixel_size_angstrom", found=given)
+        if header > 0 and not _same_pixel(header, given) and not np.isclose(header, 1.0):
+            raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
+                                    expected=f"{given} Å (given)", found=f"{header} Å (MRC header)")
+        return float(given)
+    if metadata is not None:
+        if header > 0 and not np.isclose(header, 1.0) and not _same_pixel(header, metadata):
+            raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
+                                    expected=f"{metadata} Å (mdoc PixelSpacing)", found=f"{header} Å (MRC header)")
+        return float(metadata)
+    if header <= 0:
+        raise InvalidInputError("the MRC header has no pixel size", path=str(path), field="voxel size",
+                                hint="pass --pixel-size")
+    return float(header)
+
+
+# --------------------------------------------------------------------------- species
+
+
+def stable_particle_ids(species: str, item_keys: list[str], positions: np.ndarray) -> np.ndarray:
+    """uint64 ids from the species name, the item, the row and the position.
+
+    Deterministic (re-importing the same table gives the same ids, so the
+    same hashes) and, at 64 bits, unique in practice across labs; uniqueness
+    within a table is checked.
+    """
+    ids = np.empty(len(item_keys), dtype=np.uint64)
+    for i, (key, pos) in enumerate(zip(item_keys, positions)):
+        h = blake3.blake3(f"{species}\0{key}\0{i}\0".encode() + np.asarray(pos, "<f8").tobytes(),
+                          derive_key_context="cryopool 2026-11-21 particle id v1")
+        ids[i] = int.from_bytes(h.digest(8), "little")
+    if len(np.unique(ids)) != len(ids):
+        raise InvalidInputError("particle id collision; rename the species and import again")
+    return ids
+
+
+@dataclass(frozen=True)
+class _Particles:
+    item_keys: list[str]
+    item_refs: dict[str, Ref]
+    positions: np.ndarray  # (n, 3) Å, centred
+    angles: np.ndarray  # (n, 3) deg
+    half_sets: np.ndarray  # (n,) uint8
+    scores: np.ndarray  # (n,) float32
+
+
+def _read_particles(repo: Repository, population: Population, path: Path) -> _Particles:
+    blocks = read_star_blocks(path)
+    block, table = require_table(blocks, path, ("particles", ""))
+    if len(table) == 0:
+        raise FormatError("particle table is empty", path=str(path), field=f"data_{block}")
+    tomo = string_column(table, "rlnTomoName", path, block)
+    subtomo = [c for c in ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTomoSubtomogramPsi") if c in table]
+    if subtomo:
+        raise InvalidInputError("orientations relative to subtomogram frames are not supported by this importer",
+                                path=str(path), field=f"data_{block}/_{subtomo[0]}",
+                                hint="give absolute rlnAngleRot/Tilt/Psi")
+    keys, refs, items = [], {}, {}
+    for row, name in enumerate(tomo, 1):
+        if name not in items:
+            try:
+                items[name] = find_item(repo, population, name)
+            except (NotFoundError, InvalidInputError) as exc:
+                raise InvalidInputError(f"particle refers to an unknown item ({exc.message})", path=str(path),
+                                        field=f"data_{block}/_rlnTomoName row {row}", found=name) from None
+        key, ref = items[name]
+        keys.append(key)
+        refs[key] = ref
+    if all(f"rlnCenteredCoordinate{a}Angst" in table for a in "XYZ"):
+        pos = np.stack([numeric_column(table, f"rlnCenteredCoordinate{a}Angst", path, block) for a in "XYZ"], 1)
+    elif all(f"rlnCoordinate{a}" in table for a in "XYZ"):
+        px = np.stack([numeric_column(table, f"rlnCoordinate{a}", path, block) for a in "XYZ"], 1)
+        pos = np.empty_like(px)
+        for i, key in enumerate(keys):  # corner-origin pixels of the tomogram -> centred Å
+            ts = repo.get_record(refs[key], TiltSeries)
+            pos[i] = (px[i] - np.asarray(ts.tomogram_size_px, float) / 2.0) * ts.pixel_size_angstrom
+    else:
+        raise FormatError("missing coordinate columns", path=str(path), field=f"data_{block}",
+                          expected="_rlnCenteredCoordinateX/Y/ZAngst (or _rlnCoordinateX/Y/Z)",
+                          found=sorted(table.columns)[:12])
+    if all(f"rlnOrigin{a}Angst" in table for a in "XYZ"):
+        pos = pos - np.stack([numeric_column(table, f"rlnOrigin{a}Angst", path, block) for a in "XYZ"], 1)
+    angles = np.stack([numeric_column(table, c, path, block) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], 1)
+    if "rlnRandomSubset" in table:
+        halves = numeric_column(table, "rlnRandomSubset", path, block)
+        bad = ~np.isin(halves, (1, 2))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0]) + 1
+            raise InvalidInputError("half-set must be 1 or 2", path=str(path),
+                                    field=f"data_{block}/_rlnRandomSubset row {row}", found=halves[row - 1])
+        halves = halves.astype(np.uint8)
+    else:
+        halves = (np.arange(len(table)) % 2 + 1).astype(np.uint8)  # alternate, deterministically
+    scores = (numeric_column(table, "rlnMaxValueProbDistribution", path, block) if "rlnMaxValueProbDistribution"
+              in table else np.full(len(table), np.nan)).astype(np.float32)
+    return _Particles(keys, refs, pos, angles, halves, scores)
+
+
+def _read_map(path: Path, what: str):
+    m = read_mrc(path)
+    if m.data.ndim != 3 or len(set(m.data.shape)) != 1:
+        raise InvalidInputError(f"{what} must be a cubic 3-D map", path=str(path), field="shape",
+                                expected="(d, d, d)", found=m.data.shape)
+    return m
+
+
+def import_species(
+    repo: Repository,
+    name: str,
+    *,
+    half_map_1: str | Path,
+    half_map_2: str | Path,
+    particles: str | Path,
+    mask: str | Path | None = None,
+    symmetry: str = "C1",
+    diameter_angstrom: float,
+    pixel_size_angstrom: float | None = None,
+    branch: str | None = None,
+    message: str | None = None,
+) -> ObjectId:
+    """Import a species (two half-maps, optional mask, a particle STAR table); returns the commit id."""
+    validate_name(name, "species")
+    symmetry = validate_symmetry(symmetry)
+    if not diameter_angstrom > 0:
+        raise InvalidInputError("diameter must be > 0", field="diameter_angstrom", found=diameter_angstrom)
+    paths = {"half_map_1": Path(half_map_1), "half_map_2": Path(half_map_2), "particles": Path(particles)}
+    if mask is not None:
+        paths["mask"] = Path(mask)
+    maps = {k: _read_map(paths[k], k.replace("_", "-")) for k in ("half_map_1", "half_map_2", "mask") if k in paths}
+    ref_shape, ref_px = maps["half_map_1"].data.shape, maps["half_map_1"].voxel_size_angstrom[0]
+    for key, m in maps.items():
+        if m.data.shape != ref_shape:
+            raise InvalidInputError("map shapes differ", path=str(paths[key]), field="shape",
+                                    expected=f"{ref_shape} (as {paths['half_map_1'].name})", found=m.data.shape)
+        if m.voxel_size_angstrom[0] > 0 and not _same_pixel(m.voxel_size_angstrom[0], ref_px):
+            raise InvalidInputError("map pixel sizes differ", path=str(paths[key]), field="voxel size",
+                                    expected=f"{ref_px} Å (as {paths['half_map_1'].name})", found=m.voxel_size_angstrom[0])
+    pixel = _choose_pixel_size(paths["half_map_1"], ref_px, pixel_size_angstrom, None)
+    if "mask" in maps and (maps["mask"].data.min() < -1e-6 or maps["mask"].data.max() > 1 + 1e-6):
+        raise InvalidInputError("mask values must lie in [0, 1]", path=str(paths["mask"]), field="data",
+                                found=f"[{maps['mask'].data.min():.3g}, {maps['mask'].data.max():.3g}]")
+    tip = repo.refs.read(branch if branch and branch.startswith("refs/") else f"refs/heads/{branch}" if branch else "HEAD")
+    if tip is None:
+        raise NotFoundError("the branch has no data sources yet", hint="import tilt series before species")
+    base = repo.population(tip)
+    parts = _read_particles(repo, base, paths["particles"])
+    n = len(parts.item_keys)
+    item_names = sorted(set(parts.item_keys))
+    item_index = np.array([item_names.index(k) for k in parts.item_keys], dtype=np.int32)
+    ids = stable_particle_ids(name, parts.item_keys, parts.positions)
+    files = {k: {"name": p.name, "blake3": file_blake3(p), "bytes": p.stat().st_size} for k, p in paths.items()}
+
+    with repo.transaction() as tx:
+        columns = {
+            "particle_id": tx.put_array(ids),
+            "item_index": tx.put_array(item_index),
+            "position_angstrom": tx.put_array(parts.positions.reshape(n, 1, 3)),
+            "orientation_deg": tx.put_array(parts.angles.reshape(n, 1, 3)),
+            "half_set": tx.put_array(parts.half_sets),
+            "score": tx.put_array(parts.scores),
+        }
+        table = tx.put_record(ParticleTable(count=n, temporal_samples=1, item_names=item_names, columns=columns))
+        species = Species(
+            name=name, symmetry=symmetry, diameter_angstrom=float(diameter_angstrom), pixel_size_angstrom=pixel,
+            half_map_1=tx.put_array(maps["half_map_1"].data.astype(np.float32)),
+            half_map_2=tx.put_array(maps["half_map_2"].data.astype(np.float32)),
+            mask=tx.put_array(maps["mask"].data.astype(np.float32)) if "mask" in maps else None,
+            particles=table, metrics=Metrics(),
+            reconstructed_from=[parts.item_refs[k] for k in item_names],
+            metadata={"source_files": files})
+        species_ref = tx.put_record(species)
+        operation = Operation(kind="import", software=software_version(),
+                              inputs={"particles.star": tx.put_blob(paths["particles"].read_bytes())},
+                              parameters={"what": "species", "species": name, "files": files, "symmetry": symmetry,
+                                          "diameter_angstrom": float(diameter_angstrom), "pixel_size_angstrom": pixel,
+                                          "particles": n})
+
+        def update(pop: Population | None) -> Population:
+            if pop is None:
+                raise NotFoundError("the branch lost its population")
+            for key in item_names:  # the items the particles sit in must still be there, unchanged
+                if find_item(tx, pop, key)[1] != parts.item_refs[key]:
+                    raise InvalidInputError(f"item {key} changed while importing; import again")
+            return with_species(tx, pop, species_ref)
+
+        return tx.commit(update, message=message or f"Import species {name} ({n} particles)",
+                         operation=operation, branch=branch)

@@ -1,0 +1,105 @@
+"""Reading and editing populations: pure functions from one population to the next."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+from .canonical import Ref
+from .errors import AlreadyExistsError, InvalidInputError, NotFoundError
+from .records import DataSource, ParticleTable, Population, Species, TiltSeries, validate_name
+
+__all__ = ["item_key", "split_item_key", "iter_items", "find_item", "with_item", "with_species",
+           "empty_population", "population_summary"]
+
+
+def item_key(source: str, item: str) -> str:
+    return f"{source}/{item}"
+
+
+def split_item_key(key: str) -> tuple[str, str]:
+    source, sep, item = key.partition("/")
+    if not sep:
+        raise InvalidInputError("item key must be 'source/item'", found=repr(key))
+    return source, item
+
+
+def empty_population(name: str = "population") -> Population:
+    return Population(name=validate_name(name, "population"))
+
+
+def iter_items(repo, population: Population) -> Iterator[tuple[str, Ref, TiltSeries]]:
+    """Every item as ("source/item", ref, record), sources and items in name order."""
+    for source_name in sorted(population.data_sources):
+        source = repo.get_record(population.data_sources[source_name], DataSource)
+        for item_name in sorted(source.items):
+            ref = source.items[item_name]
+            yield item_key(source_name, item_name), ref, repo.get_record(ref)
+
+
+def find_item(repo, population: Population, name: str) -> tuple[str, Ref]:
+    """Resolve ``source/item`` or a bare item name that is unique across sources."""
+    if "/" in name:
+        source_name, item_name = split_item_key(name)
+        if source_name in population.data_sources:
+            source = repo.get_record(population.data_sources[source_name], DataSource)
+            if item_name in source.items:
+                return name, source.items[item_name]
+        raise NotFoundError(f"no item '{name}' in the population")
+    hits = []
+    for source_name in sorted(population.data_sources):
+        source = repo.get_record(population.data_sources[source_name], DataSource)
+        if name in source.items:
+            hits.append((item_key(source_name, name), source.items[name]))
+    if not hits:
+        raise NotFoundError(f"no item named '{name}' in any data source")
+    if len(hits) > 1:
+        raise InvalidInputError(f"item name '{name}' is ambiguous", expected="source/item",
+                                found=[k for k, _ in hits])
+    return hits[0]
+
+
+def with_item(repo, population: Population, source_name: str, item_name: str, item: Ref,
+              *, replace_existing: bool = False) -> Population:
+    """A population with ``item`` under ``source_name`` (the source is created if new)."""
+    validate_name(source_name, "data source")
+    validate_name(item_name, "item")
+    if source_name in population.data_sources:
+        source = repo.get_record(population.data_sources[source_name], DataSource)
+        if item_name in source.items and not replace_existing:
+            raise AlreadyExistsError(f"item '{item_key(source_name, item_name)}' already exists",
+                                     hint="choose another --name, or another --source to keep both")
+    else:
+        source = DataSource(name=source_name, items={})
+    source = replace(source, items={**source.items, item_name: item})
+    return replace(population, data_sources={**population.data_sources, source_name: repo.put_record(source)})
+
+
+def with_species(repo, population: Population, species: Ref, *, replace_existing: bool = False) -> Population:
+    record = repo.get_record(species, Species)
+    if record.name in population.species and not replace_existing:
+        raise AlreadyExistsError(f"species '{record.name}' already exists")
+    return replace(population, species={**population.species, record.name: species})
+
+
+def population_summary(repo, population: Population) -> dict:
+    """Counts a scientist wants at a glance (used by status/show/demo)."""
+    items = list(iter_items(repo, population))
+    species = {}
+    for name in sorted(population.species):
+        sp = repo.get_record(population.species[name], Species)
+        table = repo.get_record(sp.particles, ParticleTable)
+        species[name] = {
+            "particles": table.count,
+            "resolution_angstrom": sp.metrics.resolution_angstrom,
+            "box_px": repo.get_array(sp.half_map_1).shape[0],
+            "pixel_size_angstrom": sp.pixel_size_angstrom,
+            "symmetry": sp.symmetry,
+        }
+    return {
+        "name": population.name,
+        "data_sources": len(population.data_sources),
+        "items": len(items),
+        "tilts": sum(ts.n_tilts for _, _, ts in items),
+        "species": species,
+    }

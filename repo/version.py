@@ -1,0 +1,3 @@
+"""The software version recorded in every operation record."""
+
+__version__ = "0.1.0"
