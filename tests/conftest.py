@@ -1,0 +1,98 @@
+"""Shared fixtures: repositories (disk and memory), generated MRC/STAR inputs, state snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from cryopool.repo import Repository
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+os.environ.setdefault("CRYOPOOL_AUTHOR", "Test Author <test@example.org>")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run with -m slow or CRYOPOOL_SLOW=1; the default run is the fast subset."""
+    if os.environ.get("CRYOPOOL_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or CRYOPOOL_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def disk_repo(tmp_path) -> Repository:
+    return Repository.init(tmp_path / "pop")
+
+
+@pytest.fixture(params=["disk", "memory"])
+def any_repo(request, tmp_path) -> Repository:
+    if request.param == "disk":
+        return Repository.init(tmp_path / "pop")
+    return Repository.in_memory()
+
+
+def write_mrc(path: Path, data: np.ndarray, voxel: float = 10.0) -> Path:
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.asarray(data))
+        mrc.voxel_size = voxel
+    return path
+
+
+def write_particles(path: Path, rows: list[dict]) -> Path:
+    starfile.write({"particles": pd.DataFrame(rows)}, path, overwrite=True)
+    return path
+
+
+def particle_rows(names: list[str], n_each: int = 4, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in names:
+        for i in range(n_each):
+            rows.append({"rlnTomoName": name, "rlnCenteredCoordinateXAngst": rng.uniform(-400, 400),
+                         "rlnCenteredCoordinateYAngst": rng.uniform(-400, 400),
+                         "rlnCenteredCoordinateZAngst": rng.uniform(-100, 100),
+                         "rlnAngleRot": rng.uniform(-180, 180), "rlnAngleTilt": rng.uniform(0, 180),
+                         "rlnAnglePsi": rng.uniform(-180, 180), "rlnRandomSubset": i % 2 + 1})
+    return rows
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    """Small, valid input files: two 9-tilt stacks, half-maps, a mask and a particle table."""
+    rng = np.random.default_rng(1)
+    d = tmp_path / "inputs"
+    d.mkdir()
+    files = {
+        "ts1": write_mrc(d / "TS_01.mrc", rng.normal(size=(9, 48, 64)).astype(np.float32)),
+        "ts2": write_mrc(d / "TS_02.mrc", rng.normal(size=(9, 48, 64)).astype(np.float32)),
+    }
+    vol = rng.normal(size=(16, 16, 16)).astype(np.float32)
+    files["half1"] = write_mrc(d / "half1.mrc", vol)
+    files["half2"] = write_mrc(d / "half2.mrc", vol + 0.1)
+    files["mask"] = write_mrc(d / "mask.mrc", np.clip(vol, 0, 1))
+    files["particles"] = write_particles(d / "particles.star", particle_rows(["TS_01", "TS_02"]))
+    return files
+
+
+TILT_ARGS = dict(tilt_angles="-12:12:3", dose_per_tilt=3.0, defocus_um=3.0)
+
+
+def repo_state(repo: Repository) -> dict[str, str]:
+    """Every file under .cryopool except the lock and temporary files, with its content hash."""
+    out = {}
+    for path in sorted(repo.root.rglob("*")):
+        rel = path.relative_to(repo.root).as_posix()
+        if path.is_file() and rel != "refs.lock" and not rel.startswith("tmp/"):
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
