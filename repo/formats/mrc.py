@@ -58,7 +58,8 @@ def read_mrc_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, flo
 def read_mrc(path: str | Path, *, allow_nonfinite: bool = False) -> MrcData:
     """The data and voxel size of an MRC file; NaN/inf values are refused by default."""
     path = Path(path)
-    with _open(path, header_only=False) as mrc:
+    with _open(path, header_only=False) as mrc, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NaN data is reported below, with its position
         data = np.array(mrc.data, copy=True)
         vs = mrc.voxel_size
         voxel = (float(vs.x), float(vs.y), float(vs.z))

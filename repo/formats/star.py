@@ -49,7 +49,8 @@ def numeric_column(table: pd.DataFrame, column: str, path, block: str, *, finite
                           expected=f"column _{column}", found=sorted(table.columns)[:12])
     values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
     raw = table[column]
-    bad = np.isnan(values) & ~raw.astype(str).str.lower().isin(["nan"]).to_numpy()
+    nan_token = raw.isna().to_numpy() | raw.astype(str).str.strip().str.lower().isin(["nan", "-nan"]).to_numpy()
+    bad = np.isnan(values) & ~nan_token
     if bad.any():
         row = int(np.flatnonzero(bad)[0]) + 1
         raise FormatError("value is not a number", path=str(path), field=f"data_{block}/_{column} row {row}",
