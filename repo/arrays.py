@@ -96,9 +96,11 @@ def _grid(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
     return tuple(math.ceil(s / c) if s else 0 for s, c in zip(shape, chunks))
 
 
-def _chunk_bytes(array: np.ndarray, index: tuple[int, ...], chunks: tuple[int, ...]) -> memoryview | bytes:
+def _chunk_bytes(array: np.ndarray, index: tuple[int, ...], chunks: tuple[int, ...], check=None) -> memoryview | bytes:
     sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, array.shape))
     part = array[sl]
+    if check is not None:
+        check(part, tuple(i * c for i, c in zip(index, chunks)))
     if part.shape != chunks:
         padded = np.zeros(chunks, dtype=array.dtype)
         padded[tuple(slice(0, n) for n in part.shape)] = part
@@ -116,11 +118,13 @@ def write_array(
     attributes: dict | None = None,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    check: Callable[[np.ndarray, tuple[int, ...]], None] | None = None,
 ) -> tuple[dict, list[Ref]]:
     """Store the chunks of ``array``; return its zarr metadata and chunk refs.
 
     Chunks are hashed, compressed and written in parallel threads (BLAKE3,
-    zstd and file I/O release the GIL).  ``progress`` receives byte counts.
+    zstd and file I/O release the GIL).  ``progress`` receives byte counts;
+    ``check(block, origin)`` may inspect each chunk first and raise to abort.
     """
     arr = np.asarray(array)
     name = _dtype_name(arr.dtype)
@@ -135,7 +139,7 @@ def write_array(
     indices = list(itertools.product(*(range(g) for g in _grid(arr.shape, chunk_shape))))
 
     def one(index: tuple[int, ...]) -> Ref:
-        data = _chunk_bytes(arr, index, chunk_shape)
+        data = _chunk_bytes(arr, index, chunk_shape, check)
         ref = Ref(Kind.CHUNK, store.put(Kind.CHUNK, data))
         if progress:
             progress(len(data))

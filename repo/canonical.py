@@ -104,7 +104,7 @@ def _ext_hook(code: int, data: bytes) -> Ref:
     return Ref(kind, ObjectId.from_digest(data[1:]))
 
 
-def decode(data: bytes, *, check_canonical: bool = True, where: str = "record") -> Any:
+def decode(data: bytes | memoryview, *, check_canonical: bool = True, where: str = "record") -> Any:
     """Decode canonical msgpack; reject anything non-canonical or oversized."""
     if len(data) > MAX_RECORD_BYTES:
         raise FormatError("record too large", path=where, expected=f"<= {MAX_RECORD_BYTES} bytes", found=len(data))

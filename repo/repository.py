@@ -169,11 +169,12 @@ class Repository:
         kind, data = self.store.get(object_id)
         if kind != Kind.BLOB:
             raise FormatError("object is not a blob", path=f"object {object_id}", found=kind.name.lower())
-        return data
+        return bytes(data)
 
     def put_array(self, array: np.ndarray, *, chunks=None, attributes: dict | None = None,
-                  progress: Callable[[int], None] | None = None) -> Ref:
-        metadata, chunk_refs = write_array(self.store, array, chunks=chunks, attributes=attributes, progress=progress)
+                  progress: Callable[[int], None] | None = None, check=None) -> Ref:
+        metadata, chunk_refs = write_array(self.store, array, chunks=chunks, attributes=attributes, progress=progress,
+                                           check=check)
         return self.put_record(ArrayManifest(zarr=metadata, chunks=chunk_refs))
 
     def get_array(self, ref: Ref | str) -> StoredArray:

@@ -195,6 +195,7 @@ def test_nan_in_stack(populated, tmp_path):
     bad = write_mrc(tmp_path / "nan.mrc", data)
     _expect_unchanged(populated, lambda: import_tilt_series(populated, bad, source="x", **TILT_ARGS),
                       InvalidInputError, "nan.mrc", "(4, 2, 3)")
+    assert not any((populated.root / "tmp").iterdir())  # the aborted staging area is gone
 
 
 def test_pixel_size_disagreement(populated, inputs):

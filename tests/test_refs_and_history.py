@@ -119,8 +119,6 @@ def test_failed_transaction_leaves_no_trace(disk_repo):
 WORKER = textwrap.dedent("""
     import dataclasses, sys
     from cryopool.repo import Repository
-from cryopool.repo.canonical import Ref
-from cryopool.repo.hashing import Kind
     from cryopool.repo.errors import ConflictError
     from cryopool.repo.records import Operation, Population
     repo = Repository.open(sys.argv[1])

@@ -16,14 +16,13 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
-__all__ = ["MrcData", "read_mrc", "read_mrc_header"]
+__all__ = ["MrcData", "read_mrc", "read_mrc_header", "finite_check"]
 
 
 @dataclass(frozen=True)
 class MrcData:
     data: np.ndarray  # (z, y, x) or (n, y, x) for stacks
     voxel_size_angstrom: tuple[float, float, float]  # x, y, z
-    is_stack: bool
     labels: tuple[str, ...]
 
 
@@ -55,25 +54,51 @@ def read_mrc_header(path: str | Path) -> tuple[tuple[int, ...], tuple[float, flo
         return shape, (float(vs.x), float(vs.y), float(vs.z)), np.dtype(dtype)
 
 
-def read_mrc(path: str | Path, *, allow_nonfinite: bool = False) -> MrcData:
-    """The data and voxel size of an MRC file; NaN/inf values are refused by default."""
+def finite_check(path: Path):
+    """A per-chunk check for :func:`write_array`: NaN/inf fail with the voxel's position in the file."""
+    def check(block: np.ndarray, origin: tuple[int, ...]) -> None:
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            bad = ~np.isfinite(block)
+            idx = tuple(int(i) + o for i, o in zip(np.argwhere(bad)[0], origin))
+            raise InvalidInputError("MRC data contains NaN or infinite values", path=str(path), field="data",
+                                    found=f"non-finite voxel at (z, y, x) = {idx}")
+    return check
+
+
+def read_mrc(path: str | Path, *, check_finite: bool = True, mmap: bool = False) -> MrcData:
+    """The data and voxel size of an MRC file; NaN/inf values are refused by default.
+
+    With ``mmap`` the data is a read-only memory map of the file (no copy):
+    large tilt-series stacks are hashed and stored straight from the page cache.
+    """
     path = Path(path)
-    with _open(path, header_only=False) as mrc, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # NaN data is reported below, with its position
-        data = np.array(mrc.data, copy=True)
-        vs = mrc.voxel_size
-        voxel = (float(vs.x), float(vs.y), float(vs.z))
-        is_stack = bool(mrc.is_image_stack() or mrc.is_volume_stack()) or int(mrc.header.ispg) == 0
-        labels = tuple(
-            lab.decode("ascii", "replace").strip() for lab in mrc.header.label[: int(mrc.header.nlabl)]
-        )
+    if mmap:
+        with _open(path, header_only=True) as mrc:
+            h = mrc.header
+            dtype = np.dtype(mrcfile.utils.data_dtype_from_header(h))
+            shape = (int(h.nz), int(h.ny), int(h.nx))
+            offset = 1024 + int(h.nsymbt)
+            vs = mrc.voxel_size
+            voxel = (float(vs.x), float(vs.y), float(vs.z))
+            labels = tuple(lab.decode("ascii", "replace").strip() for lab in h.label[: int(h.nlabl)])
+        need = offset + int(np.prod(shape)) * dtype.itemsize
+        size = path.stat().st_size
+        if size < need:
+            raise FormatError(f"truncated MRC file (expected {need} bytes, found {size})", path=str(path),
+                              field="data block")
+        data = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    else:
+        with _open(path, header_only=False) as mrc, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NaN data is reported below, with its position
+            data = np.asarray(mrc.data)
+            vs = mrc.voxel_size
+            voxel = (float(vs.x), float(vs.y), float(vs.z))
+            labels = tuple(lab.decode("ascii", "replace").strip()
+                           for lab in mrc.header.label[: int(mrc.header.nlabl)])
     if data.ndim == 2:
         data = data[np.newaxis]
-    if data.dtype.kind == "f" and not allow_nonfinite:
-        bad = ~np.isfinite(data)
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise InvalidInputError("MRC data contains NaN or infinite values", path=str(path), field="data",
-                                    found=f"{int(bad.sum())} non-finite voxels, first at (z, y, x) = {idx}")
-    data = data.astype(data.dtype.newbyteorder("<"), copy=False) if data.dtype.byteorder == ">" else data
-    return MrcData(data=data, voxel_size_angstrom=voxel, is_stack=is_stack, labels=labels)
+    if check_finite:
+        finite_check(path)(data, (0,) * data.ndim)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    return MrcData(data=data, voxel_size_angstrom=voxel, labels=labels)

@@ -1,0 +1,20 @@
+"""Run every benchmark in bench/ and print its report (ratios against baselines measured in the same run)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_store  # noqa: E402
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    print("== repository store: ingest, re-ingest, verify ==")
+    bench_store.main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The command line, driven as a user would (click's CliRunner), asserting on --json output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_mrc
+from cryopool.cli.main import cli
+from cryopool.repo import Repository
+
+
+@pytest.fixture
+def run(tmp_path):
+    runner = CliRunner()
+    pop = str(tmp_path / "pop")
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, ["-C", pop, *map(str, args)], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    invoke.pop = pop
+    return invoke
+
+
+def _json(result) -> dict:
+    data = json.loads(result.stdout)
+    assert data["format_version"] == 1
+    return data
+
+
+TS = ["--tilt-angles", "-12:12:3", "--dose-per-tilt", "3", "--defocus-um", "3"]
+
+
+def test_full_walk(run, inputs, tmp_path):
+    run("init", run.pop)
+    assert "No commits yet" in run("status").output
+    c1 = _json(run("import", "tilt-series", inputs["ts1"], "--source", "lab_a", *TS, "--json"))["commit"]
+    run("import", "tilt-series", inputs["ts2"], "--source", "lab_a", *TS)
+    out = _json(run("import", "species", "ribo", "--half1", inputs["half1"], "--half2", inputs["half2"], "--mask",
+                    inputs["mask"], "--particles", inputs["particles"], "--diameter", "250", "--json"))
+    assert out["particles"] == 8
+    log = _json(run("log", "--json"))["commits"]
+    assert [c["operation"] for c in log] == ["import"] * 3 and log[-1]["id"] == c1
+    assert "* " in run("log", "--graph", "--oneline").output
+    assert "Author:" in run("log").output
+    status = _json(run("status", "--json"))
+    assert status["branch"] == "main" and status["population"]["species"]["ribo"]["particles"] == 8
+    assert "ribo" in run("status").output
+
+    species = _json(run("show", "HEAD:species/ribo", "--json"))
+    assert species["particles"] == 8 and species["half_sets"] == [4, 4] and species["box_px"] == 16
+    item = _json(run("show", "HEAD:lab_a/TS_01", "--json"))
+    assert item["tilts"] == 9 and item["tilt_range_deg"] == [-12.0, 12.0] and item["image_size_px"] == [64, 48]
+    assert "9 tilts" in run("show", "HEAD:items/lab_a/TS_01").output
+    commit = _json(run("show", "--json"))
+    assert commit["operation"]["kind"] == "import" and commit["diff"]["species"]["added"]["ribo"]["particles"] == 8
+    raw = _json(run("show", "--raw", commit["population"]))
+    assert raw["record"]["_type"] == "Population"
+
+    d = _json(run("diff", c1, "HEAD", "--json"))["diff"]
+    assert d["items"]["added"] == ["lab_a/TS_02"] and "ribo" in d["species"]["added"]
+    assert "+ species ribo (8 particles)" in run("diff", c1).output
+
+    run("branch", "lab-b")
+    run("tag", "v1")
+    assert _json(run("branch", "--json"))["branches"].keys() == {"main", "lab-b"}
+    assert _json(run("tag", "--json"))["tags"]["v1"] == commit["id"]
+    assert _json(run("checkout", "lab-b", "--json"))["branch"] == "lab-b"
+    run("import", "tilt-series", inputs["ts1"], "--source", "lab_b", *TS)
+    d = _json(run("diff", "main", "lab-b", "--json"))["diff"]
+    assert d["data_sources"]["added"] == ["lab_b"]
+    assert _json(run("checkout", "HEAD~1", "--json"))["branch"] is None
+
+    v = _json(run("verify", "--json"))
+    assert v["ok"] and v["commits"] == 4 and v["problems"] == []
+    assert "OK:" in run("verify", "--quick").output
+    g = _json(run("gc", "--json"))
+    assert g["removed"] == 0
+
+
+def test_verify_exit_code_and_report_on_damage(run, inputs):
+    run("init", run.pop)
+    run("import", "tilt-series", inputs["ts1"], "--source", "lab_a", *TS)
+    repo = Repository.open(run.pop)
+    victim = sorted(repo.store.ids())[0]
+    path = repo.store.path(victim)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    result = run("verify", ok=False)
+    assert result.exit_code == 1 and victim in result.output and "FAILED" in result.output
+    data = json.loads(run("verify", "--json", ok=False).stdout)
+    assert not data["ok"] and data["problems"][0]["object"] == victim
+
+
+def test_errors_are_one_clear_line(run, inputs, tmp_path):
+    result = run("status", ok=False)
+    assert result.exit_code == 1 and "not a cryopool repository" in result.output and "hint:" in result.output
+    run("init", run.pop)
+    bad = tmp_path / "broken.mrc"
+    bad.write_bytes(b"\x00" * 100)
+    result = run("import", "tilt-series", bad, "--source", "x", *TS, ok=False)
+    assert result.exit_code == 1 and "broken.mrc" in result.output and "Traceback" not in result.output
+    result = run("import", "tilt-series", inputs["ts1"], "--source", "x", "--tilt-angles", "-12:12:3", ok=False)
+    assert "dose per tilt" in result.output and "--dose-per-tilt" in result.output
+    assert run("frobnicate", ok=False).exit_code == 2
+    assert run("init", run.pop, ok=False).exit_code == 1  # already exists
+
+
+def test_demo_runs(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", str(tmp_path / "demo")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "verify: OK" in result.output and "proteasome" in result.output
+    assert "wrote 3 new object(s)" in result.output
+
+
+def test_int16_stack_via_cli(run, tmp_path):
+    run("init", run.pop)
+    stack = write_mrc(tmp_path / "TS_05.mrc", np.arange(9 * 8 * 8, dtype=np.int16).reshape(9, 8, 8))
+    run("import", "tilt-series", stack, "--source", "s", *TS)
+    assert "int16" in run("show", "HEAD:TS_05").output
