@@ -172,8 +172,10 @@ def import_tilt_series(
         if not lo <= value <= hi:
             raise InvalidInputError("value out of range", field=field_name, expected=f"{lo}..{hi}", found=value)
     size = tuple(int(v) for v in (tomogram_size_px or (width, height, max(2, (width // 4) // 2 * 2))))
-    file_hashes = {"stack": {"name": stack.name, "blake3": file_blake3(stack), "bytes": stack.stat().st_size}}
-    data = read_mrc(stack, mmap=True, check_finite=False).data  # truncation is checked here
+    mrc = read_mrc(stack, mmap=True, check_finite=False)  # truncation is checked here
+    data = mrc.data
+    stack_hash = blake3.blake3(mrc.file_bytes, max_threads=blake3.blake3.AUTO).hexdigest()
+    file_hashes = {"stack": {"name": stack.name, "blake3": stack_hash, "bytes": len(mrc.file_bytes)}}
     defocus_a = float(meta.defocus_um) * 1e4
 
     with repo.transaction() as tx:  # a NaN found while storing aborts it: nothing becomes visible
