@@ -62,20 +62,36 @@ def short(object_id: str | None) -> str:
 
 
 class progress_bar:
-    """A click progress bar on stderr, or nothing when quiet/JSON/not a terminal."""
+    """A click progress bar on stderr, or nothing when quiet/JSON/not a terminal.
 
-    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+    ``total`` may be unknown (None) until the first ``update_to(done, total)``.
+    """
+
+    def __init__(self, total: int | None, label: str, enabled: bool = True) -> None:
         self.enabled = enabled and sys.stderr.isatty()
-        self._bar = click.progressbar(length=total, label=label, file=sys.stderr) if self.enabled else None
+        self.label = label
+        self._bar = None
+        self._done = 0
+        if self.enabled and total is not None:
+            self._start(total)
+
+    def _start(self, total: int) -> None:
+        self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+        self._bar.__enter__()
 
     def __enter__(self):
-        if self._bar:
-            self._bar.__enter__()
         return self
 
     def update(self, n: int) -> None:
         if self._bar:
             self._bar.update(n)
+
+    def update_to(self, done: int, total: int) -> None:
+        if self.enabled and self._bar is None:
+            self._start(total)
+        if self._bar:
+            self._bar.update(done - self._done)
+            self._done = done
 
     def __exit__(self, *exc):
         if self._bar:

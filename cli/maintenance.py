@@ -23,8 +23,8 @@ __all__ = ["COMMANDS"]
 def verify(obj: Context, quick: bool, no_reflogs: bool, as_json: bool) -> None:
     """Recompute every reachable object's hash and check the version DAG. Exit 1 on any problem."""
     repo = obj.repo()
-    with progress_bar(0, "verifying", enabled=False) as bar:
-        report = run_verify(repo, quick=quick, include_reflogs=not no_reflogs, progress=bar.update)
+    with progress_bar(None, "re-hashing", enabled=not as_json) as bar:
+        report = run_verify(repo, quick=quick, include_reflogs=not no_reflogs, progress=bar.update_to)
     if as_json:
         emit_json({"ok": report.ok, "quick": quick, "objects": report.objects, "records": report.records,
                    "commits": report.commits, "bytes_hashed": report.bytes_hashed, "seconds": round(report.seconds, 3),

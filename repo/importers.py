@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,13 +175,14 @@ def import_tilt_series(
     size = tuple(int(v) for v in (tomogram_size_px or (width, height, max(2, (width // 4) // 2 * 2))))
     mrc = read_mrc(stack, mmap=True, check_finite=False)  # truncation is checked here
     data = mrc.data
-    stack_hash = blake3.blake3(mrc.file_bytes, max_threads=blake3.blake3.AUTO).hexdigest()
-    file_hashes = {"stack": {"name": stack.name, "blake3": stack_hash, "bytes": len(mrc.file_bytes)}}
     defocus_a = float(meta.defocus_um) * 1e4
 
-    with repo.transaction() as tx:  # a NaN found while storing aborts it: nothing becomes visible
+    with repo.transaction() as tx, ThreadPoolExecutor(1) as side:  # a NaN found while storing aborts it
+        # the file's own fingerprint is computed beside the chunk pass, not after it
+        stack_hash = side.submit(lambda: blake3.blake3(mrc.file_bytes).hexdigest())
         chunks = (1, height, width) if height * width * data.itemsize <= 1 << 24 else None
         stack_ref = tx.put_array(data, chunks=chunks, progress=progress, check=finite_check(stack))
+        file_hashes = {"stack": {"name": stack.name, "blake3": stack_hash.result(), "bytes": len(mrc.file_bytes)}}
         deformation = DeformationModel(
             tilt_shifts_angstrom=tx.put_array(np.zeros((n, 2))),
             tilt_angle_corrections_deg=tx.put_array(np.zeros((n, 3))))

@@ -122,8 +122,11 @@ def _semantic(record: Record, repo: Repository) -> list[str]:
 
 
 def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = True,
-           progress: Callable[[int], None] | None = None, workers: int | None = None) -> VerifyReport:
-    """Check everything reachable; ``quick`` checks structure only (no re-hashing of leaves)."""
+           progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> VerifyReport:
+    """Check everything reachable; ``quick`` checks structure only (no re-hashing of leaves).
+
+    ``progress(done, total)`` follows the re-hashing of chunks and blobs (the long part).
+    """
     t0 = time.perf_counter()
     report = VerifyReport(quick=quick)
     referrers: dict[str, list[str]] = {}
@@ -183,8 +186,6 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
                 problem(object_id, f"field {field_path} refers to a {ref.kind.name.lower()}, "
                                    f"expected a {target.kind.name.lower()}")
             queue.append((ref.id, ref.kind, target.types, where))
-        if progress:
-            progress(1)
 
     if leaves:
         def check(object_id: ObjectId) -> tuple[ObjectId, int, str | None]:
@@ -194,12 +195,13 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
             except CryopoolError as exc:
                 return object_id, 0, exc.message
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-            for object_id, nbytes, error in pool.map(check, leaves, chunksize=max(1, len(leaves) // 64)):
+            results = pool.map(check, leaves, chunksize=max(1, len(leaves) // 256))
+            for done, (object_id, nbytes, error) in enumerate(results, 1):
                 report.bytes_hashed += nbytes
                 if error:
                     problem(object_id, error)
                 if progress:
-                    progress(1)
+                    progress(done, len(leaves))
 
     if not nx.is_directed_acyclic_graph(graph):
         cycle = nx.find_cycle(graph)
