@@ -360,7 +360,7 @@ def import_species(
     if "mask" in maps and (maps["mask"].data.min() < -1e-6 or maps["mask"].data.max() > 1 + 1e-6):
         raise InvalidInputError("mask values must lie in [0, 1]", path=str(paths["mask"]), field="data",
                                 found=f"[{maps['mask'].data.min():.3g}, {maps['mask'].data.max():.3g}]")
-    tip = repo.refs.read(branch if branch and branch.startswith("refs/") else f"refs/heads/{branch}" if branch else "HEAD")
+    tip = repo.refs.read(repo.branch_ref(branch))
     if tip is None:
         raise NotFoundError("the branch has no data sources yet", hint="import tilt series before species")
     base = repo.population(tip)

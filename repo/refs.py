@@ -270,7 +270,7 @@ class DiskRefStore(RefStore):
             lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             return entries
-        for n, line in enumerate(lines, 1):
+        for line in lines:
             try:
                 head, message = line.split("\t", 1)
                 old, new, t, author = head.split(" ", 3)

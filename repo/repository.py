@@ -302,10 +302,7 @@ class Repository:
         """Commit a new population on ``branch`` (default: HEAD's branch, or detached HEAD)."""
         if not isinstance(message, str) or not message.strip():
             raise InvalidInputError("a commit needs a message", field="message")
-        if branch is not None:
-            ref_name = validate_ref_name(branch if branch.startswith("refs/") else f"refs/heads/{branch}")
-        else:
-            ref_name = self.refs.head_target() or "HEAD"
+        ref_name = self.branch_ref(branch)
         author = author or self.config.get("user", {}).get("name") or default_author()
         for attempt in range(retries + 1):
             tip = self.refs.read(ref_name)
@@ -332,6 +329,12 @@ class Repository:
                 if attempt == retries or not callable(update):
                     raise
         raise AssertionError("unreachable")
+
+    def branch_ref(self, branch: str | None = None) -> str:
+        """The ref a commit on ``branch`` moves: ``refs/heads/<branch>``, HEAD's branch, or a detached HEAD."""
+        if branch is not None:
+            return validate_ref_name(branch if branch.startswith("refs/") else f"refs/heads/{branch}")
+        return self.refs.head_target() or "HEAD"
 
     # -- branches and tags ------------------------------------------------------------
     def create_branch(self, name: str, rev: str = "HEAD", *, force: bool = False) -> ObjectId:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import zarr
 
-from cryopool.repo import Repository
 from cryopool.repo.arrays import default_chunks
 from cryopool.repo.errors import InvalidInputError
 from cryopool.repo.hashing import Kind, hash_bytes
