@@ -1,0 +1,180 @@
+"""Fourier-slice projection and its adjoint, back-projection into Fourier accumulators.
+
+A map of box ``d`` is zero-padded to ``D = pad · d`` and pre-divided by the
+real-space apodisation of trilinear interpolation (sinc² per axis, the
+"gridding correction"), then Fourier transformed with its centre voxel
+``d // 2`` at the origin. A particle image at orientation ``A`` (map → image
+frame, see ``geometry``) has the 2-D DFT ``F_img(k) = F_map(Aᵀ (kx, ky, 0))``,
+sampled here trilinearly at ``pad · Aᵀ k`` on the padded grid. Slices are
+returned in rfft layout ``(..., d, d // 2 + 1)``, un-shifted, with the same
+normalisation as ``torch.fft.rfft2`` of the projection image, so they compare
+directly with transforms of extracted particle images.
+
+Insertion is the exact adjoint of extraction (the same trilinear weights,
+scattered), accumulated into complex data and real weight grids; Friedel
+mates are restored when the reconstruction is finalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .fourier import crop_center, pad_center
+
+__all__ = ["VolumeTransform", "prepare_volume", "extract_slices", "insert_slices", "FourierAccumulator",
+           "gridding_correction", "slice_coordinates"]
+
+
+def gridding_correction(size: int, padded: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """sinc²(x / padded) per axis, on a ``size³`` grid centred at ``size // 2``."""
+    x = (torch.arange(size, device=device, dtype=dtype) - size // 2) / padded
+    s = torch.sinc(x) ** 2
+    return s[:, None, None] * s[None, :, None] * s[None, None, :]
+
+
+@dataclass(frozen=True)
+class VolumeTransform:
+    """A padded, gridding-corrected, centred 3-D FT ready for slicing."""
+
+    ft: torch.Tensor  # (D, D, D) complex, fftshifted: frequency 0 at index D // 2
+    box: int  # d, the original box
+    pad: int
+
+    @property
+    def padded(self) -> int:
+        return self.box * self.pad
+
+
+def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
+    """``(d, d, d)`` real map → its padded, corrected, centred transform (differentiable)."""
+    d = volume.shape[-1]
+    if volume.shape[-3:] != (d, d, d):
+        raise ValueError(f"volume must be cubic (d, d, d); got {tuple(volume.shape)}")
+    D = d * pad
+    corrected = volume / gridding_correction(d, D, device=volume.device, dtype=volume.dtype)
+    padded = pad_center(corrected, D, dims=3)
+    ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
+                            dim=(-3, -2, -1))
+    return VolumeTransform(ft=ft, box=d, pad=pad)
+
+
+def slice_coordinates(rotations: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frequency coordinates (x, y, z) in 1/box units of each rfft pixel of each slice, and the in-band mask.
+
+    ``rotations`` ``(..., 3, 3)`` → ``(..., box, box // 2 + 1, 3)`` and ``(box, box // 2 + 1)`` bool
+    (inside the Nyquist circle).
+    """
+    ky = torch.fft.fftfreq(box, device=rotations.device, dtype=rotations.dtype) * box
+    kx = torch.fft.rfftfreq(box, device=rotations.device, dtype=rotations.dtype) * box
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    k = torch.stack([gx, gy, torch.zeros_like(gx)], dim=-1)  # (box, w, 3)
+    q = torch.einsum("...ji,hwj->...hwi", rotations, k)  # Aᵀ k
+    inside = (gx**2 + gy**2) <= (box // 2) ** 2
+    return q, inside
+
+
+def _grid(q: torch.Tensor, vt_padded: int, pad: int) -> torch.Tensor:
+    idx = q * pad + vt_padded // 2  # fractional index on the padded grid, per axis (x, y, z)
+    return idx / (vt_padded - 1) * 2 - 1  # grid_sample's normalised coordinates (align_corners=True)
+
+
+def extract_slices(vt: VolumeTransform, rotations: torch.Tensor) -> torch.Tensor:
+    """Central slices at ``rotations`` ``(..., 3, 3)`` → ``(..., d, d // 2 + 1)`` complex (differentiable)."""
+    d = vt.box
+    batch = rotations.shape[:-2]
+    q, inside = slice_coordinates(rotations.reshape(-1, 3, 3), d)
+    grid = _grid(q, vt.padded, vt.pad).to(vt.ft.real.dtype)
+    vol = torch.view_as_real(vt.ft).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 2, D, D, D)
+    out = F.grid_sample(vol, grid.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = torch.complex(out[0, 0], out[0, 1]) * inside
+    return out.reshape(*batch, d, d // 2 + 1)
+
+
+def _trilinear_scatter(target: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """Scatter ``values`` ``(n,)`` at fractional ``idx`` ``(n, 3)`` (x, y, z) into ``target`` ``(D, D, D)`` (z, y, x)."""
+    D = target.shape[-1]
+    base = torch.floor(idx)
+    frac = idx - base
+    base = base.long()
+    flat = target.view(-1)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+                     * (frac[:, 2] if dz else 1 - frac[:, 2]))
+                x, y, z = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
+                ok = (x >= 0) & (x < D) & (y >= 0) & (y < D) & (z >= 0) & (z < D)
+                lin = (z * D + y) * D + x
+                flat.index_add_(0, lin[ok], (values[ok] * w[ok].to(values.dtype)))
+
+
+def insert_slices(data: torch.Tensor, weights: torch.Tensor | None, slices: torch.Tensor,
+                  slice_weights: torch.Tensor | None, rotations: torch.Tensor, pad: int) -> None:
+    """Adjoint of :func:`extract_slices`: add ``slices`` (and ``slice_weights``) into the accumulators in place.
+
+    ``data`` ``(D, D, D)`` complex and ``weights`` ``(D, D, D)`` real are fftshifted grids;
+    ``slices``/``slice_weights`` ``(..., d, d // 2 + 1)``; ``rotations`` ``(..., 3, 3)``.
+    The kx = 0 column holds each Friedel pair twice in a full-plane view: it is halved here
+    and restored by the Friedel symmetrisation in :meth:`FourierAccumulator.finalise`.
+    """
+    d = slices.shape[-2]
+    D = data.shape[-1]
+    q, inside = slice_coordinates(rotations.reshape(-1, 3, 3), d)
+    idx = (q * pad + D // 2).reshape(-1, 3)
+    mask = inside.expand(q.shape[:-1]).reshape(-1)
+    _trilinear_scatter(data, idx[mask], slices.reshape(-1)[mask])
+    if weights is not None and slice_weights is not None:
+        _trilinear_scatter(weights, idx[mask], slice_weights.reshape(-1)[mask].to(weights.dtype))
+
+
+class FourierAccumulator:
+    """Data and weight grids of one reconstruction (one half-map), finalised by Wiener-like division."""
+
+    def __init__(self, box: int, pad: int = 2, *, device=None, dtype=torch.float32) -> None:
+        self.box, self.pad = box, pad
+        D = box * pad
+        cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+        self.data = torch.zeros((D, D, D), dtype=cdtype, device=device)
+        self.weights = torch.zeros((D, D, D), dtype=dtype, device=device)
+
+    def insert(self, slices: torch.Tensor, slice_weights: torch.Tensor, rotations: torch.Tensor,
+               symmetry: torch.Tensor | None = None) -> None:
+        """Insert ``slices`` (already weighted: Σ w·CTF·X) with weights (Σ w·CTF²) at ``rotations``.
+
+        With ``symmetry`` ``(n_sym, 3, 3)`` every slice is inserted once per operator (at ``A · S``).
+        """
+        kx0 = torch.ones(slices.shape[-1], device=slices.device, dtype=slice_weights.dtype)
+        kx0[0] = 0.5
+        ops = symmetry if symmetry is not None else torch.eye(3, dtype=rotations.dtype, device=rotations.device)[None]
+        for s in ops:
+            insert_slices(self.data, self.weights, slices * kx0, slice_weights * kx0, rotations @ s, self.pad)
+
+    def add(self, other: "FourierAccumulator") -> None:
+        """Reduce: accumulators of different items (or machines) simply add."""
+        self.data += other.data
+        self.weights += other.weights
+
+    def finalise(self, wiener_constant: float = 1e-3) -> torch.Tensor:
+        """The map ``(d, d, d)``: Friedel-symmetrised data / (weights + c · mean weight), gridding-corrected."""
+        data = self.data + _friedel(self.data).conj()
+        weights = self.weights + _friedel(self.weights)
+        nz = weights[weights > 0]
+        c = wiener_constant * (nz.mean() if nz.numel() else torch.tensor(1.0, device=weights.device))
+        ft = data / (weights + c)
+        D = self.box * self.pad
+        real = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
+                                  dim=(-3, -2, -1)).real
+        vol = crop_center(real, self.box, dims=3)
+        return vol / gridding_correction(self.box, D, device=vol.device, dtype=vol.dtype)
+
+
+def _friedel(grid: torch.Tensor) -> torch.Tensor:
+    """grid(−k) on a centred even grid: index i ↦ D − i (index 0, the unpaired Nyquist plane, gets 0)."""
+    D = grid.shape[-1]
+    flipped = torch.flip(grid, dims=(-3, -2, -1))  # i ↦ D − 1 − i
+    out = torch.zeros_like(grid)
+    out[1:, 1:, 1:] = flipped[:-1, :-1, :-1]  # i ↦ D − i
+    return out
