@@ -2,7 +2,9 @@
 
 Each box is cut around the nearest pixel (zero outside the image) and then
 shifted by the fractional remainder with a Fourier phase ramp, so the particle
-centre lands exactly on pixel ``box // 2``. Gradients flow through the
+centre lands exactly on pixel ``box // 2``. Transforms are returned with the
+box centre at the origin (``rfft2(ifftshift(box))``), the convention of the
+projector's slices, so the two compare directly. Gradients flow through the
 fractional shift, which is what a local optimiser needs.
 """
 
@@ -37,6 +39,6 @@ def extract_boxes(images: torch.Tensor, positions_px: torch.Tensor, box: int) ->
     yi, xi = ys.clamp(0, h - 1), xs.clamp(0, w - 1)
     tile = torch.arange(t, device=images.device)[None, :, None, None]
     boxes = images[tile, yi[..., :, None], xi[..., None, :]] * valid
-    ft = torch.fft.rfft2(boxes)
+    ft = torch.fft.rfft2(torch.fft.ifftshift(boxes, dim=(-2, -1)))  # box centre at the origin, as projections
     ft = fourier_shift_2d(ft, -frac)
     return ft.reshape(*batch, t, box, box // 2 + 1)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .fourier import crop_center, pad_center
+from .grids import trilinear_scatter
 
 __all__ = ["VolumeTransform", "prepare_volume", "extract_slices", "insert_slices", "FourierAccumulator",
            "gridding_correction", "slice_coordinates"]
@@ -93,24 +94,6 @@ def extract_slices(vt: VolumeTransform, rotations: torch.Tensor) -> torch.Tensor
     return out.reshape(*batch, d, d // 2 + 1)
 
 
-def _trilinear_scatter(target: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """Scatter ``values`` ``(n,)`` at fractional ``idx`` ``(n, 3)`` (x, y, z) into ``target`` ``(D, D, D)`` (z, y, x)."""
-    D = target.shape[-1]
-    base = torch.floor(idx)
-    frac = idx - base
-    base = base.long()
-    flat = target.view(-1)
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
-                     * (frac[:, 2] if dz else 1 - frac[:, 2]))
-                x, y, z = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
-                ok = (x >= 0) & (x < D) & (y >= 0) & (y < D) & (z >= 0) & (z < D)
-                lin = (z * D + y) * D + x
-                flat.index_add_(0, lin[ok], (values[ok] * w[ok].to(values.dtype)))
-
-
 def insert_slices(data: torch.Tensor, weights: torch.Tensor | None, slices: torch.Tensor,
                   slice_weights: torch.Tensor | None, rotations: torch.Tensor, pad: int) -> None:
     """Adjoint of :func:`extract_slices`: add ``slices`` (and ``slice_weights``) into the accumulators in place.
@@ -125,9 +108,9 @@ def insert_slices(data: torch.Tensor, weights: torch.Tensor | None, slices: torc
     q, inside = slice_coordinates(rotations.reshape(-1, 3, 3), d)
     idx = (q * pad + D // 2).reshape(-1, 3)
     mask = inside.expand(q.shape[:-1]).reshape(-1)
-    _trilinear_scatter(data, idx[mask], slices.reshape(-1)[mask])
+    trilinear_scatter(data, idx[mask], slices.reshape(-1)[mask])
     if weights is not None and slice_weights is not None:
-        _trilinear_scatter(weights, idx[mask], slice_weights.reshape(-1)[mask].to(weights.dtype))
+        trilinear_scatter(weights, idx[mask], slice_weights.reshape(-1)[mask].to(weights.dtype))
 
 
 class FourierAccumulator:

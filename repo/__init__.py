@@ -33,7 +33,8 @@ from .records import (
     StateDict,
     TiltSeries,
 )
-from .repository import Head, Repository
+from .population import item_key, iter_items, population_summary, split_item_key, with_item, with_species
+from .repository import Head, Repository, software_version
 from .version import __version__
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "FormatError", "InvalidInputError",
     "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "ImagingModel", "Metrics", "Operation",
     "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
+    "item_key", "split_item_key", "iter_items", "with_item", "with_species", "population_summary", "software_version",
 ]

@@ -46,7 +46,7 @@ def _spot(h, w, cx, cy, sigma=1.5):
 def test_subpixel_extraction_centres_the_particle():
     img = _spot(64, 80, 30.3, 40.7) + _spot(64, 80, 60.0, 10.5)
     pos = torch.tensor([[[30.3, 40.7]], [[60.0, 10.5]]], dtype=torch.float64)  # (n=2, t=1, 2)
-    boxes = torch.fft.irfft2(extract_boxes(img[None], pos, 16), s=(16, 16))
+    boxes = torch.fft.fftshift(torch.fft.irfft2(extract_boxes(img[None], pos, 16), s=(16, 16)), dim=(-2, -1))
     expect = _spot(16, 16, 8, 8)
     for b in boxes[:, 0]:
         assert (b - expect).abs().max() < 0.02

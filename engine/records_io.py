@@ -1,0 +1,132 @@
+"""Between repository records and engine tensors: items to tilt models, particle tables to particle sets.
+
+The only engine module that touches the repository, and only through
+``cryopool.repo``'s public API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cryopool.repo import (DeformationModel, Grid, ImagingModel, ParticleTable, Repository, Species, TiltSeries)
+
+from .geometry import euler_zyz_to_matrix, matrix_to_euler_zyz
+from .tilt_model import Imaging, TiltGeometry
+
+__all__ = ["ItemModel", "load_item", "item_records", "ParticleColumns", "load_particles", "particle_table_record",
+           "load_map"]
+
+
+@dataclass
+class ItemModel:
+    """A tilt series as tensors: images, geometry, imaging, exposure."""
+
+    stack: torch.Tensor  # (t, h, w) float32
+    geometry: TiltGeometry
+    imaging: Imaging
+    pre_exposure: torch.Tensor  # (t,)
+    exposure: torch.Tensor  # (t,)
+
+
+def _array(repo: Repository, ref, dtype=torch.float64) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(repo.get_array(ref).read())).to(dtype)
+
+
+def _grid(repo: Repository, grid: Grid | None) -> torch.Tensor | None:
+    return None if grid is None else _array(repo, grid.values)
+
+
+def load_item(repo: Repository, item: TiltSeries, *, with_stack: bool = True) -> ItemModel:
+    deformation = repo.get_record(item.deformation, DeformationModel)
+    imaging = repo.get_record(item.imaging, ImagingModel)
+    t = item.n_tilts
+    pre = torch.tensor(item.pre_exposure_e_per_angstrom2, dtype=torch.float64)
+    exposure = torch.tensor(item.exposure_e_per_angstrom2, dtype=torch.float64)
+    total = (pre + exposure).max().clamp(min=1e-9)
+    stack_array = repo.get_array(item.stack)
+    h, w = stack_array.shape[1:]
+    px = item.pixel_size_angstrom
+    geometry = TiltGeometry(
+        tilt_angles_deg=torch.tensor(item.tilt_angles_deg, dtype=torch.float64),
+        tilt_axis_angle_deg=item.tilt_axis_angle_deg,
+        shifts_angstrom=_array(repo, deformation.tilt_shifts_angstrom).reshape(t, 2),
+        angle_corrections_deg=_array(repo, deformation.tilt_angle_corrections_deg).reshape(t, 3),
+        image_size_px=(h, w), pixel_size_angstrom=px,
+        tomogram_size_angstrom=tuple(float(s) * px for s in item.tomogram_size_px),
+        dose_time=(pre + 0.5 * exposure) / total,
+        image_warp=_grid(repo, deformation.image_warp), volume_warp=_grid(repo, deformation.volume_warp))
+    model = Imaging(_array(repo, imaging.defocus_u_angstrom), _array(repo, imaging.defocus_v_angstrom),
+                    _array(repo, imaging.defocus_angle_deg), item.voltage_kv, item.spherical_aberration_mm,
+                    item.amplitude_contrast)
+    stack = torch.from_numpy(stack_array.read().astype(np.float32)) if with_stack else torch.empty(0)
+    return ItemModel(stack, geometry, model, pre, exposure)
+
+
+def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> tuple[DeformationModel, ImagingModel]:
+    """Records (with their arrays written to ``repo``) for a geometry and imaging model."""
+    def arr(x: torch.Tensor):
+        return repo.put_array(x.detach().cpu().double().numpy())
+
+    def grid(x: torch.Tensor | None) -> Grid | None:
+        return None if x is None else Grid(dimensions=list(x.shape[1:]), values=arr(x))
+    deformation = DeformationModel(tilt_shifts_angstrom=arr(geometry.shifts_angstrom),
+                                   tilt_angle_corrections_deg=arr(geometry.angle_corrections_deg),
+                                   image_warp=grid(geometry.image_warp), volume_warp=grid(geometry.volume_warp))
+    model = ImagingModel(defocus_u_angstrom=arr(imaging.defocus_u_angstrom),
+                         defocus_v_angstrom=arr(imaging.defocus_v_angstrom),
+                         defocus_angle_deg=arr(imaging.defocus_angle_deg))
+    return deformation, model
+
+
+@dataclass
+class ParticleColumns:
+    """A particle table as tensors (one temporal sample: the first is used)."""
+
+    ids: np.ndarray  # (n,) uint64
+    item_names: list[str]
+    item_index: torch.Tensor  # (n,) long
+    positions: torch.Tensor  # (n, 3) Å
+    orientations: torch.Tensor  # (n, 3, 3)
+    half_sets: torch.Tensor  # (n,) long
+    scores: torch.Tensor  # (n,)
+
+    def select(self, item: str) -> torch.Tensor:
+        """Row mask of the particles in ``item`` (a "source/item" key)."""
+        if item not in self.item_names:
+            return torch.zeros(len(self.ids), dtype=torch.bool)
+        return self.item_index == self.item_names.index(item)
+
+
+def load_particles(repo: Repository, table_ref) -> ParticleColumns:
+    table = repo.get_record(table_ref, ParticleTable)
+    n = table.count
+    col = {k: repo.get_array(v).read() for k, v in table.columns.items()}
+    angles = torch.from_numpy(col["orientation_deg"].reshape(n, -1, 3)[:, 0].astype(np.float64))
+    return ParticleColumns(
+        ids=col["particle_id"].astype(np.uint64), item_names=list(table.item_names),
+        item_index=torch.from_numpy(col["item_index"].astype(np.int64)),
+        positions=torch.from_numpy(col["position_angstrom"].reshape(n, -1, 3)[:, 0].astype(np.float64)),
+        orientations=euler_zyz_to_matrix(angles), half_sets=torch.from_numpy(col["half_set"].astype(np.int64)),
+        scores=torch.from_numpy(col["score"].astype(np.float64)))
+
+
+def particle_table_record(repo: Repository, columns: ParticleColumns) -> ParticleTable:
+    """A ParticleTable record (arrays written to ``repo``) from tensors."""
+    n = len(columns.ids)
+    angles = matrix_to_euler_zyz(columns.orientations.double()).numpy()
+    cols = {
+        "particle_id": repo.put_array(np.asarray(columns.ids, dtype=np.uint64)),
+        "item_index": repo.put_array(columns.item_index.numpy().astype(np.int32)),
+        "position_angstrom": repo.put_array(columns.positions.double().numpy().reshape(n, 1, 3)),
+        "orientation_deg": repo.put_array(angles.reshape(n, 1, 3)),
+        "half_set": repo.put_array(columns.half_sets.numpy().astype(np.uint8)),
+        "score": repo.put_array(columns.scores.numpy().astype(np.float32)),
+    }
+    return ParticleTable(count=n, temporal_samples=1, item_names=list(columns.item_names), columns=cols)
+
+
+def load_map(repo: Repository, species: Species, which: str = "half_map_1") -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(repo.get_array(getattr(species, which)).read()).astype(np.float32))

@@ -1,0 +1,112 @@
+"""The per-item model: where each particle lands in each tilt, at which orientation and defocus.
+
+This is M's tilt-series deformation and imaging model (digest §2.3–2.4) as a
+pure function of tensors, differentiable in every parameter:
+
+    r_i  = r + V(r, i)                                 volume warp, anchored in the specimen
+    xy_i = (R_i r_i)_xy + shift_i + W(xy_i, i)         stage rotation, global shift, image warp
+    z_i  = (R_i r_i)_z                                 height → defocus_i + z_i
+    A_i  = R_i · A_p                                   particle orientation in the tilt
+
+``R_i`` comes from ``geometry.tilt_rotations`` (stage tilt, stage-angle
+corrections, tilt axis). The warps are cubic B-spline grids
+(``splines``): the image warp ``W`` has 2 channels (dx, dy in Å) over
+(tilt, y, x) in image coordinates; the volume warp ``V`` has 3 channels
+(dx, dy, dz in Å) over (time, z, y, x) in specimen coordinates, time being
+the accumulated exposure normalised to [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .geometry import particle_orientations_in_tilts, project_to_tilts, tilt_rotations
+from .splines import interpolate_bspline_grid
+
+__all__ = ["TiltGeometry", "Imaging", "particle_positions_in_tilts", "particle_rotations_in_tilts",
+           "particle_defocus"]
+
+
+@dataclass
+class TiltGeometry:
+    """Everything that decides where a specimen point appears in each tilt image."""
+
+    tilt_angles_deg: torch.Tensor  # (t,)
+    tilt_axis_angle_deg: float
+    shifts_angstrom: torch.Tensor  # (t, 2)
+    angle_corrections_deg: torch.Tensor  # (t, 3)
+    image_size_px: tuple[int, int]  # (h, w)
+    tomogram_size_angstrom: tuple[float, float, float]  # x, y, z extent
+    pixel_size_angstrom: float
+    dose_time: torch.Tensor  # (t,) accumulated exposure of each tilt, normalised to [0, 1]
+    image_warp: torch.Tensor | None = None  # (2, t, gy, gx) Å
+    volume_warp: torch.Tensor | None = None  # (3, gt, gz, gy, gx) Å
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tilts(self) -> int:
+        return self.tilt_angles_deg.shape[0]
+
+    def rotations(self) -> torch.Tensor:
+        return tilt_rotations(self.tilt_angles_deg, self.tilt_axis_angle_deg, self.angle_corrections_deg)
+
+    def with_(self, **changes) -> "TiltGeometry":
+        return replace(self, **changes)
+
+
+@dataclass
+class Imaging:
+    """Per-tilt CTF parameters and the optics they share."""
+
+    defocus_u_angstrom: torch.Tensor  # (t,)
+    defocus_v_angstrom: torch.Tensor  # (t,)
+    defocus_angle_deg: torch.Tensor  # (t,)
+    voltage_kv: float
+    spherical_aberration_mm: float
+    amplitude_contrast: float
+
+
+def _volume_warp(geom: TiltGeometry, positions: torch.Tensor) -> torch.Tensor:
+    """Positions ``(n, 3)`` → per-tilt warped positions ``(n, t, 3)``."""
+    n, t = positions.shape[0], geom.n_tilts
+    base = positions[:, None, :].expand(n, t, 3)
+    if geom.volume_warp is None:
+        return base
+    size = torch.tensor(geom.tomogram_size_angstrom, dtype=positions.dtype, device=positions.device)
+    u_xyz = (positions / size + 0.5).clamp(0, 1)  # (n, 3) x, y, z in [0, 1]
+    u = torch.cat([geom.dose_time.to(positions.dtype)[None, :, None].expand(n, t, 1),
+                   u_xyz.flip(-1)[:, None, :].expand(n, t, 3)], dim=-1)  # (n, t, 4): time, z, y, x
+    return base + interpolate_bspline_grid(geom.volume_warp, u)
+
+
+def _image_warp(geom: TiltGeometry, xy: torch.Tensor) -> torch.Tensor:
+    """Image warp displacement ``(n, t, 2)`` at image positions ``xy`` ``(n, t, 2)`` Å from the centre."""
+    if geom.image_warp is None:
+        return torch.zeros_like(xy)
+    h, w = geom.image_size_px
+    extent = torch.tensor([w, h], dtype=xy.dtype, device=xy.device) * geom.pixel_size_angstrom
+    uv = (xy / extent + 0.5).clamp(0, 1)  # x, y in [0, 1]
+    t = geom.n_tilts
+    ti = torch.arange(t, dtype=xy.dtype, device=xy.device) / max(t - 1, 1)
+    u = torch.cat([ti[None, :, None].expand(xy.shape[0], t, 1), uv.flip(-1)], dim=-1)  # (tilt, y, x)
+    return interpolate_bspline_grid(geom.image_warp, u)
+
+
+def particle_positions_in_tilts(geom: TiltGeometry, positions_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, 3)`` specimen positions (Å from the tomogram centre) → image ``xy`` ``(n, t, 2)`` Å, heights ``(n, t)``."""
+    warped = _volume_warp(geom, positions_angstrom)
+    xy, z = project_to_tilts(warped, geom.rotations(), geom.shifts_angstrom)
+    return xy + _image_warp(geom, xy), z
+
+
+def particle_rotations_in_tilts(geom: TiltGeometry, orientations: torch.Tensor) -> torch.Tensor:
+    """``(n, 3, 3)`` particle matrices → ``(n, t, 3, 3)`` map → image rotations."""
+    return particle_orientations_in_tilts(orientations, geom.rotations())
+
+
+def particle_defocus(imaging: Imaging, heights_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per particle-tilt defocus U, V (Å) and angle from the tilt's defocus plus the particle's height."""
+    return (imaging.defocus_u_angstrom + heights_angstrom, imaging.defocus_v_angstrom + heights_angstrom,
+            imaging.defocus_angle_deg.expand_as(heights_angstrom))
