@@ -275,13 +275,19 @@ def reconstruct_species(items: list[SimulatedItem], name: str, box: int, symmetr
     return accs[0].finalise(), accs[1].finalise()
 
 
-def simulate(config: SimulationConfig) -> Simulation:
+def simulate(config: SimulationConfig, progress=None) -> Simulation:
+    """Build the whole synthetic population; ``progress(done, total)`` follows items and reconstructions."""
     rng = np.random.default_rng(config.seed)
+    total = config.n_sources * config.items_per_source + len(config.species)
+    done = 0
     maps, boxes = _species_maps(config, rng)
     items = []
     for s in range(config.n_sources):
         for i in range(config.items_per_source):
             items.append(_item(config, rng, f"lab_{chr(ord('a') + s)}", f"TS_{i + 1:02d}", maps, boxes))
+            done += 1
+            if progress:
+                progress(done, total)
     ids = {spec.name: {it.key: rng.integers(1, 2**63, size=spec.copies_per_item).astype(np.uint64)
                        for it in items} for spec in config.species}
     sim = Simulation(config, maps, boxes, items, ids)
@@ -289,6 +295,9 @@ def simulate(config: SimulationConfig) -> Simulation:
         sim.initial_maps[spec.name] = reconstruct_species(
             items, spec.name, boxes[spec.name], spec.symmetry, truth=False, pixel=config.pixel_size_angstrom,
             voltage_kv=config.voltage_kv, cs_mm=config.spherical_aberration_mm)
+        done += 1
+        if progress:
+            progress(done, total)
     return sim
 
 

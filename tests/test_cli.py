@@ -125,3 +125,18 @@ def test_int16_stack_via_cli(run, tmp_path):
     stack = write_mrc(tmp_path / "TS_05.mrc", np.arange(9 * 8 * 8, dtype=np.int16).reshape(9, 8, 8))
     run("import", "tilt-series", stack, "--source", "s", *TS)
     assert "int16" in run("show", "HEAD:TS_05").output
+
+
+def test_simulate_command(tmp_path):
+    pop = tmp_path / "sim"
+    result = CliRunner().invoke(cli, ["simulate", str(pop), "--species", "blob:150:3", "--items", "1",
+                                      "--image-size", "96", "--seed", "4", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["species"]["blob"]["particles"] == 3 and data["nyquist_angstrom"] == 20.0
+    repo = Repository.open(pop)
+    commit = repo.get_commit(data["commit"])
+    assert commit.operation.kind == "simulate" and commit.operation.parameters["seed"] == 4
+    assert "truth" in commit.attachments
+    bad = CliRunner().invoke(cli, ["simulate", str(pop), "--species", "oops"])
+    assert bad.exit_code == 2 and "NAME:DIAMETER" in bad.output
