@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_projection  # noqa: E402
 import bench_store  # noqa: E402
 
 
@@ -14,6 +15,8 @@ def main() -> None:
     args = sys.argv[1:]
     print("== repository store: ingest, re-ingest, verify ==")
     bench_store.main(args)
+    print("\n== engine: projection and back-projection ==")
+    bench_projection.main([])
 
 
 if __name__ == "__main__":

@@ -117,3 +117,21 @@ def test_written_population_separates_truth_and_round_trips(tmp_path, high_snr):
     err = degrees_between(cols.orientations, true_cols.orientations)
     assert 0.5 < err.mean().item() < 6.0  # perturbed like an upstream pipeline would leave them
     assert isinstance(items[sim.items[0].key], TiltSeries) and items[sim.items[0].key].n_tilts == 41
+
+
+def test_volume_warp_moves_particles_and_survives_the_round_trip(tmp_path):
+    cfg = replace(PRESETS["test"], species=[SpeciesSpec("one", 150.0, 3)], items_per_source=1,
+                  image_size_px=(96, 96), volume_warp_grid=(2, 2, 2, 2), volume_warp_angstrom=20.0, seed=5)
+    sim = simulate(cfg)
+    it = sim.items[0]
+    assert it.true_geometry.volume_warp is not None and it.initial_geometry.volume_warp is None
+    parts = it.true_particles["one"]
+    warped, _ = particle_positions_in_tilts(it.true_geometry, parts.positions)
+    flat, _ = particle_positions_in_tilts(it.true_geometry.with_(volume_warp=None), parts.positions)
+    assert (warped - flat).norm(dim=-1).mean() > 2.0  # Å
+    repo = Repository.init(tmp_path / "pop")
+    commit = repo.get_commit(write_simulation(repo, sim))
+    truth = repo.get_record(commit.attachments["truth"], Population)
+    (_, _, ts), = list(iter_items(repo, truth))
+    loaded = load_item(repo, ts, with_stack=False)
+    assert torch.allclose(loaded.geometry.volume_warp, it.true_geometry.volume_warp)
