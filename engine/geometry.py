@@ -26,7 +26,7 @@ import torch
 
 __all__ = [
     "rotation_x", "rotation_y", "rotation_z", "euler_zyz_to_matrix", "matrix_to_euler_zyz", "tilt_rotations",
-    "project_to_tilts", "particle_orientations_in_tilts", "degrees_between",
+    "project_to_tilts", "particle_orientations_in_tilts", "degrees_between", "rotvec_to_matrix",
 ]
 
 
@@ -116,6 +116,22 @@ def particle_orientations_in_tilts(orientations: torch.Tensor, rotations: torch.
     → ``(..., n_tilts, 3, 3)``.
     """
     return rotations @ orientations.unsqueeze(-3)
+
+
+def rotvec_to_matrix(rotvec_deg: torch.Tensor) -> torch.Tensor:
+    """Rodrigues: rotation vectors ``(..., 3)`` (axis × angle in degrees) → ``(..., 3, 3)``; smooth at 0."""
+    v = torch.deg2rad(rotvec_deg)
+    theta2 = (v * v).sum(-1, keepdim=True)[..., None]
+    theta = torch.sqrt(theta2 + 1e-30)
+    small = theta2 < 1e-12
+    a = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / (theta2 + 1e-30))
+    zero = torch.zeros_like(v[..., 0])
+    k = torch.stack([torch.stack([zero, -v[..., 2], v[..., 1]], -1),
+                     torch.stack([v[..., 2], zero, -v[..., 0]], -1),
+                     torch.stack([-v[..., 1], v[..., 0], zero], -1)], -2)
+    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand_as(k)
+    return eye + a * k + b * (k @ k)
 
 
 def degrees_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -95,8 +95,8 @@ class SimulationConfig:
 
 PRESETS: dict[str, SimulationConfig] = {
     # seconds on a 2-core CPU: what the test suite uses
-    "test": SimulationConfig(species=[SpeciesSpec("large", 250.0, 8), SpeciesSpec("small", 100.0, 10)],
-                             items_per_source=2),
+    "test": SimulationConfig(species=[SpeciesSpec("large", 250.0, 8), SpeciesSpec("small", 100.0, 24)],
+                             items_per_source=2, defocus_um=5.0),
     # the embedded demo: two labs, two species
     "demo": SimulationConfig(species=[SpeciesSpec("ribosome", 250.0, 10), SpeciesSpec("proteasome", 120.0, 14,
                                                                                        symmetry="D7")],

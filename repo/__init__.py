@@ -24,6 +24,7 @@ from .records import (
     DataSource,
     DeformationModel,
     Grid,
+    HalfSetModel,
     ImagingModel,
     Metrics,
     Operation,
@@ -41,7 +42,7 @@ __all__ = [
     "Ref", "Kind", "ObjectId", "hash_bytes", "Repository", "Head", "__version__",
     "CryopoolError", "NotFoundError", "AlreadyExistsError", "ConflictError", "LockedError", "IntegrityError",
     "FormatError", "InvalidInputError",
-    "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "ImagingModel", "Metrics", "Operation",
+    "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "HalfSetModel", "ImagingModel", "Metrics", "Operation",
     "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
     "item_key", "split_item_key", "iter_items", "with_item", "with_species", "population_summary", "software_version",
 ]

@@ -22,13 +22,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Union
 
-from .canonical import Ref
+from .canonical import Ref, walk_refs
 from .errors import FormatError, InvalidInputError
 from .hashing import Kind
 
 __all__ = [
     "Struct", "Record", "RECORD_TYPES", "parse_record", "reference_targets", "validate_name",
-    "ArrayManifest", "Grid", "DeformationModel", "ImagingModel", "TiltSeries", "DataSource",
+    "ArrayManifest", "Grid", "DeformationModel", "ImagingModel", "HalfSetModel", "TiltSeries", "DataSource",
     "ParticleTable", "StateDict", "Metrics", "Species", "Population", "Operation", "Commit",
     "OPERATION_KINDS", "PARTICLE_COLUMNS",
 ]
@@ -181,6 +181,9 @@ def _from(value: Any, hint: Any, where: str) -> Any:
 
 def _targets(value: Any, hint: Any, where: str, out: list) -> None:
     hint, target = _unwrap(hint)
+    if hint is Any:  # free-form values may hold references too: any kind, any type
+        out.extend((where, ref, Target(("*",), ref.kind)) for ref in walk_refs(value))
+        return
     inner = _optional_inner(hint)
     if inner is not None:
         if value is not None:
@@ -259,6 +262,14 @@ class ImagingModel(Record):
 
 
 @dataclass(frozen=True)
+class HalfSetModel(Struct):
+    """The models one half-set's particles were refined with (gold standard: halves never share)."""
+
+    deformation: Annotated[Ref, Target(("DeformationModel",))]
+    imaging: Annotated[Ref, Target(("ImagingModel",))]
+
+
+@dataclass(frozen=True)
 class TiltSeries(Record):
     """One tilt series: raw images, acquisition metadata, deformation and imaging models."""
 
@@ -278,6 +289,7 @@ class TiltSeries(Record):
     imaging: Annotated[Ref, Target(("ImagingModel",))]
     handedness: int = 1
     refined_against: list[Annotated[Ref, Target(("Species",))]] = field(default_factory=list)
+    half_set_models: dict[str, HalfSetModel] = field(default_factory=dict)  # "1", "2" after a refinement
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property

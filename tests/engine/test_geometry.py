@@ -92,3 +92,14 @@ def test_gradients_flow(dtype):
     angles = torch.tensor([[10.0, 20.0, 30.0]], dtype=dtype, requires_grad=True)
     euler_zyz_to_matrix(angles).sum().backward()
     assert torch.isfinite(angles.grad).all()
+
+
+def test_rotvec_matches_scipy_and_is_smooth_at_zero():
+    from cryopool.engine.geometry import rotvec_to_matrix
+    rng = np.random.default_rng(4)
+    v = rng.normal(scale=20, size=(20, 3))
+    np.testing.assert_allclose(rotvec_to_matrix(torch.tensor(v)).numpy(),
+                               Rotation.from_rotvec(v, degrees=True).as_matrix(), atol=1e-12)
+    z = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    rotvec_to_matrix(z)[0, 0, 1].backward()
+    assert torch.isfinite(z.grad).all() and z.grad[0, 2].item() == pytest.approx(-math.pi / 180)

@@ -1,0 +1,316 @@
+"""``refine``: check out a population, refine every item as a multi-particle system, reconstruct, commit.
+
+One iteration (BRIEF §6):
+
+1. For each species, regularise each half-map into that half's reference,
+   using the FSC recorded at the end of the previous iteration (or measured
+   once from the half-maps if none is recorded) and the working resolution
+   it implies.
+2. For each item and each half-set, refine the item's models and the poses of
+   that half's particles of all species jointly (``refine_item``). Half-sets
+   never share anything (gold standard); the item's published models are the
+   parameter-wise average of the two half-set models.
+3. Reconstruct each species' half-maps from the original tilt images at the
+   refined geometry of their own half-set; masked FSC (phase-randomised),
+   resolution at 0.143.
+4. Commit new item versions (``refined_against`` = the species versions used,
+   ``half_set_models``) and species versions (half-maps, poses, FSC,
+   resolution, ``reconstructed_from`` = the new item versions), with an
+   operation record holding every parameter. One commit per iteration; an
+   interrupted run resumes after its last completed iteration.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from cryopool.repo import (DataSource, HalfSetModel, Metrics, Operation, Population, Ref, Repository, Species,
+                           TiltSeries, software_version, split_item_key)
+
+from .ctf import aliasing_free_box
+from .forward import ParticleSet, reconstruct_half_maps
+from .fsc import masked_fsc, resolution_at
+from .projection import FourierAccumulator, prepare_volume
+from .records_io import ItemModel, item_records, load_item, load_map, load_particles, particle_table_record
+from .refine_item import GROUPS, RefineSettings, SpeciesInput, refine_item_half
+from .regularise import FSCWienerFilter, Regulariser, working_resolution
+from .symmetry import symmetry_operators
+from .tilt_model import Imaging, TiltGeometry
+
+__all__ = ["RefineOptions", "refine_population", "IterationReport", "resume_point", "pick_device"]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class RefineOptions:
+    iterations: int = 3
+    groups: tuple[str, ...] = ("tilt_angles", "shifts", "image_warp", "poses", "defocus")
+    image_warp_grid: tuple[int, int] = (3, 3)
+    volume_warp_grid: tuple[int, int, int, int] = (2, 2, 2, 2)
+    start_resolution_angstrom: float | None = None  # None: from the recorded (or measured) FSC
+    lbfgs_iterations: int = 40
+    rounds: int = 2
+    device: str = "auto"
+    memory_budget_gb: float = 2.0
+    wiener_constant: float = 1e-3
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.groups) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"unknown parameter groups {unknown}; choose from {list(GROUPS)}")
+
+
+@dataclass
+class IterationReport:
+    commit: str
+    iteration: int
+    resolution_before: dict[str, float]
+    resolution_after: dict[str, float]
+    particles: dict[str, int]
+    ncc: dict[str, list[float]] = field(default_factory=dict)  # item/half -> history
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def resume_point(repo: Repository, branch: str | None = None) -> dict | None:
+    """The unfinished refine run at the branch tip, if any: its run record."""
+    tip = repo.refs.read(repo.branch_ref(branch))
+    if tip is None:
+        return None
+    op = repo.get_commit(tip).operation
+    run = op.parameters.get("run") if op.kind == "refine" else None
+    if run and run["iteration"] < run["of"]:
+        return run
+    return None
+
+
+@dataclass
+class _SpeciesState:
+    name: str
+    record: Species
+    ref: Ref
+    columns: object  # ParticleColumns
+    halves: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+    curve: torch.Tensor
+    resolution: float
+    box: int
+
+
+def _load_species(repo: Repository, pop: Population, device) -> dict[str, _SpeciesState]:
+    out = {}
+    for name in sorted(pop.species):
+        ref = pop.species[name]
+        sp = repo.get_record(ref, Species)
+        h1, h2 = load_map(repo, sp, "half_map_1").to(device), load_map(repo, sp, "half_map_2").to(device)
+        mask = load_map(repo, sp, "mask").to(device) if sp.mask is not None else None
+        if sp.metrics.fsc is not None:
+            curve = torch.from_numpy(np.asarray(repo.get_array(sp.metrics.fsc).read())[:, 1]).to(device)
+        else:
+            curve = (masked_fsc(h1, h2, mask)["corrected"] if mask is not None else
+                     masked_fsc(h1, h2, torch.ones_like(h1))["unmasked"])
+        res = sp.metrics.resolution_angstrom or resolution_at(curve, sp.pixel_size_angstrom, 0.143)
+        out[name] = _SpeciesState(name, sp, ref, load_particles(repo, sp.particles), (h1, h2), mask, curve, res,
+                                  h1.shape[-1])
+    return out
+
+
+def _average(a: TiltGeometry, b: TiltGeometry, ia: Imaging, ib: Imaging) -> tuple[TiltGeometry, Imaging]:
+    def mean(x, y):
+        return None if x is None or y is None else (x + y) / 2
+    g = replace(a, shifts_angstrom=mean(a.shifts_angstrom, b.shifts_angstrom),
+                angle_corrections_deg=mean(a.angle_corrections_deg, b.angle_corrections_deg),
+                image_warp=mean(a.image_warp, b.image_warp), volume_warp=mean(a.volume_warp, b.volume_warp))
+    im = replace(ia, defocus_u_angstrom=mean(ia.defocus_u_angstrom, ib.defocus_u_angstrom),
+                 defocus_v_angstrom=mean(ia.defocus_v_angstrom, ib.defocus_v_angstrom))
+    return g, im
+
+
+def _to(model: ItemModel, device) -> ItemModel:
+    g = model.geometry
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    geom = replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
+                   angle_corrections_deg=g.angle_corrections_deg.to(device), dose_time=g.dose_time.to(device),
+                   image_warp=move(g.image_warp), volume_warp=move(g.volume_warp))
+    im = model.imaging
+    im = replace(im, defocus_u_angstrom=im.defocus_u_angstrom.to(device),
+                 defocus_v_angstrom=im.defocus_v_angstrom.to(device), defocus_angle_deg=im.defocus_angle_deg.to(device))
+    return ItemModel(model.stack.to(device), geom, im, model.pre_exposure.to(device), model.exposure.to(device))
+
+
+def _half_model(repo: Repository, item: TiltSeries, half: int, device) -> ItemModel | None:
+    hm = item.half_set_models.get(str(half))
+    if hm is None:
+        return None
+    alt = replace(item, deformation=hm.deformation, imaging=hm.imaging)
+    return _to(load_item(repo, alt, with_stack=False), device)
+
+
+def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, device,
+               regulariser: Regulariser, progress: ProgressFn | None) -> IterationReport:
+    pop = repo.population(tip)
+    species = _load_species(repo, pop, device)
+    settings_base = RefineSettings(groups=tuple(opts.groups), image_warp_grid=tuple(opts.image_warp_grid),
+                                   volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
+                                   rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3))
+    # 1. references, per half, from the recorded FSC
+    refs: dict[str, tuple] = {}
+    work_res: dict[str, float] = {}
+    for name, s in species.items():
+        res = opts.start_resolution_angstrom if (opts.start_resolution_angstrom and run["iteration"] == 0) \
+            else working_resolution(s.curve, s.record.pixel_size_angstrom)
+        work_res[name] = res
+        refs[name] = tuple(prepare_volume(regulariser(h, s.curve, pixel_size_angstrom=s.record.pixel_size_angstrom,
+                                                      resolution_angstrom=res)) for h in s.halves)
+    resolution = max(work_res.values())  # the band every species supports
+    settings = replace(settings_base, resolution_angstrom=resolution)
+    # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
+    items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in _item_refs(repo, pop)]
+    accs = {name: None for name in species}
+    new_items: dict[str, tuple[TiltSeries, dict]] = {}
+    poses = {name: (s.columns.positions.clone(), s.columns.orientations.clone()) for name, s in species.items()}
+    ncc_history = {}
+    for n_item, (key, item_ref, item) in enumerate(items):
+        if progress:
+            progress(f"item {key}", n_item, len(items))
+        base = _to(load_item(repo, item), device)
+        half_models = {}
+        for half in (1, 2):
+            start = _half_model(repo, item, half, device) or base
+            inputs, rows = [], []
+            for name, s in species.items():
+                sel = (s.columns.select(key) & (s.columns.half_sets == half)).nonzero().flatten()
+                if len(sel) == 0:
+                    continue
+                inputs.append(SpeciesInput(name, refs[name][half - 1], s.box, s.record.diameter_angstrom,
+                                           poses[name][0][sel].to(device), poses[name][1][sel].to(device)))
+                rows.append((name, sel))
+            if not inputs:
+                half_models[half] = (start.geometry, start.imaging)
+                continue
+            state = refine_item_half(base.stack, start.geometry, start.imaging, base.pre_exposure, base.exposure,
+                                     inputs, settings)
+            ncc_history[f"{key}/half{half}"] = [round(v, 5) for v in state.history]
+            half_models[half] = (state.geometry, state.imaging)
+            for (name, sel), p, o in zip(rows, state.positions, state.orientations):
+                poses[name][0][sel] = p.cpu().to(poses[name][0].dtype)
+                poses[name][1][sel] = o.cpu().to(poses[name][1].dtype)
+            for name, sel in rows:  # reconstruct this half from this half's geometry only
+                s = species[name]
+                parts = ParticleSet(poses[name][0][sel].to(device), poses[name][1][sel].to(device),
+                                    torch.full((len(sel),), half, dtype=torch.long, device=device))
+                geom, im = half_models[half]
+                big = max(aliasing_free_box(float(im.defocus_u_angstrom.abs().max()) + 500.0,
+                                            2 * s.record.pixel_size_angstrom, s.record.pixel_size_angstrom,
+                                            voltage_kv=im.voltage_kv, spherical_aberration_mm=im.spherical_aberration_mm),
+                          s.box)
+                pair = accs[name] or (FourierAccumulator(s.box, device=device),
+                                       FourierAccumulator(s.box, device=device))
+                accs[name] = reconstruct_half_maps(base.stack, geom, im, parts, base.pre_exposure, base.exposure,
+                                                   box=s.box, big_box=big,
+                                                   symmetry=symmetry_operators(s.record.symmetry, device=device),
+                                                   accumulators=pair)
+        new_items[key] = (item, half_models)
+    if progress:
+        progress("reconstructing", len(items), len(items))
+    return _commit(repo, tip, pop, species, items, new_items, poses, accs, opts, run, work_res, ncc_history)
+
+
+def _item_refs(repo: Repository, pop: Population):
+    for source in sorted(pop.data_sources):
+        ds = repo.get_record(pop.data_sources[source], DataSource)
+        for name in sorted(ds.items):
+            yield f"{source}/{name}", ds.items[name]
+
+
+def _commit(repo, tip, pop, species, items, new_items, poses, accs, opts, run, work_res, ncc_history):
+    with repo.transaction() as tx:
+        species_refs_used = [s.ref for s in species.values()]
+        item_refs: dict[str, Ref] = {}
+        for key, _, item in items:
+            old, halves = new_items[key]
+            geom, im = _average(halves[1][0], halves[2][0], halves[1][1], halves[2][1])
+            deformation, imaging = item_records(tx, geom, im)
+            half_records = {}
+            for half, (g, i) in halves.items():
+                d, m = item_records(tx, g, i)
+                half_records[str(half)] = HalfSetModel(deformation=tx.put_record(d), imaging=tx.put_record(m))
+            record = replace(old, deformation=tx.put_record(deformation), imaging=tx.put_record(imaging),
+                             refined_against=species_refs_used, half_set_models=half_records)
+            item_refs[key] = tx.put_record(record)
+        new_species, before, after, counts = {}, {}, {}, {}
+        for name, s in species.items():
+            h1, h2 = (acc.finalise(opts.wiener_constant).cpu() for acc in accs[name])
+            mask = s.mask.cpu() if s.mask is not None else torch.ones_like(h1)
+            curve = masked_fsc(h1, h2, mask)["corrected"]
+            res = resolution_at(curve, s.record.pixel_size_angstrom, 0.143)
+            freq = np.arange(len(curve)) / (len(h1) * s.record.pixel_size_angstrom)
+            cols = replace(s.columns, positions=poses[name][0], orientations=poses[name][1])
+            used = sorted({s.columns.item_names[i] for i in s.columns.item_index.unique().tolist()})
+            record = replace(s.record, half_map_1=tx.put_array(h1.numpy()), half_map_2=tx.put_array(h2.numpy()),
+                             particles=tx.put_record(particle_table_record(tx, cols)),
+                             metrics=Metrics(resolution_angstrom=float(res),
+                                             fsc=tx.put_array(np.stack([freq, curve.numpy()], 1)),
+                                             values={"resolution_0.5_angstrom": float(resolution_at(
+                                                 curve, s.record.pixel_size_angstrom, 0.5)),
+                                                 "working_resolution_angstrom": float(work_res[name])}),
+                             reconstructed_from=[item_refs[k] for k in used if k in item_refs])
+            new_species[name] = tx.put_record(record)
+            before[name], after[name], counts[name] = s.resolution, float(res), len(s.columns.ids)
+        sources: dict[str, dict[str, Ref]] = {}
+        for key, ref in item_refs.items():
+            src, name = split_item_key(key)
+            sources.setdefault(src, {})[name] = ref
+        data_sources = {}
+        for src, ds_ref in pop.data_sources.items():
+            ds = tx.get_record(ds_ref, DataSource)
+            data_sources[src] = tx.put_record(replace(ds, items={**ds.items, **sources.get(src, {})}))
+        new_pop = replace(pop, data_sources=data_sources, species={**pop.species, **new_species})
+        params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before, "resolution_after": after,
+                  "regulariser": "fsc-wiener", "ncc": ncc_history}
+        operation = Operation(kind="refine", parameters=params, software=software_version(),
+                              inputs={"population": repo.get_commit(tip).population})
+        summary = ", ".join(f"{n} {before[n]:.1f}→{after[n]:.1f} Å" for n in species)
+        commit = tx.commit(new_pop, message=f"Refine iteration {run['iteration'] + 1}/{run['of']}: {summary}",
+                           operation=operation, retries=0)
+    return IterationReport(commit, run["iteration"] + 1, before, after, counts, ncc_history)
+
+
+def refine_population(repo: Repository, options: RefineOptions, *, branch: str | None = None,
+                      resume: bool = False, regulariser: Regulariser | None = None,
+                      progress: ProgressFn | None = None, max_iterations: int | None = None) -> list[IterationReport]:
+    """Run ``options.iterations`` refinement iterations on the branch (or resume an interrupted run).
+
+    ``max_iterations`` stops early (the run stays resumable), so callers can report each commit as it lands.
+    """
+    device = pick_device(options.device)
+    regulariser = regulariser or FSCWienerFilter()
+    ref_name = repo.branch_ref(branch)
+    run = resume_point(repo, branch) if resume else None
+    if run is not None:
+        options = RefineOptions(**{k: (tuple(v) if isinstance(v, list) else v)
+                                   for k, v in run["options"].items()})
+    else:
+        run = {"id": uuid.uuid4().hex, "iteration": 0, "of": options.iterations,
+               "options": asdict(options)}
+    reports = []
+    while run["iteration"] < run["of"] and (max_iterations is None or len(reports) < max_iterations):
+        tip = repo.refs.read(ref_name)
+        if tip is None:
+            raise ValueError("nothing to refine: the branch has no commits")
+        report = _iteration(repo, tip, options, dict(run), device, regulariser, progress)
+        reports.append(report)
+        run = {**run, "iteration": run["iteration"] + 1}
+    return reports

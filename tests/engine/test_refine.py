@@ -1,0 +1,118 @@
+"""Refinement: commits and provenance, the gold standard, resuming, the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cryopool.cli.main import cli
+from cryopool.engine.refine import RefineOptions, refine_population, resume_point
+from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate, write_simulation
+from cryopool.repo import DataSource, Operation, Repository, Species, TiltSeries, iter_items, software_version
+from cryopool.repo.verify import verify
+
+FAST = dict(groups=("shifts", "poses"), lbfgs_iterations=4, rounds=1, image_warp_grid=(2, 2))
+
+
+@pytest.fixture(scope="module")
+def small_sim():
+    cfg = replace(PRESETS["test"], species=[SpeciesSpec("a", 150.0, 4), SpeciesSpec("b", 80.0, 4)],
+                  items_per_source=1, image_size_px=(112, 112), seed=21)
+    return simulate(cfg)
+
+
+@pytest.fixture
+def repo(tmp_path, small_sim):
+    r = Repository.init(tmp_path / "pop")
+    write_simulation(r, small_sim)
+    return r
+
+
+def test_refine_commits_with_full_provenance(repo):
+    before = repo.resolve("HEAD")
+    (report,) = refine_population(repo, RefineOptions(iterations=1, **FAST))
+    commit = repo.get_commit(report.commit)
+    assert commit.parents[0].id == before and commit.operation.kind == "refine"
+    params = commit.operation.parameters
+    assert params["run"]["iteration"] == 1 and params["run"]["of"] == 1 and params["groups"] == ["shifts", "poses"]
+    assert commit.operation.software == software_version()
+    old_pop, new_pop = repo.population(before), repo.population(report.commit)
+    old_species = {old_pop.species[n] for n in old_pop.species}
+    new_items = {ref for _, ref, _ in iter_items(repo, new_pop)}
+    for _, ref, ts in iter_items(repo, new_pop):
+        assert set(ts.refined_against) == old_species  # the species versions the item was refined against
+        assert set(ts.half_set_models) == {"1", "2"}
+    for name in new_pop.species:
+        sp = repo.get_record(new_pop.species[name], Species)
+        assert set(sp.reconstructed_from) == new_items  # the item versions the half-maps came from
+        assert sp.metrics.resolution_angstrom is not None and sp.metrics.fsc is not None
+        assert np.asarray(repo.get_array(sp.metrics.fsc).read()).shape[1] == 2
+    assert report.resolution_after.keys() == {"a", "b"}
+    assert verify(repo).ok
+
+
+def _replace_half_map_1(repo: Repository, name: str, noise_seed: int) -> str:
+    pop = repo.population()
+    sp = repo.get_record(pop.species[name], Species)
+    shape = repo.get_array(sp.half_map_1).shape
+    noise = np.random.default_rng(noise_seed).normal(size=shape).astype(np.float32)
+    sp2 = dataclasses.replace(sp, half_map_1=repo.put_array(noise))
+    return repo.commit(dataclasses.replace(pop, species={**pop.species, name: repo.put_record(sp2)}),
+                       message="replace half-map 1", operation=Operation(kind="edit", parameters={}, software="test"))
+
+
+def test_gold_standard_one_half_cannot_change_the_other(repo):
+    refine_population(repo, RefineOptions(iterations=1, **FAST))  # records an FSC for the filter
+    repo.create_branch("edited")
+    repo.checkout("edited")
+    _replace_half_map_1(repo, "a", 1)
+    _replace_half_map_1(repo, "b", 2)
+    (edited,) = refine_population(repo, RefineOptions(iterations=1, **FAST))
+    repo.checkout("main")
+    (plain,) = refine_population(repo, RefineOptions(iterations=1, **FAST))
+    for name in ("a", "b"):
+        e = repo.get_record(repo.population(edited.commit).species[name], Species)
+        p = repo.get_record(repo.population(plain.commit).species[name], Species)
+        h2e, h2p = repo.get_array(e.half_map_2).read(), repo.get_array(p.half_map_2).read()
+        np.testing.assert_array_equal(h2e, h2p)  # half 2 never saw half 1
+        assert not np.array_equal(repo.get_array(e.half_map_1).read(), repo.get_array(p.half_map_1).read())
+    # and the half-sets are disjoint particle sets
+    cols = repo.get_array(repo.get_record(repo.get_record(repo.population().species["a"], Species).particles)
+                          .columns["half_set"]).read()
+    assert set(cols.tolist()) == {1, 2}
+
+
+def test_interrupted_run_resumes_after_its_last_iteration(repo):
+    opts = RefineOptions(iterations=2, **FAST)
+    (first,) = refine_population(repo, opts, max_iterations=1)  # as if killed after iteration 1
+    run = resume_point(repo)
+    assert run is not None and run["iteration"] == 1 and run["of"] == 2
+    (second,) = refine_population(repo, RefineOptions(), resume=True)  # options come from the run record
+    c1, c2 = repo.get_commit(first.commit), repo.get_commit(second.commit)
+    assert c2.parents[0].id == first.commit
+    assert c1.operation.parameters["run"]["id"] == c2.operation.parameters["run"]["id"]
+    assert c2.operation.parameters["run"]["iteration"] == 2 and c2.operation.parameters["lbfgs_iterations"] == 4
+    assert resume_point(repo) is None
+
+
+def test_refine_command(repo):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "-n", "1", "--groups", "shifts,poses",
+                                 "--lbfgs-iterations", "3", "--image-warp", "2x2", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    (it,) = data["iterations"]
+    assert set(it["resolution_after"]) == {"a", "b"} and it["particles"] == {"a": 4, "b": 4}
+    human = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "-n", "1", "--groups", "shifts",
+                                "--lbfgs-iterations", "2"], catch_exceptions=False)
+    assert human.exit_code == 0 and "resolution before" in human.output
+    bad = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "--groups", "wobble"])
+    assert bad.exit_code == 2 and "wobble" in bad.output
+    nothing = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "--resume"])
+    assert nothing.exit_code == 2 and "nothing to resume" in nothing.output
