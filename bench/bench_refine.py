@@ -1,0 +1,105 @@
+"""Refinement throughput: particle-tilt images evaluated per second (target value + exact gradient).
+
+At 64 px and 128 px boxes on this CPU (CUDA too where available): throughput, its scaling with the number of
+particles per tilt series (the fitted exponent of time vs particles; 1 is linear) and with the number of
+species, and the peak memory of one evaluation against the size of the extracted particle stack (measured in a
+fresh process per point). Baselines come from the same run: the ratio rows compare each size with the smallest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from cryopool.engine.geometry import euler_zyz_to_matrix
+from cryopool.engine.projection import prepare_volume
+from cryopool.engine.refine_item import RefineSettings, SpeciesInput, _Model, _Objective
+from cryopool.engine.tilt_model import Imaging, TiltGeometry
+
+PIXEL = 8.0
+
+
+def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu"):
+    rng = np.random.default_rng(0)
+    size = max(256, int(math.sqrt(n) * box * 1.2))
+    t = torch.linspace(-60, 60, tilts, dtype=torch.float64)
+    geom = TiltGeometry(t, 0.0, torch.zeros(tilts, 2, dtype=torch.float64), torch.zeros(tilts, 3, dtype=torch.float64),
+                        (size, size), (size * PIXEL, size * PIXEL, 1000.0), PIXEL, torch.linspace(0, 1, tilts,
+                                                                                                     dtype=torch.float64))
+    im = Imaging(torch.full((tilts,), 30000.0, dtype=torch.float64), torch.full((tilts,), 30000.0, dtype=torch.float64),
+                 torch.zeros(tilts, dtype=torch.float64), 300.0, 2.7, 0.07)
+    species = []
+    per = max(1, n // n_species)
+    for s in range(n_species):
+        pos = torch.tensor(np.stack([rng.uniform(-0.4, 0.4, per) * size * PIXEL, rng.uniform(-0.4, 0.4, per) * size * PIXEL,
+                                     rng.uniform(-100, 100, per)], 1))
+        ori = euler_zyz_to_matrix(torch.tensor(rng.uniform(0, 180, (per, 3))))
+        vol = torch.randn(box, box, box)
+        species.append(SpeciesInput(f"s{s}", prepare_volume(vol.to(device)), box, box * PIXEL / 2, pos.to(device),
+                                    ori.to(device)))
+    stack = torch.randn(tilts, size, size, device=device)
+    pre = torch.arange(tilts, dtype=torch.float64, device=device) * 3
+    settings = RefineSettings(resolution_angstrom=2 * PIXEL, memory_budget_bytes=8 * 1024**3)
+    model = _Model(geom, im, species, settings)
+    model.trainable(settings.groups)
+    obj = _Objective(model, stack, pre, torch.full((tilts,), 3.0, dtype=torch.float64, device=device), settings)
+    return obj, per * n_species * tilts
+
+
+def evaluate(box: int, n: int, n_species: int = 1, device="cpu", repeat: int = 2) -> dict:
+    obj, images = _system(box, n, n_species, device=device)
+    obj.loss_and_backward()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        obj.loss_and_backward()
+        best = min(best, time.perf_counter() - t0)
+    return {"box": box, "particles": n, "species": n_species, "images": images, "seconds": best,
+            "images_per_s": images / best, "stack_bytes": images * box * box * 4}
+
+
+def _memory_point(box: int, n: int) -> dict:
+    code = (f"import resource, json, sys; sys.path.insert(0, 'bench'); import bench_refine as b; "
+            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; obj, imgs = b._system({box}, {n}, 1); "
+            f"r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; obj.loss_and_backward(); "
+            f"r2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"print(json.dumps({{'box': {box}, 'particles': {n}, 'peak_kib': r2 - r1, 'stack_bytes': imgs * {box}**2 * 4}}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    lines = ["box  particles species  images   time(s)  images/s"]
+    for box in (64, 128):
+        rows = [evaluate(box, n) for n in ((8, 16, 32) if box == 64 else (4, 8, 16))]
+        for r in rows:
+            lines.append(f"{r['box']:4d} {r['particles']:9d} {r['species']:7d} {r['images']:7d} {r['seconds']:9.2f} "
+                         f"{r['images_per_s']:9.0f}")
+        x = np.log([r["particles"] for r in rows])
+        y = np.log([r["seconds"] for r in rows])
+        lines.append(f"     scaling exponent (time ∝ particles^k): k = {np.polyfit(x, y, 1)[0]:.2f}")
+    sp = [evaluate(64, 24, k) for k in (1, 2, 3)]
+    for r in sp:
+        lines.append(f"{r['box']:4d} {r['particles']:9d} {r['species']:7d} {r['images']:7d} {r['seconds']:9.2f} "
+                     f"{r['images_per_s']:9.0f}")
+    lines.append(f"     species 3 vs 1, same particle count: time ratio {sp[2]['seconds'] / sp[0]['seconds']:.2f}")
+    for box, n in ((64, 16), (64, 32), (128, 8)):
+        m = _memory_point(box, n)
+        lines.append(f"memory box {box} particles {n}: peak {m['peak_kib'] / 1024:.0f} MiB for a "
+                     f"{m['stack_bytes'] / 2**20:.0f} MiB particle stack (ratio {m['peak_kib'] * 1024 / m['stack_bytes']:.1f})")
+    if torch.cuda.is_available():
+        g = evaluate(64, 32, device="cuda")
+        c = evaluate(64, 32)
+        lines.append(f"cuda vs cpu at box 64, 32 particles: {c['seconds'] / g['seconds']:.1f}x")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Refinement against the simulator's ground truth, at a scale CI can afford.
+
+Measured in the same configuration (docs/physics.md §8): 3 iterations take the projected-position RMS
+error from ~14 Å to ~7 Å and both species' maps closer to the truth. The bars asserted here are what this
+scale reliably gives; the issue's full bars (70 % position, defocus, stage angles, multi-species benefit)
+are tracked on the issue, with the measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from cryopool.engine.assess import compare_with_truth
+from cryopool.engine.refine import RefineOptions, refine_population
+from cryopool.engine.simulate import PRESETS, simulate, write_simulation
+from cryopool.repo import Population, Repository
+from cryopool.repo.verify import verify
+
+
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory):
+    repo = Repository.init(tmp_path_factory.mktemp("refine") / "pop")
+    cfg = replace(PRESETS["test"], tilt_step_deg=4.0, seed=0)
+    start = write_simulation(repo, simulate(cfg))
+    truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
+    reports = refine_population(repo, RefineOptions(iterations=3, image_warp_grid=(2, 2), lbfgs_iterations=20,
+                                                    rounds=1))
+    before = compare_with_truth(repo, repo.population(start), truth)
+    after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
+    return repo, before, after, reports
+
+
+def test_projected_positions_approach_the_truth(refined):
+    _, before, after, _ = refined
+    assert before["position_rms_angstrom"] > 10.0  # the upstream-quality start is off by about a pixel
+    assert after["position_rms_angstrom"] <= 0.6 * before["position_rms_angstrom"], (before, after)
+
+
+def test_both_maps_approach_the_true_maps(refined):
+    _, before, after, reports = refined
+    for name in ("large", "small"):
+        b = before["species"][name]["fsc_vs_truth_0.5_angstrom"]
+        a = after["species"][name]["fsc_vs_truth_0.5_angstrom"]
+        assert a <= 0.9 * b, (name, b, a)
+        # the half-map FSC the commit records improves too
+        assert reports[-1].resolution_after[name] < reports[0].resolution_before[name]
+
+
+def test_defocus_is_left_alone_where_the_data_cannot_constrain_it(refined):
+    _, before, after, _ = refined
+    # 10 Å/px, 5 µm: fewer than 3 CTF zeros in the band, so the defocus group stays off (no drift)
+    assert after["defocus_rms_angstrom"] == pytest.approx(before["defocus_rms_angstrom"])
+
+
+def test_repository_verifies_after_refinement(refined):
+    repo, _, _, reports = refined
+    assert len(reports) == 3 and verify(repo).ok
