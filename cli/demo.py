@@ -8,12 +8,14 @@ from pathlib import Path
 
 import click
 
-from cryopool.repo import Repository
+from cryopool.engine.assess import compare_with_truth
+from cryopool.repo import Population, Repository
 from cryopool.repo.population import population_summary
 from cryopool.repo.verify import verify as run_verify
 
 from .common import handle_errors, human_bytes, table
 from .demo_data import write_demo_files
+from .plots import plot_fsc_vs_truth
 
 __all__ = ["COMMANDS"]
 
@@ -34,13 +36,16 @@ def _store_size(repo: Repository) -> tuple[int, int]:
 @click.argument("directory", default="cryopool-demo", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the generated data.")
+@click.option("--refine-iterations", default=2, show_default=True, help="Refinement iterations of part 2 (0 skips).")
 @handle_errors
-def demo(directory: str, force: bool, seed: int) -> None:
-    """Generate two labs' tilt series and two species, and walk through the repository.
+def demo(directory: str, force: bool, seed: int, refine_iterations: int) -> None:
+    """Two labs pool tilt series: the repository walk, then a simulated population refined against its truth.
 
-    init → import (tilt series from two labs, a species) → tag → branch →
-    import a second species → diff → log --graph → show → re-import (dedup) →
-    verify, then a summary.
+    Part 1: init → import (tilt series from two labs, a species) → tag →
+    branch → import a second species → diff → log --graph → show → re-import
+    (dedup) → verify. Part 2: simulate two labs' tilt series with two species
+    and ground truth → refine → verify, with a summary against the truth and
+    FSC plots (DIRECTORY/fsc_vs_truth.png).
     """
     root = Path(directory).resolve()
     if root.exists():
@@ -96,9 +101,39 @@ def demo(directory: str, force: bool, seed: int) -> None:
                f"{human_bytes(logical)} of MRC input")
     click.echo(f"verify: {'OK' if report.ok else 'FAILED'} — {report.objects} objects, "
                f"{human_bytes(report.bytes_hashed)} re-hashed in {report.seconds:.2f} s")
-    click.echo(f"Demo finished in {time.perf_counter() - t0:.1f} s. Explore it: cryopool -C {pop} log --graph")
     if not report.ok:
         raise SystemExit(1)
+    if refine_iterations > 0:
+        _simulated_part(root, seed, refine_iterations)
+    click.echo(f"\nDemo finished in {time.perf_counter() - t0:.1f} s. Explore it: cryopool -C {pop} log --graph")
+
+
+def _simulated_part(root: Path, seed: int, iterations: int) -> None:
+    """Simulate, refine, verify; report what refinement recovered against the ground truth."""
+    sim = str(root / "simulated")
+    click.secho("\nPart 2: a simulated two-lab population with ground truth", bold=True)
+    _run(["simulate", sim, "--species", "ribosome:250:6", "--species", "proteasome:120:12", "--sources", "2",
+          "--items", "1", "--image-size", "192", "--seed", str(seed)])
+    _run(["-C", sim, "refine", "-n", str(iterations), "--image-warp", "2x2", "--lbfgs-iterations", "10"])
+    _run(["-C", sim, "log", "--oneline"])
+    _run(["-C", sim, "verify"])
+    repo = Repository.open(sim)
+    start = [cid for cid, c in repo.log() if c.operation.kind == "simulate"][0]
+    truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
+    before = compare_with_truth(repo, repo.population(start), truth)
+    after = compare_with_truth(repo, repo.population("HEAD"), truth)
+    click.secho("\nRefinement against the ground truth", bold=True)
+    rows = [["projected particle positions (RMS)", f"{before['position_rms_angstrom']:.1f} Å",
+             f"{after['position_rms_angstrom']:.1f} Å"]]
+    for name in sorted(after["species"]):
+        rows.append([f"{name}: map vs true map (FSC 0.5)", f"{before['species'][name]['fsc_vs_truth_0.5_angstrom']:.1f} Å",
+                     f"{after['species'][name]['fsc_vs_truth_0.5_angstrom']:.1f} Å"])
+    click.echo(table(rows, ["measure", "start", f"after {iterations} iteration(s)"]))
+    pixel = repo.get_record(truth.species[sorted(truth.species)[0]]).pixel_size_angstrom
+    curves = {n: {"start": before["species"][n]["fsc_vs_truth"], "refined": after["species"][n]["fsc_vs_truth"]}
+              for n in after["species"]}
+    png = plot_fsc_vs_truth(root / "fsc_vs_truth.png", pixel, curves, "FSC against the true maps")
+    click.echo(f"Plot: {png}")
 
 
 COMMANDS = [demo]

@@ -156,7 +156,6 @@ class FourierAccumulator:
 
 def _friedel(grid: torch.Tensor) -> torch.Tensor:
     """grid(−k) on a centred even grid: index i ↦ D − i (index 0, the unpaired Nyquist plane, gets 0)."""
-    D = grid.shape[-1]
     flipped = torch.flip(grid, dims=(-3, -2, -1))  # i ↦ D − 1 − i
     out = torch.zeros_like(grid)
     out[1:, 1:, 1:] = flipped[:-1, :-1, :-1]  # i ↦ D − i

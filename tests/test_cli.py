@@ -114,10 +114,13 @@ def test_errors_are_one_clear_line(run, inputs, tmp_path):
 
 
 def test_demo_runs(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", str(tmp_path / "demo")], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["demo", str(tmp_path / "demo"), "--refine-iterations", "1"],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "verify: OK" in result.output and "proteasome" in result.output
     assert "wrote 3 new object(s)" in result.output
+    assert "Refinement against the ground truth" in result.output
+    assert (tmp_path / "demo" / "fsc_vs_truth.png").stat().st_size > 10_000
 
 
 def test_int16_stack_via_cli(run, tmp_path):

@@ -8,13 +8,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cryopool.cli.main import cli
 from cryopool.engine.refine import RefineOptions, refine_population, resume_point
 from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate, write_simulation
-from cryopool.repo import DataSource, Operation, Repository, Species, TiltSeries, iter_items, software_version
+from cryopool.repo import Operation, Repository, Species, iter_items, software_version
 from cryopool.repo.verify import verify
 
 FAST = dict(groups=("shifts", "poses"), lbfgs_iterations=4, rounds=1, image_warp_grid=(2, 2))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 from torch_ctf import calculate_ctf_2d
@@ -72,8 +71,9 @@ def test_truth_reconstruction_reaches_near_nyquist_and_perturbed_is_worse(high_s
         nyquist = len(curve_true) - 1
         at = int(math.ceil(0.8 * nyquist))
         assert curve_true[1:at + 1].min() >= 0.5, (spec.name, curve_true.tolist())
-        # the perturbed (upstream) state loses the high frequencies
-        assert curve_init[at] < 0.3 and curve_init[at] < curve_true[at] - 0.3, (spec.name, curve_init.tolist())
+        # the perturbed (upstream) state misses the bar and is clearly below the truth there
+        assert curve_init[at] < 0.5 and curve_init[at] < curve_true[at] - 0.25, (spec.name, curve_init.tolist(),
+                                                                               curve_true.tolist())
 
 
 def test_simulation_is_deterministic():
