@@ -39,13 +39,14 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
 @click.option("--lbfgs-iterations", default=40, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--memory-budget", "memory_gb", default=2.0, show_default=True, help="GiB for particle batches.")
+@click.option("--warp-regularisation", default=1e-4, show_default=True, help="L2 weight per Å² of warp grids.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run at the branch tip.")
 @click.option("-b", "--branch", help="Refine this branch [default: the checked-out one].")
 @json_option
 @click.pass_obj
 @handle_errors
 def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, device,
-           memory_gb, resume, branch, as_json) -> None:
+           memory_gb, warp_regularisation, resume, branch, as_json) -> None:
     """Refine all species jointly in every tilt series and commit each iteration.
 
     For each item, all particles of all species form one system: per-tilt
@@ -63,7 +64,8 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
         raise click.BadParameter(f"unknown group(s) {bad}; choose from {list(GROUPS)}", param_hint="--groups")
     options = RefineOptions(iterations=iterations, groups=chosen, image_warp_grid=_grid(image_warp, 2),
                             volume_warp_grid=_grid(volume_warp, 4), start_resolution_angstrom=start_resolution,
-                            lbfgs_iterations=lbfgs_iterations, device=device, memory_budget_gb=memory_gb)
+                            lbfgs_iterations=lbfgs_iterations, device=device, memory_budget_gb=memory_gb,
+                            warp_regularisation=warp_regularisation)
     if resume and resume_point(repo, branch) is None:
         raise click.UsageError("nothing to resume: the branch tip is not an unfinished refine run")
     started = time.perf_counter()

@@ -55,11 +55,13 @@ def compare_with_truth(repo: Repository, population: Population, truth: Populati
             m = models[half]
             sq_def.append((m.imaging.defocus_u_angstrom - truth_model.imaging.defocus_u_angstrom) ** 2)
             a, t = m.geometry.angle_corrections_deg, truth_model.geometry.angle_corrections_deg
-            sq_ang.append((((a - a.mean(0)) - (t - t.mean(0))) ** 2).flatten())
+            sq_ang.append(((a - a.mean(0)) - (t - t.mean(0))) ** 2)  # (t, 3): about x, y (the tilt), z
     out = {"position_rms_angstrom": float(torch.sqrt(torch.cat(sq_pos).mean())),
            "defocus_rms_angstrom": float(torch.sqrt(torch.cat(sq_def).mean())),
            "tilt_angle_rms_deg": float(torch.sqrt(torch.cat(sq_ang).mean())),
-           "tilt_angle_max_deg": float(torch.sqrt(torch.cat(sq_ang)).max()), "species": {}}
+           "tilt_angle_max_deg": float(torch.sqrt(torch.cat(sq_ang)).max()),
+           "tilt_angle_y_rms_deg": float(torch.sqrt(torch.cat(sq_ang)[:, 1].mean())),
+           "tilt_angle_y_max_deg": float(torch.sqrt(torch.cat(sq_ang)[:, 1]).max()), "species": {}}
     for name in population.species:
         sp = repo.get_record(population.species[name], Species)
         tsp = repo.get_record(truth.species[name], Species)

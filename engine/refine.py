@@ -59,6 +59,7 @@ class RefineOptions:
     device: str = "auto"
     memory_budget_gb: float = 2.0
     wiener_constant: float = 1e-3
+    warp_regularisation: float = 1e-4  # L2 per Å² of warp, so global parameters explain what they can
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.groups) - set(GROUPS))
@@ -164,7 +165,8 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     species = _load_species(repo, pop, device)
     settings_base = RefineSettings(groups=tuple(opts.groups), image_warp_grid=tuple(opts.image_warp_grid),
                                    volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
-                                   rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3))
+                                   rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3),
+                                   warp_regularisation=opts.warp_regularisation)
     # 1. references, per half, from the recorded FSC
     refs: dict[str, tuple] = {}
     work_res: dict[str, float] = {}
