@@ -43,7 +43,7 @@ def demo(directory: str, force: bool, seed: int, refine_iterations: int) -> None
 
     Part 1: init → import (tilt series from two labs, a species) → tag →
     branch → import a second species → diff → log --graph → show → re-import
-    (dedup) → verify. Part 2: simulate two labs' tilt series with two species
+    (dedup) → merge the branch (collision check) → verify. Part 2: simulate two labs' tilt series with two species
     and ground truth → refine → verify, with a summary against the truth and
     FSC plots (DIRECTORY/fsc_vs_truth.png).
     """
@@ -76,6 +76,7 @@ def demo(directory: str, force: bool, seed: int, refine_iterations: int) -> None
     _run(["-C", pop, "show", "HEAD:species/proteasome"])
     _run(["-C", pop, "show", "HEAD:lab_a/TS_01"])
 
+    _run(["-C", pop, "checkout", "main"])
     repo = Repository.open(pop)
     n_before, bytes_before = _store_size(repo)
     _run(["-C", pop, "import", "tilt-series", str(files.tilt_series["lab_a"][0]), "--source", "lab_c", "--tilt-angles",
@@ -84,18 +85,19 @@ def demo(directory: str, force: bool, seed: int, refine_iterations: int) -> None
     n_after, bytes_after = _store_size(repo)
     click.echo(f"Re-importing identical image data wrote {n_after - n_before} new object(s), "
                f"{human_bytes(bytes_after - bytes_before)} (the image chunks were already stored).")
-    _run(["-C", pop, "checkout", "main"])
+    _run(["-C", pop, "merge", "lab-b/proteasome", "--policy", "score", "-m", "Lab A merges lab B's proteasomes"])
+    _run(["-C", pop, "log", "--graph", "--oneline", "-n", "4"])
     _run(["-C", pop, "status"])
     _run(["-C", pop, "verify"])
 
     report = run_verify(repo)
-    summary = population_summary(repo, repo.population("lab-b/proteasome"))
+    summary = population_summary(repo, repo.population("main"))
     logical = sum(p.stat().st_size for p in (root / "inputs").glob("*.mrc"))
     click.secho("\nSummary", bold=True)
     rows = [[name, s["particles"], s["symmetry"], f"{s['box_px']} px @ {s['pixel_size_angstrom']:g} Å"]
             for name, s in summary["species"].items()]
     click.echo(table(rows, ["species", "particles", "symmetry", "half-maps"]))
-    click.echo(f"Population on lab-b/proteasome: {summary['data_sources']} data sources, {summary['items']} tilt "
+    click.echo(f"Population on main, after the merge: {summary['data_sources']} data sources, {summary['items']} tilt "
                f"series, {summary['tilts']} tilt images")
     click.echo(f"Repository: {n_after} objects, {human_bytes(bytes_after)} on disk for "
                f"{human_bytes(logical)} of MRC input")

@@ -298,6 +298,7 @@ class Repository:
         retries: int = 20,
         attachments: dict[str, Ref] | None = None,
         allow_empty: bool = False,
+        extra_parents: list[str] | None = None,
     ) -> ObjectId:
         """Commit a new population on ``branch`` (default: HEAD's branch, or detached HEAD)."""
         if not isinstance(message, str) or not message.strip():
@@ -311,9 +312,10 @@ class Repository:
             if not isinstance(population, Population):
                 raise InvalidInputError("commit needs a Population", found=type(population).__name__)
             pop_ref = self.put_record(population)
-            if tip and not allow_empty and self.get_commit(tip).population == pop_ref:
+            if tip and not allow_empty and not extra_parents and self.get_commit(tip).population == pop_ref:
                 raise InvalidInputError("nothing to commit: the population is unchanged", field="population")
-            commit = Commit(population=pop_ref, parents=[Ref(Kind.RECORD, tip)] if tip else [], author=author,
+            parents = ([Ref(Kind.RECORD, tip)] if tip else []) + [Ref(Kind.RECORD, p) for p in extra_parents or []]
+            commit = Commit(population=pop_ref, parents=parents, author=author,
                             time_utc=utc_now(), message=message.strip(), operation=operation,
                             attachments=dict(attachments or {}))
             commit_ref = self.put_record(commit)

@@ -1,0 +1,58 @@
+"""``cryopool merge``: bring another branch's species and items into this one, resolving particle collisions."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cryopool.repo.errors import ConflictError
+from cryopool.repo.merge import POLICIES, merge as run_merge
+
+from .common import Context, emit_json, handle_errors, json_option, short
+
+__all__ = ["COMMANDS"]
+
+
+@click.command()
+@click.argument("rev")
+@click.option("--policy", type=click.Choice(POLICIES), default="fail", show_default=True,
+              help="Collisions: fail (report, change nothing), ours, theirs, score (keep the higher), keep-both.")
+@click.option("--factor", default=0.8, show_default=True,
+              help="Collision when centres are closer than FACTOR × (sum of the two radii).")
+@click.option("-m", "--message", help="Commit message.")
+@json_option
+@click.pass_obj
+@handle_errors
+def merge(obj: Context, rev: str, policy: str, factor: float, message: str | None, as_json: bool) -> None:
+    """Three-way merge of REV into the checked-out branch (a merge commit with two parents)."""
+    repo = obj.repo()
+    try:
+        report = run_merge(repo, rev, policy=policy, factor=factor, message=message)
+    except ConflictError as exc:
+        collisions = getattr(exc, "collisions", [])
+        if as_json:
+            emit_json({"merged": False, "error": exc.message, "collisions": [c.as_dict() for c in collisions]})
+        else:
+            click.secho(f"error: {exc.message}" if not collisions else
+                        f"Merge refused: {len(collisions)} particle collision(s):", fg="red", err=True)
+            for c in collisions:
+                click.echo(f"  {c}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(1)
+    if as_json:
+        emit_json({"merged": True, "commit": report.commit, "fast_forward": report.fast_forward,
+                   "base": report.base, "collisions": [c.as_dict() for c in report.collisions]})
+        return
+    if report.commit is None:
+        click.echo(f"Already up to date: {rev} is contained in this branch.")
+    elif report.fast_forward:
+        click.echo(f"Fast-forward to {short(report.commit)} ({rev}).")
+    else:
+        click.echo(f"[{short(report.commit)}] merged {rev}: {len(report.collisions)} collision(s), policy {policy}")
+        for c in report.collisions:
+            click.echo(f"  {c}; dropped: {({'a': c.species_a, 'b': c.species_b}.get(c.dropped, 'none'))}")
+
+
+COMMANDS = [merge]

@@ -1,0 +1,253 @@
+"""Three-way merges of populations, with physical collisions between particles resolved by policy.
+
+From the merge base of two commits: data sources and items are united; an
+item changed on one side only is taken from that side, changed on both is a
+conflict; species added on one side are added, species changed on both
+sides are a conflict unless identical. Then every item of the merged
+population is checked for **collisions**: two particles (of different
+species, or duplicate picks of one species) whose centres are closer than
+``factor × (r₁ + r₂)`` (default factor 0.8), where at least one of them is
+new to our side. Policies: ``fail`` (nothing changes; a report lists every
+collision), ``ours`` (drop their particle), ``theirs`` (drop ours), ``score``
+(drop the lower score; ties keep ours), ``keep-both``. The merge commit has two
+parents and records the policy and every resolved collision.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .errors import ConflictError, InvalidInputError
+from .hashing import ObjectId
+from .records import DataSource, Operation, ParticleTable, Population, Species
+from .repository import Repository, software_version
+
+__all__ = ["POLICIES", "Collision", "MergeReport", "merge_base", "find_collisions", "merge"]
+
+POLICIES = ("fail", "ours", "theirs", "score", "keep-both")
+
+
+def merge_base(repo: Repository, a: str, b: str) -> ObjectId | None:
+    """The nearest common ancestor of commits ``a`` and ``b`` (breadth-first from ``b``)."""
+    seen_a: set[str] = set()
+    queue = deque([a])
+    while queue:
+        c = queue.popleft()
+        if c in seen_a:
+            continue
+        seen_a.add(c)
+        queue.extend(p.id for p in repo.get_commit(c).parents)
+    queue, seen_b = deque([b]), set()
+    while queue:
+        c = queue.popleft()
+        if c in seen_a:
+            return ObjectId(c)
+        if c in seen_b:
+            continue
+        seen_b.add(c)
+        queue.extend(p.id for p in repo.get_commit(c).parents)
+    return None
+
+
+@dataclass(frozen=True)
+class Collision:
+    item: str
+    species_a: str
+    id_a: int
+    species_b: str
+    id_b: int
+    distance_angstrom: float
+    threshold_angstrom: float
+    dropped: str | None = None  # "a", "b" or None (kept both / unresolved)
+
+    def as_dict(self) -> dict:
+        return {"item": self.item, "a": {"species": self.species_a, "particle_id": self.id_a},
+                "b": {"species": self.species_b, "particle_id": self.id_b},
+                "distance_angstrom": round(self.distance_angstrom, 3),
+                "threshold_angstrom": round(self.threshold_angstrom, 3), "dropped": self.dropped}
+
+    def __str__(self) -> str:
+        return (f"{self.item}: {self.species_a} #{self.id_a} and {self.species_b} #{self.id_b} are "
+                f"{self.distance_angstrom:.1f} Å apart (< {self.threshold_angstrom:.1f} Å)")
+
+
+@dataclass
+class MergeReport:
+    ours: str
+    theirs: str
+    base: str | None
+    policy: str
+    conflicts: list[str] = field(default_factory=list)
+    collisions: list[Collision] = field(default_factory=list)
+    commit: str | None = None
+    fast_forward: bool = False
+
+
+def _items(repo: Repository, pop: Population) -> dict[str, object]:
+    out = {}
+    for s, ref in pop.data_sources.items():
+        for name, item in repo.get_record(ref, DataSource).items.items():
+            out[f"{s}/{name}"] = item
+    return out
+
+
+def _three_way(base, ours, theirs, what: str, conflicts: list[str]):
+    """Merge two dicts of refs from a base: take one-sided changes, report two-sided ones."""
+    out = {}
+    for key in sorted(set(ours) | set(theirs) | set(base)):
+        b, o, t = base.get(key), ours.get(key), theirs.get(key)
+        if o == t:
+            value = o
+        elif o == b:
+            value = t
+        elif t == b:
+            value = o
+        else:
+            conflicts.append(f"{what} {key} changed on both sides")
+            value = o
+        if value is not None:
+            out[key] = value
+    return out
+
+
+@dataclass
+class _Particle:
+    species: str
+    index: int  # row in the species' table
+    pid: int
+    pos: np.ndarray
+    radius: float
+    score: float
+    new: bool  # not in our side's population
+
+
+def _particles(repo: Repository, pop: Population, ours_ids: dict[str, set[int]]) -> dict[str, list[_Particle]]:
+    by_item: dict[str, list[_Particle]] = {}
+    for name, ref in pop.species.items():
+        sp = repo.get_record(ref, Species)
+        t = repo.get_record(sp.particles, ParticleTable)
+        ids = repo.get_array(t.columns["particle_id"]).read()
+        idx = repo.get_array(t.columns["item_index"]).read()
+        pos = repo.get_array(t.columns["position_angstrom"]).read().reshape(t.count, -1, 3)[:, 0]
+        score = repo.get_array(t.columns["score"]).read()
+        for row in range(t.count):
+            by_item.setdefault(t.item_names[idx[row]], []).append(_Particle(
+                name, row, int(ids[row]), pos[row], sp.diameter_angstrom / 2,
+                float(score[row]) if np.isfinite(score[row]) else -np.inf, int(ids[row]) not in ours_ids.get(name, set())))
+    return by_item
+
+
+def find_collisions(repo: Repository, merged: Population, ours: Population, *, factor: float = 0.8) -> list[tuple]:
+    """Pairs (item, a, b, distance, threshold) of colliding particles with at least one new to ``ours``."""
+    ours_ids: dict[str, set[int]] = {}
+    for name, ref in ours.species.items():
+        t = repo.get_record(repo.get_record(ref, Species).particles, ParticleTable)
+        ours_ids[name] = set(int(i) for i in repo.get_array(t.columns["particle_id"]).read())
+    out = []
+    for item, parts in sorted(_particles(repo, merged, ours_ids).items()):
+        if len(parts) < 2:
+            continue
+        tree = cKDTree(np.stack([p.pos for p in parts]))
+        reach = factor * 2 * max(p.radius for p in parts)
+        for i, j in sorted(tree.query_pairs(reach)):
+            a, b = parts[i], parts[j]
+            if not (a.new or b.new):
+                continue  # both already ours: not this merge's business
+            d = float(np.linalg.norm(a.pos - b.pos))
+            limit = factor * (a.radius + b.radius)
+            if d < limit:
+                out.append((item, a, b, d, limit))
+    return out
+
+
+def _drop(repo: Repository, pop: Population, drops: dict[str, set[int]]) -> Population:
+    """A population without the listed particle rows (species → row indices)."""
+    species = dict(pop.species)
+    for name, rows in drops.items():
+        if not rows:
+            continue
+        sp = repo.get_record(pop.species[name], Species)
+        t = repo.get_record(sp.particles, ParticleTable)
+        keep = np.array([r not in rows for r in range(t.count)])
+        cols = {k: repo.put_array(repo.get_array(v).read()[keep]) for k, v in t.columns.items()}
+        table = replace(t, count=int(keep.sum()), columns=cols)
+        species[name] = repo.put_record(replace(sp, particles=repo.put_record(table)))
+    return replace(pop, species=species)
+
+
+def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: float = 0.8,
+          message: str | None = None, branch: str | None = None) -> MergeReport:
+    """Merge ``theirs_rev`` into the branch (default: HEAD's). Raises ConflictError with the report on failure."""
+    if policy not in POLICIES:
+        raise InvalidInputError("unknown collision policy", field="policy", expected=list(POLICIES), found=policy)
+    if not factor > 0:
+        raise InvalidInputError("collision factor must be > 0", field="factor", found=factor)
+    ref_name = repo.branch_ref(branch)
+    ours_id = repo.refs.read(ref_name)
+    theirs_id = repo.resolve(theirs_rev)
+    if ours_id is None:
+        raise InvalidInputError("the branch has no commits to merge into")
+    base = merge_base(repo, ours_id, theirs_id)
+    report = MergeReport(ours_id, theirs_id, base, policy)
+    if base == theirs_id:
+        return report  # already contained
+    if base == ours_id:  # fast-forward: nothing of ours to reconcile, no new particles against ours
+        repo.refs.update(ref_name, theirs_id, expected=ours_id, author="merge", message=f"merge: fast-forward to {theirs_rev}")
+        report.commit, report.fast_forward = theirs_id, True
+        return report
+    pb = repo.population(base) if base else Population(name="population")
+    po, pt = repo.population(ours_id), repo.population(theirs_id)
+    conflicts: list[str] = []
+    items = _three_way(_items(repo, pb), _items(repo, po), _items(repo, pt), "item", conflicts)
+    species = _three_way(pb.species, po.species, pt.species, "species", conflicts)
+    if conflicts:
+        report.conflicts = conflicts
+        raise ConflictError("merge has conflicts: " + "; ".join(conflicts),
+                            hint="re-refine one side on top of the other, or merge the other way")
+    with repo.transaction() as tx:
+        sources: dict[str, dict] = {}
+        for key, ref in items.items():
+            s, name = key.split("/", 1)
+            sources.setdefault(s, {})[name] = ref
+        data_sources = {}
+        for s, its in sources.items():
+            old = po.data_sources.get(s) or pt.data_sources.get(s)
+            ds = tx.get_record(old, DataSource)
+            data_sources[s] = tx.put_record(replace(ds, items=its))
+        merged = replace(po, data_sources=data_sources, species=species)
+        found = find_collisions(tx, merged, po, factor=factor)
+        drops: dict[str, set[int]] = {}
+        for item, a, b, d, limit in found:
+            if policy == "fail" or policy == "keep-both":
+                loser = None
+            elif policy == "ours":
+                loser = "b" if b.new else "a"
+            elif policy == "theirs":
+                loser = "a" if not a.new else "b"
+            else:  # score
+                loser = "a" if a.score < b.score else "b"
+            if loser:
+                victim = a if loser == "a" else b
+                drops.setdefault(victim.species, set()).add(victim.index)
+            report.collisions.append(Collision(item, a.species, a.pid, b.species, b.pid, d, limit, loser))
+        if policy == "fail" and report.collisions:
+            error = ConflictError(f"{len(report.collisions)} particle collision(s): " +
+                                "; ".join(str(c) for c in report.collisions[:5]) +
+                                (" …" if len(report.collisions) > 5 else ""),
+                                hint="choose --policy ours, theirs, score or keep-both")
+            error.collisions = list(report.collisions)  # the full report, for callers to show
+            raise error
+        merged = _drop(tx, merged, drops)
+        operation = Operation(kind="merge", software=software_version(),
+                              inputs={"ours": tx.get_commit(ours_id).population, "theirs":
+                                      tx.get_commit(theirs_id).population},
+                              parameters={"policy": policy, "factor": factor, "base": base, "theirs": theirs_id,
+                                          "collisions": [c.as_dict() for c in report.collisions]})
+        msg = message or (f"Merge {theirs_rev}: {len(report.collisions)} collision(s), policy {policy}")
+        report.commit = tx.commit(merged, message=msg, operation=operation, branch=branch, retries=0,
+                                  extra_parents=[theirs_id])
+    return report

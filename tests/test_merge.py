@@ -1,0 +1,115 @@
+"""Three-way merges with particle collisions, on two labs' branches of one simulated population."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import TILT_ARGS, write_mrc, write_particles
+from cryopool.cli.main import cli
+from cryopool.repo import Repository
+from cryopool.repo.errors import ConflictError
+from cryopool.repo.importers import import_species, import_tilt_series
+from cryopool.repo.merge import merge, merge_base
+from cryopool.repo.records import Operation, ParticleTable, Species
+from cryopool.repo.verify import verify
+
+
+def _rows(item, coords, angles=(0.0, 0.0, 0.0)):
+    return [{"rlnTomoName": item, "rlnCenteredCoordinateXAngst": x, "rlnCenteredCoordinateYAngst": y,
+             "rlnCenteredCoordinateZAngst": z, "rlnAngleRot": angles[0], "rlnAngleTilt": angles[1],
+             "rlnAnglePsi": angles[2], "rlnRandomSubset": i % 2 + 1, "rlnMaxValueProbDistribution": s}
+            for i, (x, y, z, s) in enumerate(coords)]
+
+
+@pytest.fixture
+def labs(tmp_path, inputs):
+    """Lab A: two tilt series and species S1 (200 Å) on main. Lab B (a branch from there): species S2 (100 Å)
+    with two planted collisions against S1, one duplicate pair, and two clean particles."""
+    repo = Repository.init(tmp_path / "pop")
+    import_tilt_series(repo, inputs["ts1"], source="lab_a", **TILT_ARGS)
+    import_tilt_series(repo, inputs["ts2"], source="lab_a", **TILT_ARGS)
+    s1 = write_particles(tmp_path / "s1.star", _rows("TS_01", [(0, 0, 0, 0.9), (400, 0, 0, 0.9)]) +
+                         _rows("TS_02", [(0, 0, 0, 0.9)]))
+    import_species(repo, "S1", half_map_1=inputs["half1"], half_map_2=inputs["half2"], particles=s1,
+                   diameter_angstrom=200)
+    repo.create_branch("lab-b")
+    repo.checkout("lab-b")
+    vol = np.random.default_rng(3).normal(size=(16, 16, 16)).astype(np.float32)
+    h = write_mrc(tmp_path / "s2.mrc", vol)
+    s2 = write_particles(tmp_path / "s2.star",
+                         _rows("TS_01", [(50, 0, 0, 0.5),      # collides with S1 #0 (50 < 0.8 * 150)
+                                         (400, 60, 0, 0.99),   # collides with S1 #1, higher score
+                                         (-400, -400, 0, 0.7), (-410, -400, 0, 0.6),  # duplicate pick
+                                         (-400, 400, 0, 0.8)]) +
+                         _rows("TS_02", [(300, 300, 0, 0.8)]))
+    import_species(repo, "S2", half_map_1=h, half_map_2=h, particles=s2, diameter_angstrom=100)
+    repo.checkout("main")
+    return repo
+
+
+def _counts(repo, rev="HEAD"):
+    pop = repo.population(rev)
+    return {n: repo.get_record(repo.get_record(r, Species).particles, ParticleTable).count
+            for n, r in pop.species.items()}
+
+
+def test_merge_base(labs):
+    assert merge_base(labs, labs.resolve("main"), labs.resolve("lab-b")) == labs.resolve("main")
+
+
+def test_fail_policy_reports_every_collision_and_changes_nothing(labs):
+    # make main move on so the merge is a real three-way merge
+    labs.commit(lambda p: dataclasses.replace(p, metadata={"note": "lab A moved on"}), message="note",
+                operation=Operation(kind="edit", parameters={}, software="t"))
+    before = labs.resolve("main")
+    with pytest.raises(ConflictError) as info:
+        merge(labs, "lab-b")
+    text = str(info.value)
+    assert "3 particle collision(s)" in text and "lab_a/TS_01" in text
+    assert labs.resolve("main") == before
+
+
+@pytest.mark.parametrize("policy,expected", [("ours", {"S1": 3, "S2": 3}), ("theirs", {"S1": 1, "S2": 5}),
+                                             ("score", {"S1": 2, "S2": 4}), ("keep-both", {"S1": 3, "S2": 6})])
+def test_policies_particle_by_particle(labs, policy, expected):
+    labs.commit(lambda p: dataclasses.replace(p, metadata={"note": "lab A moved on"}), message="note",
+                operation=Operation(kind="edit", parameters={}, software="t"))
+    report = merge(labs, "lab-b", policy=policy)
+    assert len(report.collisions) == 3 and _counts(labs) == expected
+    commit = labs.get_commit(report.commit)
+    assert [p.id for p in commit.parents] == [report.ours, report.theirs]
+    assert commit.operation.kind == "merge" and commit.operation.parameters["policy"] == policy
+    recorded = commit.operation.parameters["collisions"]
+    assert {(c["a"]["species"], c["b"]["species"]) for c in recorded} == {("S1", "S2"), ("S2", "S2")}
+    assert all((c["dropped"] is None) == (policy == "keep-both") for c in recorded)
+    assert verify(labs).ok
+
+
+def test_fast_forward_when_ours_has_not_moved(labs):
+    report = merge(labs, "lab-b", policy="fail")
+    assert report.fast_forward and labs.resolve("main") == labs.resolve("lab-b")
+
+
+def test_items_changed_on_both_sides_conflict(labs, inputs):
+    labs.checkout("lab-b")
+    import_tilt_series(labs, inputs["ts1"], source="lab_c", **TILT_ARGS)
+    labs.checkout("main")
+    import_tilt_series(labs, inputs["ts2"], source="lab_c", name="TS_01", **TILT_ARGS)
+    with pytest.raises(ConflictError, match="item lab_c/TS_01 changed on both sides"):
+        merge(labs, "lab-b", policy="keep-both")
+
+
+def test_merge_command_lists_collisions(labs):
+    labs.commit(lambda p: dataclasses.replace(p, metadata={"note": "moved"}), message="note",
+                operation=Operation(kind="edit", parameters={}, software="t"))
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b"])
+    assert refused.exit_code == 1 and "3 particle collision(s)" in refused.output and "S2 #" in refused.output
+    done = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b", "--policy", "score", "--json"])
+    data = json.loads(done.stdout)
+    assert done.exit_code == 0 and data["merged"] and len(data["collisions"]) == 3
