@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from cryopool.repo import (DataSource, HalfSetModel, Metrics, Operation, Population, Ref, Repository, Species,
+from cryopool.repo import (DataSource, HalfSetModel, item_refs, Metrics, Operation, Population, Ref, Repository, Species,
                            TiltSeries, software_version, split_item_key)
 
 from .ctf import aliasing_free_box
@@ -179,7 +179,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     resolution = max(work_res.values())  # the band every species supports
     settings = replace(settings_base, resolution_angstrom=resolution)
     # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
-    items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in _item_refs(repo, pop)]
+    items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
     accs = {name: None for name in species}
     new_items: dict[str, tuple[TiltSeries, dict]] = {}
     poses = {name: (s.columns.positions.clone(), s.columns.orientations.clone()) for name, s in species.items()}
@@ -228,13 +228,6 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     if progress:
         progress("reconstructing", len(items), len(items))
     return _commit(repo, tip, pop, species, items, new_items, poses, accs, opts, run, work_res, ncc_history)
-
-
-def _item_refs(repo: Repository, pop: Population):
-    for source in sorted(pop.data_sources):
-        ds = repo.get_record(pop.data_sources[source], DataSource)
-        for name in sorted(ds.items):
-            yield f"{source}/{name}", ds.items[name]
 
 
 def _commit(repo, tip, pop, species, items, new_items, poses, accs, opts, run, work_res, ncc_history):

@@ -34,7 +34,7 @@ from .records import (
     StateDict,
     TiltSeries,
 )
-from .population import item_key, iter_items, population_summary, split_item_key, with_item, with_species
+from .population import item_key, item_refs, iter_items, population_summary, split_item_key, with_item, with_species
 from .repository import Head, Repository, software_version
 from .version import __version__
 
@@ -44,5 +44,5 @@ __all__ = [
     "FormatError", "InvalidInputError",
     "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "HalfSetModel", "ImagingModel", "Metrics", "Operation",
     "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
-    "item_key", "split_item_key", "iter_items", "with_item", "with_species", "population_summary", "software_version",
+    "item_key", "item_refs", "split_item_key", "iter_items", "with_item", "with_species", "population_summary", "software_version",
 ]

@@ -12,18 +12,11 @@ import dataclasses
 
 import numpy as np
 
-from .records import DataSource, ParticleTable, Population, Species, TiltSeries
+from .population import item_refs
+from .records import ParticleTable, Population, Species, TiltSeries
 from .repository import Repository
 
 __all__ = ["diff_populations", "particle_changes"]
-
-
-def _items(repo: Repository, pop: Population) -> dict[str, object]:
-    out = {}
-    for source_name, ref in pop.data_sources.items():
-        for item_name, item_ref in repo.get_record(ref, DataSource).items.items():
-            out[f"{source_name}/{item_name}"] = item_ref
-    return out
 
 
 def _changed_fields(a, b) -> list[str]:
@@ -53,7 +46,7 @@ def diff_populations(repo: Repository, a: Population, b: Population) -> dict:
     """A JSON-able description of how population ``b`` differs from ``a``."""
     out: dict = {"data_sources": {"added": sorted(set(b.data_sources) - set(a.data_sources)),
                                   "removed": sorted(set(a.data_sources) - set(b.data_sources))}}
-    items_a, items_b = _items(repo, a), _items(repo, b)
+    items_a, items_b = item_refs(repo, a), item_refs(repo, b)
     changed_items = {}
     for key in sorted(set(items_a) & set(items_b)):
         if items_a[key] != items_b[key]:

@@ -23,6 +23,7 @@ from scipy.spatial import cKDTree
 
 from .errors import ConflictError, InvalidInputError
 from .hashing import ObjectId
+from .population import item_refs
 from .records import DataSource, Operation, ParticleTable, Population, Species
 from .repository import Repository, software_version
 
@@ -85,14 +86,6 @@ class MergeReport:
     collisions: list[Collision] = field(default_factory=list)
     commit: str | None = None
     fast_forward: bool = False
-
-
-def _items(repo: Repository, pop: Population) -> dict[str, object]:
-    out = {}
-    for s, ref in pop.data_sources.items():
-        for name, item in repo.get_record(ref, DataSource).items.items():
-            out[f"{s}/{name}"] = item
-    return out
 
 
 def _three_way(base, ours, theirs, what: str, conflicts: list[str]):
@@ -202,7 +195,7 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
     pb = repo.population(base) if base else Population(name="population")
     po, pt = repo.population(ours_id), repo.population(theirs_id)
     conflicts: list[str] = []
-    items = _three_way(_items(repo, pb), _items(repo, po), _items(repo, pt), "item", conflicts)
+    items = _three_way(item_refs(repo, pb), item_refs(repo, po), item_refs(repo, pt), "item", conflicts)
     species = _three_way(pb.species, po.species, pt.species, "species", conflicts)
     if conflicts:
         report.conflicts = conflicts

@@ -9,7 +9,7 @@ from .canonical import Ref
 from .errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from .records import DataSource, ParticleTable, Population, Species, TiltSeries, validate_name
 
-__all__ = ["item_key", "split_item_key", "iter_items", "find_item", "with_item", "with_species",
+__all__ = ["item_key", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_species",
            "empty_population", "population_summary"]
 
 
@@ -35,6 +35,16 @@ def iter_items(repo, population: Population) -> Iterator[tuple[str, Ref, TiltSer
         for item_name in sorted(source.items):
             ref = source.items[item_name]
             yield item_key(source_name, item_name), ref, repo.get_record(ref)
+
+
+def item_refs(repo, population: Population) -> dict[str, Ref]:
+    """Every item's current version by "source/item" key, without opening the items."""
+    out = {}
+    for source_name in sorted(population.data_sources):
+        source = repo.get_record(population.data_sources[source_name], DataSource)
+        for item_name in sorted(source.items):
+            out[item_key(source_name, item_name)] = source.items[item_name]
+    return out
 
 
 def find_item(repo, population: Population, name: str) -> tuple[str, Ref]:
