@@ -287,6 +287,13 @@ class Repository:
         finally:
             staging.discard()
 
+    def publish(self) -> int:
+        """Make a transaction's staged objects visible without committing (e.g. objects received from a remote)."""
+        if self._staging is None:
+            self.store.sync()
+            return 0
+        return self._staging.publish()
+
     def commit(
         self,
         update: Callable[[Population | None], Population] | Population,

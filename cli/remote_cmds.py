@@ -1,0 +1,122 @@
+"""``remote``, ``clone``, ``fetch``, ``push``, ``pull``: sharing a population between labs."""
+
+from __future__ import annotations
+
+import click
+
+from cryopool.repo.merge import POLICIES, merge as run_merge
+from cryopool.repo.remote import add_remote, clone as run_clone, fetch as run_fetch, push as run_push, remove_remote
+
+from .common import Context, emit_json, handle_errors, human_bytes, json_option, short
+
+__all__ = ["COMMANDS"]
+
+
+@click.group()
+def remote() -> None:
+    """Name other repositories (paths on a shared filesystem)."""
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url", type=click.Path(file_okay=False))
+@click.pass_obj
+@handle_errors
+def remote_add(obj: Context, name: str, url: str) -> None:
+    add_remote(obj.repo(), name, url)
+    click.echo(f"Added remote {name} → {url}")
+
+
+@remote.command("remove")
+@click.argument("name")
+@click.pass_obj
+@handle_errors
+def remote_remove(obj: Context, name: str) -> None:
+    remove_remote(obj.repo(), name)
+    click.echo(f"Removed remote {name}")
+
+
+@remote.command("list")
+@json_option
+@click.pass_obj
+@handle_errors
+def remote_list(obj: Context, as_json: bool) -> None:
+    remotes = obj.repo().config.get("remotes", {})
+    if as_json:
+        emit_json({"remotes": {k: v["url"] for k, v in remotes.items()}})
+    else:
+        for name, cfg in sorted(remotes.items()):
+            click.echo(f"{name}\t{cfg['url']}")
+
+
+@click.command()
+@click.argument("url", type=click.Path(file_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+@handle_errors
+def clone(url: str, directory: str, as_json: bool) -> None:
+    """Copy the repository at URL into DIRECTORY (remote 'origin'), checking out its HEAD branch."""
+    repo = run_clone(url, directory)
+    head = repo.head()
+    if as_json:
+        emit_json({"repository": str(repo.root), "branch": head.branch, "commit": head.commit})
+    else:
+        click.echo(f"Cloned {url} into {repo.work_dir} (branch {head.branch} at {short(head.commit)})")
+
+
+@click.command()
+@click.argument("name", default="origin")
+@json_option
+@click.pass_obj
+@handle_errors
+def fetch(obj: Context, name: str, as_json: bool) -> None:
+    """Bring NAME's branches into refs/remotes/NAME/* (only missing objects travel, each re-hashed)."""
+    stats, refs = run_fetch(obj.repo(), name)
+    if as_json:
+        emit_json({"objects": stats.objects, "bytes": stats.bytes, "updated": refs})
+        return
+    click.echo(f"Fetched {stats.objects} object(s), {human_bytes(stats.bytes)} from {name}")
+    for ref, cid in refs.items():
+        click.echo(f"  {ref.removeprefix('refs/remotes/')} → {short(cid)}")
+
+
+@click.command()
+@click.argument("name", default="origin")
+@click.argument("branch", required=False)
+@click.option("--force", is_flag=True, help="Move the remote branch even if it is not a fast-forward.")
+@json_option
+@click.pass_obj
+@handle_errors
+def push(obj: Context, name: str, branch: str | None, force: bool, as_json: bool) -> None:
+    """Send BRANCH (default: the checked-out one) to remote NAME; refused unless a fast-forward."""
+    stats, cid = run_push(obj.repo(), name, branch, force=force)
+    if as_json:
+        emit_json({"commit": cid, "objects": stats.objects, "bytes": stats.bytes})
+    else:
+        click.echo(f"Pushed {short(cid)} to {name}: {stats.objects} object(s), {human_bytes(stats.bytes)} sent")
+
+
+@click.command()
+@click.argument("name", default="origin")
+@click.argument("branch", required=False)
+@click.option("--policy", type=click.Choice(POLICIES), default="fail", show_default=True,
+              help="Particle-collision policy for the merge.")
+@json_option
+@click.pass_obj
+@handle_errors
+def pull(obj: Context, name: str, branch: str | None, policy: str, as_json: bool) -> None:
+    """Fetch NAME and merge NAME/BRANCH (default: the checked-out branch's name) into the checked-out branch."""
+    repo = obj.repo()
+    branch = branch or repo.head().branch
+    stats, _ = run_fetch(repo, name)
+    report = run_merge(repo, f"refs/remotes/{name}/{branch}", policy=policy)
+    if as_json:
+        emit_json({"objects": stats.objects, "commit": report.commit, "fast_forward": report.fast_forward,
+                   "collisions": [c.as_dict() for c in report.collisions]})
+    else:
+        how = "fast-forward" if report.fast_forward else ("up to date" if report.commit is None else "merge")
+        click.echo(f"Pulled {name}/{branch}: {stats.objects} object(s); {how}"
+                   + (f" ({len(report.collisions)} collision(s))" if report.collisions else ""))
+
+
+COMMANDS = [remote, clone, fetch, push, pull]

@@ -1,0 +1,153 @@
+"""Remotes on a shared filesystem: clone, fetch, push, pull.
+
+A remote is another repository, named in the config (``remotes.<name>.url``).
+Transfers walk the object graph from the refs being sent and copy only the
+objects the receiver lacks (an object the receiver has implies its whole
+subgraph: repositories publish objects before any ref can point to them).
+Every object is re-hashed as it is read from the sender and written through
+a staging area on the receiver, so nothing is visible there until all of it
+arrived; only then does a ref move, by compare-and-swap. A push that is not a
+fast-forward is refused unless forced; of two labs pushing at once, one wins
+and the other gets a clear conflict and loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import canonical
+from .errors import AlreadyExistsError, ConflictError, IntegrityError, InvalidInputError, NotFoundError
+from .hashing import Kind, ObjectId
+from .refs import validate_ref_name
+from .repository import Repository, default_author
+
+__all__ = ["TransferStats", "transfer", "add_remote", "remove_remote", "open_remote", "fetch", "push", "clone",
+           "is_ancestor"]
+
+
+@dataclass
+class TransferStats:
+    objects: int = 0
+    bytes: int = 0
+    skipped: int = 0
+
+
+def transfer(src: Repository, dst: Repository, roots: list[str],
+             progress: Callable[[int], None] | None = None) -> TransferStats:
+    """Copy every object reachable from ``roots`` that ``dst`` lacks; re-hash each; publish all at once."""
+    stats = TransferStats()
+    with dst.transaction() as tx:
+        queue, seen = deque(roots), set()
+        while queue:
+            oid = queue.popleft()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            if dst.store.has(oid):
+                stats.skipped += 1
+                continue
+            kind, data = src.store.get(oid, verify=True)  # IntegrityError names the damaged object
+            got = tx.store.put(kind, data)
+            if got != oid:
+                raise IntegrityError("received object does not hash to its id", path=f"object {oid}", found=got)
+            stats.objects += 1
+            stats.bytes += len(data)
+            if progress:
+                progress(len(data))
+            if kind == Kind.RECORD:
+                queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data)) if r.id not in seen)
+        tx.publish()
+    return stats
+
+
+def _remotes(repo: Repository) -> dict:
+    return repo.config.setdefault("remotes", {})
+
+
+def add_remote(repo: Repository, name: str, url: str) -> None:
+    validate_ref_name(f"refs/remotes/{name}/x")
+    if name in _remotes(repo):
+        raise AlreadyExistsError(f"remote '{name}' already exists")
+    _remotes(repo)[name] = {"url": str(Path(url).resolve())}
+    repo.save_config()
+
+
+def remove_remote(repo: Repository, name: str) -> None:
+    if name not in _remotes(repo):
+        raise NotFoundError(f"no remote named '{name}'")
+    del _remotes(repo)[name]
+    repo.save_config()
+    for ref in repo.refs.list(f"refs/remotes/{name}/"):
+        repo.refs.update(ref, None, expected=repo.refs.read(ref), author=default_author(), message="remote removed")
+
+
+def open_remote(repo: Repository, name: str) -> Repository:
+    if name not in _remotes(repo):
+        raise NotFoundError(f"no remote named '{name}'", hint="cryopool remote add NAME PATH")
+    return Repository.open(_remotes(repo)[name]["url"], search_parents=False)
+
+
+def is_ancestor(repo: Repository, ancestor: str, descendant: str) -> bool:
+    queue, seen = deque([descendant]), set()
+    while queue:
+        c = queue.popleft()
+        if c == ancestor:
+            return True
+        if c in seen:
+            continue
+        seen.add(c)
+        queue.extend(p.id for p in repo.get_commit(c).parents)
+    return False
+
+
+def fetch(repo: Repository, name: str, progress=None) -> tuple[TransferStats, dict[str, ObjectId]]:
+    """Bring the remote's branches into ``refs/remotes/<name>/*``."""
+    remote = open_remote(repo, name)
+    heads = remote.refs.list("refs/heads/")
+    stats = transfer(remote, repo, list(heads.values()), progress)
+    updated = {}
+    for ref, cid in heads.items():
+        local = f"refs/remotes/{name}/{ref.removeprefix('refs/heads/')}"
+        if repo.refs.read(local) != cid:
+            repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(),
+                             message=f"fetch from {name}")
+            updated[local] = cid
+    return stats, updated
+
+
+def push(repo: Repository, name: str, branch: str | None = None, *, force: bool = False,
+         progress=None) -> tuple[TransferStats, ObjectId]:
+    """Send ``branch`` (default: the checked-out one) to the remote's branch of the same name."""
+    branch = branch or repo.head().branch
+    if branch is None:
+        raise InvalidInputError("HEAD is detached: name the branch to push")
+    cid = repo.resolve(f"refs/heads/{branch}")
+    remote = open_remote(repo, name)
+    target = f"refs/heads/{branch}"
+    current = remote.refs.read(target)
+    if current is not None and not force:
+        if not repo.store.has(current) or not is_ancestor(repo, current, cid):
+            raise ConflictError(f"push to {name}/{branch} refused: not a fast-forward",
+                                hint=f"fetch and merge {name}/{branch} first (or --force)")
+    stats = transfer(repo, remote, [cid], progress)
+    remote.refs.update(target, cid, expected=current, author=default_author(), message=f"push from {repo.work_dir}")
+    repo.refs.update(f"refs/remotes/{name}/{branch}", cid, expected=repo.refs.read(f"refs/remotes/{name}/{branch}"),
+                     author=default_author(), message=f"push to {name}")
+    return stats, cid
+
+
+def clone(url: str, directory: str, progress=None) -> Repository:
+    """A new repository with ``origin`` = ``url``, its branches fetched and its HEAD branch checked out."""
+    source = Repository.open(url, search_parents=False)
+    head_branch = source.head().branch or "main"
+    repo = Repository.init(directory, initial_branch=head_branch)
+    add_remote(repo, "origin", url)
+    _, refs = fetch(repo, "origin", progress)
+    for ref, cid in refs.items():
+        short = ref.removeprefix("refs/remotes/origin/")
+        repo.refs.update(f"refs/heads/{short}", cid, expected=None, author=default_author(),
+                         message=f"clone from {url}")
+    return repo

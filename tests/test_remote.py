@@ -1,0 +1,109 @@
+"""Sharing a population through a repository on a shared filesystem: clone, push, fetch, pull, merge."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TILT_ARGS, particle_rows, repo_state, write_particles
+from cryopool.cli.main import cli
+from cryopool.repo import Repository
+from cryopool.repo.errors import ConflictError, IntegrityError
+from cryopool.repo.importers import import_species, import_tilt_series
+from cryopool.repo.merge import merge
+from cryopool.repo.records import Operation
+from cryopool.repo.remote import add_remote, clone, fetch, push
+from cryopool.repo.verify import verify
+
+EDIT = Operation(kind="edit", parameters={}, software="test")
+
+
+@pytest.fixture
+def world(tmp_path, inputs):
+    """Lab A has a population and pushes it to a central repository; lab B clones it."""
+    central = Repository.init(tmp_path / "central")
+    lab_a = Repository.init(tmp_path / "lab_a")
+    import_tilt_series(lab_a, inputs["ts1"], source="lab_a", **TILT_ARGS)
+    import_tilt_series(lab_a, inputs["ts2"], source="lab_a", **TILT_ARGS)
+    import_species(lab_a, "S1", half_map_1=inputs["half1"], half_map_2=inputs["half2"], particles=inputs["particles"],
+                   diameter_angstrom=100)
+    add_remote(lab_a, "central", central.work_dir)
+    stats, _ = push(lab_a, "central")
+    assert stats.objects == len(list(lab_a.store.ids()))  # a first push sends everything
+    lab_b = clone(str(central.work_dir), str(tmp_path / "lab_b"))
+    return central, lab_a, lab_b
+
+
+def test_clone_reproduces_history_and_verifies(world):
+    central, lab_a, lab_b = world
+    assert lab_b.resolve("main") == lab_a.resolve("main") == central.resolve("main")
+    assert [c for c, _ in lab_b.log()] == [c for c, _ in lab_a.log()]
+    assert lab_b.resolve("origin/main") == lab_a.resolve("main")
+    assert verify(central).ok and verify(lab_b).ok
+
+
+def test_incremental_push_sends_only_new_objects_and_pull_merges(world, tmp_path, inputs):
+    central, lab_a, lab_b = world
+    lab_b.create_branch("lab-b")
+    lab_b.checkout("lab-b")
+    before = set(lab_b.store.ids())
+    star = write_particles(tmp_path / "s2.star", particle_rows(["TS_01", "TS_02"], 3, seed=9))
+    import_species(lab_b, "S2", half_map_1=inputs["half1"], half_map_2=inputs["half1"], particles=star,
+                   diameter_angstrom=60)
+    new = set(lab_b.store.ids()) - before
+    stats, _ = push(lab_b, "origin", "lab-b")
+    assert stats.objects == len(new)  # only what lab B made travels
+    # lab A moves on, then fetches lab B's branch and merges it
+    lab_a.commit(lambda p: dataclasses.replace(p, metadata={"a": 1}), message="lab A note", operation=EDIT)
+    _, refs = fetch(lab_a, "central")
+    assert refs == {"refs/remotes/central/lab-b": lab_b.resolve("lab-b")}
+    report = merge(lab_a, "central/lab-b", policy="keep-both")
+    assert sorted(lab_a.population().species) == ["S1", "S2"]
+    assert [p.id for p in lab_a.get_commit(report.commit).parents][1] == lab_b.resolve("lab-b")
+    push(lab_a, "central")
+    assert verify(lab_a).ok and verify(central).ok
+
+
+def test_non_fast_forward_push_is_refused_and_nothing_is_lost(world):
+    central, lab_a, lab_b = world
+    lab_a.commit(lambda p: dataclasses.replace(p, metadata={"who": "a"}), message="a", operation=EDIT)
+    lab_b.commit(lambda p: dataclasses.replace(p, metadata={"who": "b"}), message="b", operation=EDIT)
+    push(lab_a, "central")
+    with pytest.raises(ConflictError, match="not a fast-forward"):
+        push(lab_b, "origin")
+    assert central.resolve("main") == lab_a.resolve("main")  # lab A's commit survives
+    push(lab_b, "origin", force=True)  # an owner may force
+    assert central.resolve("main") == lab_b.resolve("main")
+    assert verify(central).ok
+
+
+def test_a_corrupted_object_is_caught_and_the_receiver_is_unchanged(world):
+    central, lab_a, _ = world
+    lab_a.commit(lambda p: dataclasses.replace(p, metadata={"x": 1}), message="new", operation=EDIT)
+    new_commit = lab_a.resolve("main")
+    path = lab_a.store.path(new_commit)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    state = repo_state(central)
+    with pytest.raises(IntegrityError, match=new_commit):
+        push(lab_a, "central")
+    assert repo_state(central) == state
+
+
+def test_cli_clone_push_pull(world, tmp_path):
+    central, lab_a, _ = world
+    runner = CliRunner()
+    out = runner.invoke(cli, ["clone", str(central.work_dir), str(tmp_path / "lab_c"), "--json"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0 and json.loads(out.stdout)["branch"] == "main"
+    lab_a.commit(lambda p: dataclasses.replace(p, metadata={"y": 2}), message="more", operation=EDIT)
+    assert runner.invoke(cli, ["-C", str(lab_a.work_dir), "push", "central"]).exit_code == 0
+    pulled = runner.invoke(cli, ["-C", str(tmp_path / "lab_c"), "pull", "--json"], catch_exceptions=False)
+    data = json.loads(pulled.stdout)
+    assert pulled.exit_code == 0 and data["fast_forward"] and data["commit"] == lab_a.resolve("main")
+    listed = runner.invoke(cli, ["-C", str(tmp_path / "lab_c"), "remote", "list", "--json"])
+    assert json.loads(listed.stdout)["remotes"]["origin"] == str(central.work_dir)
