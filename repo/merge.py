@@ -3,7 +3,8 @@
 From the merge base of two commits: data sources and items are united; an
 item changed on one side only is taken from that side, changed on both is a
 conflict; species added on one side are added, species changed on both
-sides are a conflict unless identical. Then every item of the merged
+sides are a conflict unless identical; population metadata merges key by
+key the same way. Then every item of the merged
 population is checked for **collisions**: two particles (of different
 species, or duplicate picks of one species) whose centres are closer than
 ``factor × (r₁ + r₂)`` (default factor 0.8), where at least one of them is
@@ -197,6 +198,7 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
     conflicts: list[str] = []
     items = _three_way(item_refs(repo, pb), item_refs(repo, po), item_refs(repo, pt), "item", conflicts)
     species = _three_way(pb.species, po.species, pt.species, "species", conflicts)
+    metadata = _three_way(pb.metadata, po.metadata, pt.metadata, "population metadata key", conflicts)
     if conflicts:
         report.conflicts = conflicts
         raise ConflictError("merge has conflicts: " + "; ".join(conflicts),
@@ -211,7 +213,7 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
             old = po.data_sources.get(s) or pt.data_sources.get(s)
             ds = tx.get_record(old, DataSource)
             data_sources[s] = tx.put_record(replace(ds, items=its))
-        merged = replace(po, data_sources=data_sources, species=species)
+        merged = replace(po, data_sources=data_sources, species=species, metadata=metadata)
         found = find_collisions(tx, merged, po, factor=factor)
         drops: dict[str, set[int]] = {}
         for item, a, b, d, limit in found:

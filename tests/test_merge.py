@@ -113,3 +113,13 @@ def test_merge_command_lists_collisions(labs):
     done = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b", "--policy", "score", "--json"])
     data = json.loads(done.stdout)
     assert done.exit_code == 0 and data["merged"] and len(data["collisions"]) == 3
+
+
+def test_population_metadata_merges_key_by_key(labs):
+    op = Operation(kind="edit", parameters={}, software="t")
+    labs.commit(lambda p: dataclasses.replace(p, metadata={**p.metadata, "a": 1}), message="a", operation=op)
+    labs.checkout("lab-b")
+    labs.commit(lambda p: dataclasses.replace(p, metadata={**p.metadata, "b": 2}), message="b", operation=op)
+    labs.checkout("main")
+    merge(labs, "lab-b", policy="keep-both")
+    assert labs.population().metadata == {"a": 1, "b": 2}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -107,3 +109,44 @@ def test_cli_clone_push_pull(world, tmp_path):
     assert pulled.exit_code == 0 and data["fast_forward"] and data["commit"] == lab_a.resolve("main")
     listed = runner.invoke(cli, ["-C", str(tmp_path / "lab_c"), "remote", "list", "--json"])
     assert json.loads(listed.stdout)["remotes"]["origin"] == str(central.work_dir)
+
+
+PUSHER = """
+import dataclasses, sys
+from cryopool.repo import Repository
+from cryopool.repo.errors import ConflictError
+from cryopool.repo.records import Operation
+from cryopool.repo.remote import fetch, push
+from cryopool.repo.merge import merge
+repo = Repository.open(sys.argv[1])
+who, n = sys.argv[2], int(sys.argv[3])
+landed = refused = 0
+for i in range(n):
+    repo.commit(lambda p: dataclasses.replace(p, metadata={**p.metadata, f"{who}-{i}": i}), message=f"{who} {i}",
+                operation=Operation(kind="edit", parameters={}, software="t"))
+    for attempt in range(50):
+        try:
+            push(repo, "origin")
+            landed += 1
+            break
+        except ConflictError:
+            refused += 1
+            fetch(repo, "origin")
+            merge(repo, "origin/main", policy="keep-both")
+print(landed, refused)
+"""
+
+
+def test_concurrent_pushes_lose_no_commit(world, tmp_path):
+    central, lab_a, _ = world
+    labs = [clone(str(central.work_dir), str(tmp_path / f"p{k}")) for k in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", PUSHER, str(r.work_dir), f"p{k}", "3"], stdout=subprocess.PIPE,
+                              text=True) for k, r in enumerate(labs)]
+    results = [tuple(map(int, p.communicate(timeout=300)[0].split())) for p in procs]
+    assert all(p.returncode == 0 for p in procs) and all(landed == 3 for landed, _ in results)
+    final = central.population()
+    assert {f"p{k}-{i}" for k in range(3) for i in range(3)} <= set(final.metadata)  # every change arrived
+    history = {c for c, _ in central.log()}
+    for r in labs:  # every commit any lab made is in the central history
+        assert {c for c, _ in r.log()} <= history | {r.resolve("main")}
+    assert verify(central).ok
