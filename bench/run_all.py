@@ -8,6 +8,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_projection  # noqa: E402
+import bench_refine  # noqa: E402
+import bench_remote  # noqa: E402
 import bench_store  # noqa: E402
 
 
@@ -17,6 +19,10 @@ def main() -> None:
     bench_store.main(args)
     print("\n== engine: projection and back-projection ==")
     bench_projection.main([])
+    print("\n== engine: refinement throughput and memory ==")
+    bench_refine.main()
+    print("\n== collaboration: clone and incremental push ==")
+    bench_remote.main()
 
 
 if __name__ == "__main__":
