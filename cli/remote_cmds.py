@@ -19,11 +19,13 @@ def remote() -> None:
 
 @remote.command("add")
 @click.argument("name")
-@click.argument("url", type=click.Path(file_okay=False))
+@click.argument("url")
+@click.option("--token", help="Bearer token for a server (or set CRYOPOOL_TOKEN); stored in .cryopool/config.")
 @click.pass_obj
 @handle_errors
-def remote_add(obj: Context, name: str, url: str) -> None:
-    add_remote(obj.repo(), name, url)
+def remote_add(obj: Context, name: str, url: str, token: str | None) -> None:
+    """Name a repository: a path on a shared filesystem or a `cryopool serve` URL."""
+    add_remote(obj.repo(), name, url, token)
     click.echo(f"Added remote {name} → {url}")
 
 
@@ -50,13 +52,14 @@ def remote_list(obj: Context, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("url", type=click.Path(file_okay=False))
+@click.argument("url")
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--token", help="Bearer token for a server (or set CRYOPOOL_TOKEN).")
 @json_option
 @handle_errors
-def clone(url: str, directory: str, as_json: bool) -> None:
-    """Copy the repository at URL into DIRECTORY (remote 'origin'), checking out its HEAD branch."""
-    repo = run_clone(url, directory)
+def clone(url: str, directory: str, token: str | None, as_json: bool) -> None:
+    """Copy the repository at URL (path or server) into DIRECTORY (remote 'origin'), checking out its HEAD branch."""
+    repo = run_clone(url, directory, token=token)
     head = repo.head()
     if as_json:
         emit_json({"repository": str(repo.root), "branch": head.branch, "commit": head.commit})

@@ -13,19 +13,65 @@ and the other gets a clear conflict and loses nothing.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from . import canonical
 from .errors import AlreadyExistsError, ConflictError, IntegrityError, InvalidInputError, NotFoundError
 from .hashing import Kind, ObjectId
 from .refs import validate_ref_name
 from .repository import Repository, default_author
+from .store import decode_object_file, encode_object_file
 
 __all__ = ["TransferStats", "transfer", "add_remote", "remove_remote", "open_remote", "fetch", "push", "clone",
-           "is_ancestor"]
+           "is_ancestor", "HttpRemote"]
+
+
+class HttpRemote:
+    """A repository served by ``cryopool serve`` (see ``server.py``), spoken to with httpx."""
+
+    def __init__(self, url: str, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=120.0)
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code == 409:
+            raise ConflictError(f"the server refused the ref update: {r.json().get('detail', r.text)}",
+                                hint="fetch and merge first (or --force)")
+        if r.status_code >= 400:
+            detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
+            raise InvalidInputError(f"server answered {r.status_code}: {detail}", path=self.url)
+        return r
+
+    def heads(self) -> tuple[dict[str, ObjectId], str | None]:
+        data = self._check(self.client.get("/refs")).json()
+        return {k: ObjectId(v) for k, v in data["refs"].items() if k.startswith("refs/heads/")}, data.get("head")
+
+    def missing(self, ids: list[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(ids), 10_000):
+            out |= set(self._check(self.client.post("/objects/missing", json={"ids": ids[i:i + 10_000]})).json()["missing"])
+        return out
+
+    def get(self, oid: str) -> tuple[Kind, bytes]:
+        body = self._check(self.client.get(f"/objects/{oid}")).content
+        return decode_object_file(body, f"object {oid} from {self.url}")
+
+    def put(self, oid: str, kind: Kind, data: bytes) -> None:
+        self._check(self.client.put(f"/objects/{oid}", content=encode_object_file(kind, data, 3)))
+
+    def update_ref(self, name: str, old: str | None, new: str) -> None:
+        self._check(self.client.post(f"/refs/{name}", json={"old": old, "new": new}))
+
+
+def _is_url(text) -> bool:
+    return str(text).startswith(("http://", "https://"))
 
 
 @dataclass
@@ -67,11 +113,14 @@ def _remotes(repo: Repository) -> dict:
     return repo.config.setdefault("remotes", {})
 
 
-def add_remote(repo: Repository, name: str, url: str) -> None:
+def add_remote(repo: Repository, name: str, url: str, token: str | None = None) -> None:
+    """Name a remote: a path on a shared filesystem, or the URL of a ``cryopool serve`` (token optional)."""
     validate_ref_name(f"refs/remotes/{name}/x")
     if name in _remotes(repo):
         raise AlreadyExistsError(f"remote '{name}' already exists")
-    _remotes(repo)[name] = {"url": str(Path(url).resolve())}
+    _remotes(repo)[name] = {"url": str(url).rstrip("/") if _is_url(url) else str(Path(url).resolve())}
+    if token:
+        _remotes(repo)[name]["token"] = token
     repo.save_config()
 
 
@@ -84,10 +133,13 @@ def remove_remote(repo: Repository, name: str) -> None:
         repo.refs.update(ref, None, expected=repo.refs.read(ref), author=default_author(), message="remote removed")
 
 
-def open_remote(repo: Repository, name: str) -> Repository:
+def open_remote(repo: Repository, name: str) -> Repository | HttpRemote:
     if name not in _remotes(repo):
-        raise NotFoundError(f"no remote named '{name}'", hint="cryopool remote add NAME PATH")
-    return Repository.open(_remotes(repo)[name]["url"], search_parents=False)
+        raise NotFoundError(f"no remote named '{name}'", hint="cryopool remote add NAME PATH-OR-URL")
+    cfg = _remotes(repo)[name]
+    if _is_url(cfg["url"]):
+        return HttpRemote(cfg["url"], cfg.get("token") or os.environ.get("CRYOPOOL_TOKEN"))
+    return Repository.open(cfg["url"], search_parents=False)
 
 
 def is_ancestor(repo: Repository, ancestor: str, descendant: str) -> bool:
@@ -103,11 +155,40 @@ def is_ancestor(repo: Repository, ancestor: str, descendant: str) -> bool:
     return False
 
 
+def _fetch_http(remote: HttpRemote, repo: Repository, roots: list[str], progress=None) -> TransferStats:
+    stats = TransferStats()
+    with repo.transaction() as tx:
+        queue, seen = deque(roots), set()
+        while queue:
+            oid = queue.popleft()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            if tx.store.has(oid):
+                stats.skipped += 1
+                continue
+            kind, data = remote.get(oid)
+            if tx.store.put(kind, data) != oid:
+                raise IntegrityError("received object does not hash to its id", path=f"object {oid}")
+            stats.objects += 1
+            stats.bytes += len(data)
+            if progress:
+                progress(len(data))
+            if kind == Kind.RECORD:
+                queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data)) if r.id not in seen)
+        tx.publish()
+    return stats
+
+
 def fetch(repo: Repository, name: str, progress=None) -> tuple[TransferStats, dict[str, ObjectId]]:
     """Bring the remote's branches into ``refs/remotes/<name>/*``."""
     remote = open_remote(repo, name)
-    heads = remote.refs.list("refs/heads/")
-    stats = transfer(remote, repo, list(heads.values()), progress)
+    if isinstance(remote, HttpRemote):
+        heads, _ = remote.heads()
+        stats = _fetch_http(remote, repo, list(heads.values()), progress)
+    else:
+        heads = remote.refs.list("refs/heads/")
+        stats = transfer(remote, repo, list(heads.values()), progress)
     updated = {}
     for ref, cid in heads.items():
         local = f"refs/remotes/{name}/{ref.removeprefix('refs/heads/')}"
@@ -127,6 +208,8 @@ def push(repo: Repository, name: str, branch: str | None = None, *, force: bool 
     cid = repo.resolve(f"refs/heads/{branch}")
     remote = open_remote(repo, name)
     target = f"refs/heads/{branch}"
+    if isinstance(remote, HttpRemote):
+        return _push_http(repo, remote, target, cid, force, name, branch), cid
     current = remote.refs.read(target)
     if current is not None and not force:
         if not repo.store.has(current) or not is_ancestor(repo, current, cid):
@@ -139,12 +222,47 @@ def push(repo: Repository, name: str, branch: str | None = None, *, force: bool 
     return stats, cid
 
 
-def clone(url: str, directory: str, progress=None) -> Repository:
+def _push_http(repo: Repository, remote: HttpRemote, target: str, cid: str, force: bool, name: str,
+               branch: str) -> TransferStats:
+    heads, _ = remote.heads()
+    current = heads.get(target)
+    if current is not None and not force and (not repo.store.has(current) or not is_ancestor(repo, current, cid)):
+        raise ConflictError(f"push to {name}/{branch} refused: not a fast-forward",
+                            hint=f"fetch and merge {name}/{branch} first (or --force)")
+    reachable, queue = [], deque([cid])
+    seen: set[str] = set()
+    while queue:  # read and verify everything first: a damaged object stops us before the server sees anything
+        oid = queue.popleft()
+        if oid in seen:
+            continue
+        seen.add(oid)
+        reachable.append(oid)
+        kind, data = repo.store.get(oid, verify=True)
+        if kind == Kind.RECORD:
+            queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data)))
+    stats = TransferStats()
+    absent = remote.missing(reachable)
+    for oid in [o for o in reachable if o in absent]:
+        kind, data = repo.store.get(oid, verify=True)
+        remote.put(oid, kind, data)
+        stats.objects += 1
+        stats.bytes += len(data)
+    stats.skipped = len(reachable) - stats.objects
+    remote.update_ref(target, current, cid)
+    local = f"refs/remotes/{name}/{branch}"
+    repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(), message=f"push to {name}")
+    return stats
+
+
+def clone(url: str, directory: str, progress=None, token: str | None = None) -> Repository:
     """A new repository with ``origin`` = ``url``, its branches fetched and its HEAD branch checked out."""
-    source = Repository.open(url, search_parents=False)
-    head_branch = source.head().branch or "main"
-    repo = Repository.init(directory, initial_branch=head_branch)
-    add_remote(repo, "origin", url)
+    url = str(url)
+    if _is_url(url):
+        _, head_branch = HttpRemote(url, token or os.environ.get("CRYOPOOL_TOKEN")).heads()
+    else:
+        head_branch = Repository.open(url, search_parents=False).head().branch
+    repo = Repository.init(directory, initial_branch=head_branch or "main")
+    add_remote(repo, "origin", url, token)
     _, refs = fetch(repo, "origin", progress)
     for ref, cid in refs.items():
         short = ref.removeprefix("refs/remotes/origin/")

@@ -1,0 +1,38 @@
+"""``cryopool serve``: share this repository over HTTP (FastAPI + uvicorn) with token scopes."""
+
+from __future__ import annotations
+
+import click
+import uvicorn
+
+from cryopool.repo.server import create_app
+
+from .common import Context, handle_errors
+
+__all__ = ["COMMANDS"]
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True)
+@click.option("--token", "tokens", multiple=True, metavar="TOKEN:SCOPES",
+              help="A bearer token and its scopes, e.g. s3cret:read,write (repeatable; default: config server.tokens).")
+@click.option("--anonymous-read", is_flag=True, default=None, help="Anyone may read (clone, fetch).")
+@click.pass_obj
+@handle_errors
+def serve(obj: Context, host: str, port: int, tokens: tuple[str, ...], anonymous_read: bool | None) -> None:
+    """Serve the repository as a shared population (push needs a token with the write scope)."""
+    parsed = None
+    if tokens:
+        parsed = {}
+        for t in tokens:
+            token, _, scopes = t.partition(":")
+            if not token or not scopes:
+                raise click.BadParameter(f"{t!r}: expected TOKEN:SCOPES", param_hint="--token")
+            parsed[token] = [s.strip() for s in scopes.split(",") if s.strip()]
+    app = create_app(str(obj.repo().work_dir), tokens=parsed, anonymous_read=anonymous_read)
+    click.echo(f"Serving {obj.repo().work_dir} on http://{host}:{port} (OpenAPI: /docs)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+COMMANDS = [serve]

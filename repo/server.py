@@ -1,0 +1,159 @@
+"""The shared population server: a repository over HTTP (FastAPI), with token scopes.
+
+Endpoints (all under ``/api/v1``; OpenAPI at ``/openapi.json``):
+
+* ``GET  /refs`` → ``{"refs": {name: id}, "head": branch}``                         (read)
+* ``POST /objects/missing`` ``{"ids": [...]}`` → ``{"missing": [...]}``            (read)
+* ``GET  /objects/{id}`` → the object file (format.md §5)                         (read)
+* ``PUT  /objects/{id}`` body: the object file → 201; re-hashed, rejected on mismatch (write)
+* ``POST /refs/{name}`` ``{"old": id|null, "new": id}`` → compare-and-swap          (write)
+
+A ref moves only if every object reachable from the new commit is present.
+Tokens come from the server's configuration (``server.tokens``: token → list
+of scopes ``read``/``write``); ``server.anonymous_read`` lets anyone read.
+Ids must be 64 lower-case hex digits, ref names pass ``validate_ref_name``
+(no ``..``, no traversal), objects are limited in size, and record bodies are
+decoded with the canonical decoder's limits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from pydantic import BaseModel
+
+from . import canonical
+from .errors import ConflictError, CryopoolError, IntegrityError, InvalidInputError
+from .hashing import Kind, ObjectId, hash_bytes, is_object_id
+from .refs import validate_ref_name
+from .repository import Repository
+from .store import decode_object_file, encode_object_file
+
+__all__ = ["create_app", "MAX_OBJECT_BYTES"]
+
+MAX_OBJECT_BYTES = 256 * 1024 * 1024
+API = "/api/v1"
+
+
+class Missing(BaseModel):
+    ids: list[str]
+
+
+class RefUpdate(BaseModel):
+    old: str | None = None
+    new: str
+
+
+def _check_id(object_id: str) -> str:
+    if not is_object_id(object_id):
+        raise HTTPException(400, f"not an object id: {object_id[:80]!r}")
+    return object_id
+
+
+def _complete(repo: Repository, root: str) -> list[str]:
+    """Ids reachable from ``root`` that the repository lacks."""
+    missing, queue, seen = [], deque([root]), set()
+    while queue:
+        oid = queue.popleft()
+        if oid in seen:
+            continue
+        seen.add(oid)
+        if not repo.store.has(oid):
+            missing.append(oid)
+            continue
+        kind, data = repo.store.get(oid)
+        if kind == Kind.RECORD:
+            queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data, check_canonical=False)))
+    return missing
+
+
+def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
+               anonymous_read: bool | None = None, max_object_bytes: int = MAX_OBJECT_BYTES) -> FastAPI:
+    """A FastAPI app serving the repository at ``repo_path`` (settings default to its config)."""
+    repo = Repository.open(repo_path, search_parents=False)
+    cfg = repo.config.get("server", {})
+    tokens = tokens if tokens is not None else cfg.get("tokens", {})
+    anonymous_read = cfg.get("anonymous_read", False) if anonymous_read is None else anonymous_read
+    app = FastAPI(title="cryopool shared population", version="1")
+
+    def scope(needed: str):
+        def check(authorization: str | None = Header(default=None)) -> None:
+            if needed == "read" and anonymous_read:
+                return
+            if not authorization or not authorization.startswith("Bearer "):
+                raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Bearer"})
+            scopes = tokens.get(authorization.removeprefix("Bearer ").strip())
+            if scopes is None:
+                raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+            if needed not in scopes:
+                raise HTTPException(403, f"token lacks the '{needed}' scope")
+        return check
+
+    read, write = Depends(scope("read")), Depends(scope("write"))
+
+    @app.get(f"{API}/refs", dependencies=[read])
+    def refs() -> dict:
+        return {"refs": repo.refs.list("refs/heads/") | repo.refs.list("refs/tags/"), "head": repo.head().branch}
+
+    @app.post(f"{API}/objects/missing", dependencies=[read])
+    def missing(body: Missing) -> dict:
+        if len(body.ids) > 100_000:
+            raise HTTPException(413, "too many ids in one request (max 100000)")
+        return {"missing": [i for i in body.ids if not repo.store.has(_check_id(i))]}
+
+    @app.get(f"{API}/objects/{{object_id}}", dependencies=[read])
+    def get_object(object_id: str) -> Response:
+        _check_id(object_id)
+        try:
+            kind, data = repo.store.get(object_id, verify=True)
+        except CryopoolError as exc:
+            raise HTTPException(404 if "not found" in exc.message else 500, exc.message) from None
+        return Response(encode_object_file(kind, data, None), media_type="application/octet-stream")
+
+    @app.put(f"{API}/objects/{{object_id}}", status_code=201, dependencies=[write])
+    async def put_object(object_id: str, request: Request) -> dict:
+        _check_id(object_id)
+        length = int(request.headers.get("content-length") or 0)
+        if length > max_object_bytes:
+            raise HTTPException(413, f"object larger than {max_object_bytes} bytes")
+        body = await request.body()
+        if len(body) > max_object_bytes:
+            raise HTTPException(413, f"object larger than {max_object_bytes} bytes")
+        try:
+            kind, data = decode_object_file(body, f"upload {object_id}")
+            if kind == Kind.RECORD:
+                canonical.decode(data, where=f"upload {object_id}")  # bounded, strict
+        except CryopoolError as exc:
+            raise HTTPException(400, exc.message) from None
+        actual = hash_bytes(kind, data)
+        if actual != object_id:
+            raise HTTPException(400, f"content hashes to {actual}, not {object_id}")
+        repo.store.put(kind, data)
+        return {"id": object_id}
+
+    @app.post(f"{API}/refs/{{name:path}}", dependencies=[write])
+    def update_ref(name: str, body: RefUpdate) -> dict:
+        try:
+            validate_ref_name(name)
+            new = ObjectId(body.new)
+            old = ObjectId(body.old) if body.old else None
+        except InvalidInputError as exc:
+            raise HTTPException(400, str(exc)) from None
+        if not name.startswith(("refs/heads/", "refs/tags/")):
+            raise HTTPException(400, "only refs/heads/* and refs/tags/* can be pushed")
+        absent = _complete(repo, new)
+        if absent:
+            raise HTTPException(400, f"{len(absent)} object(s) reachable from {new[:12]} are missing, e.g. {absent[0]}")
+        repo.store.sync()
+        try:
+            repo.refs.update(name, new, expected=old, author="server", message="push")
+        except ConflictError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"ref": name, "id": new}
+
+    @app.exception_handler(IntegrityError)
+    async def integrity(_, exc: IntegrityError):  # pragma: no cover - defensive
+        return Response(str(exc), status_code=500)
+
+    return app
