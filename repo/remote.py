@@ -81,9 +81,9 @@ class TransferStats:
     skipped: int = 0
 
 
-def transfer(src: Repository, dst: Repository, roots: list[str],
+def _receive(dst: Repository, roots: list[str], get: Callable[[str], tuple[Kind, bytes]],
              progress: Callable[[int], None] | None = None) -> TransferStats:
-    """Copy every object reachable from ``roots`` that ``dst`` lacks; re-hash each; publish all at once."""
+    """Copy every object reachable from ``roots`` that ``dst`` lacks, via ``get``; re-hash; publish all at once."""
     stats = TransferStats()
     with dst.transaction() as tx:
         queue, seen = deque(roots), set()
@@ -95,7 +95,7 @@ def transfer(src: Repository, dst: Repository, roots: list[str],
             if dst.store.has(oid):
                 stats.skipped += 1
                 continue
-            kind, data = src.store.get(oid, verify=True)  # IntegrityError names the damaged object
+            kind, data = get(oid)
             got = tx.store.put(kind, data)
             if got != oid:
                 raise IntegrityError("received object does not hash to its id", path=f"object {oid}", found=got)
@@ -107,6 +107,12 @@ def transfer(src: Repository, dst: Repository, roots: list[str],
                 queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data)) if r.id not in seen)
         tx.publish()
     return stats
+
+
+def transfer(src: Repository, dst: Repository, roots: list[str],
+             progress: Callable[[int], None] | None = None) -> TransferStats:
+    """Copy what ``dst`` lacks from ``src`` (each object verified as it is read: damage names the object)."""
+    return _receive(dst, roots, lambda oid: src.store.get(oid, verify=True), progress)
 
 
 def _remotes(repo: Repository) -> dict:
@@ -155,37 +161,12 @@ def is_ancestor(repo: Repository, ancestor: str, descendant: str) -> bool:
     return False
 
 
-def _fetch_http(remote: HttpRemote, repo: Repository, roots: list[str], progress=None) -> TransferStats:
-    stats = TransferStats()
-    with repo.transaction() as tx:
-        queue, seen = deque(roots), set()
-        while queue:
-            oid = queue.popleft()
-            if oid in seen:
-                continue
-            seen.add(oid)
-            if tx.store.has(oid):
-                stats.skipped += 1
-                continue
-            kind, data = remote.get(oid)
-            if tx.store.put(kind, data) != oid:
-                raise IntegrityError("received object does not hash to its id", path=f"object {oid}")
-            stats.objects += 1
-            stats.bytes += len(data)
-            if progress:
-                progress(len(data))
-            if kind == Kind.RECORD:
-                queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data)) if r.id not in seen)
-        tx.publish()
-    return stats
-
-
 def fetch(repo: Repository, name: str, progress=None) -> tuple[TransferStats, dict[str, ObjectId]]:
     """Bring the remote's branches into ``refs/remotes/<name>/*``."""
     remote = open_remote(repo, name)
     if isinstance(remote, HttpRemote):
         heads, _ = remote.heads()
-        stats = _fetch_http(remote, repo, list(heads.values()), progress)
+        stats = _receive(repo, list(heads.values()), remote.get, progress)
     else:
         heads = remote.refs.list("refs/heads/")
         stats = transfer(remote, repo, list(heads.values()), progress)
