@@ -10,7 +10,8 @@ species, or duplicate picks of one species) whose centres are closer than
 ``factor × (r₁ + r₂)`` (default factor 0.8), where at least one of them is
 new to our side. Policies: ``fail`` (nothing changes; a report lists every
 collision), ``ours`` (drop their particle), ``theirs`` (drop ours), ``score``
-(drop the lower score; ties keep ours), ``keep-both``. The merge commit has two
+(drop the lower score; an unknown score ranks lowest; ties drop the second),
+``keep-both``. The merge commit has two
 parents and records the policy and every resolved collision.
 """
 

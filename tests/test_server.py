@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
-from conftest import TILT_ARGS
+from conftest import TILT_ARGS, running_server
 from cryopool.repo import Repository
 from cryopool.repo.errors import ConflictError, InvalidInputError
 from cryopool.repo.hashing import Kind, hash_bytes
@@ -19,7 +15,6 @@ from cryopool.repo.importers import import_tilt_series
 from cryopool.repo.merge import merge
 from cryopool.repo.records import Operation
 from cryopool.repo.remote import add_remote, clone, fetch, push
-from cryopool.repo.server import create_app
 from cryopool.repo.store import encode_object_file
 from cryopool.repo.verify import verify
 
@@ -31,21 +26,8 @@ TOKENS = {"writer": ["read", "write"], "reader": ["read"]}
 def served(tmp_path, inputs):
     central = Repository.init(tmp_path / "central")
     import_tilt_series(central, inputs["ts1"], source="lab_a", **TILT_ARGS)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(str(central.work_dir), tokens=TOKENS, anonymous_read=False, max_object_bytes=1 << 20)
-    server = uvicorn.Server(uvicorn.Config(app,
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    yield central, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(central.work_dir, tokens=TOKENS, anonymous_read=False, max_object_bytes=1 << 20) as url:
+        yield central, url
 
 
 def test_clone_push_pull_through_the_server(served, tmp_path):
