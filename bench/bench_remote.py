@@ -4,7 +4,7 @@
    machine; baseline: copying its object files with shutil in the same run.
 2. A simulated population is pushed to a central repository, refined for one iteration, and pushed again:
    the bytes the second push sends against the repository's size (only changed objects may travel).
-Directory remotes only (the HTTP server is not built yet).
+Both over a path and through `cryopool serve` on loopback.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from cryopool.engine.simulate import PRESETS, simulate, write_simulation
 from cryopool.repo import Repository
 from cryopool.repo.importers import import_tilt_series
 from cryopool.repo.remote import add_remote, clone, push
+from cryopool.repo.server import serve_in_thread as running_server
 
 
 def _objects_bytes(repo: Repository) -> int:
@@ -49,6 +50,18 @@ def main() -> None:
         cloned = time.perf_counter() - t0
         print(f"clone of {size / 1e6:.0f} MB: {size / 1e6 / cloned:.0f} MB/s; raw copy {size / 1e6 / raw:.0f} MB/s; "
               f"ratio {raw / cloned:.2f} (clone re-hashes every object and fsyncs)")
+        with running_server(src.work_dir, tokens={"t": ["read", "write"]}) as url:
+            t0 = time.perf_counter()
+            clone(url, str(work / "httpclone"), token="t")
+            http_clone = time.perf_counter() - t0
+            central = Repository.init(work / "httpcentral")
+            with running_server(central.work_dir, tokens={"t": ["read", "write"]}) as url2:
+                add_remote(src, "srv", url2, token="t")
+                t0 = time.perf_counter()
+                push(src, "srv")
+                http_push = time.perf_counter() - t0
+        print(f"over HTTP on loopback: clone {size / 1e6 / http_clone:.0f} MB/s, push {size / 1e6 / http_push:.0f} MB/s "
+              f"(ratios to raw copy {raw / http_clone:.2f}, {raw / http_push:.2f})")
 
         lab = Repository.init(work / "lab")
         central = Repository.init(work / "central")

@@ -86,6 +86,14 @@ class progress_bar:
         if self._bar:
             self._bar.update(n)
 
+    def tick(self, nbytes: int) -> None:
+        """Open-ended work (bytes received or sent): a running count instead of a bar."""
+        if not self.enabled:
+            return
+        self._done += nbytes
+        sys.stderr.write(f"\r{self.label}: {human_bytes(self._done)}")
+        sys.stderr.flush()
+
     def update_to(self, done: int, total: int) -> None:
         if self.enabled and self._bar is None:
             self._start(total)
@@ -96,6 +104,8 @@ class progress_bar:
     def __exit__(self, *exc):
         if self._bar:
             self._bar.__exit__(*exc)
+        elif self.enabled and self._done:
+            sys.stderr.write("\n")
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

@@ -7,7 +7,7 @@ import click
 from cryopool.repo.merge import POLICIES, merge as run_merge
 from cryopool.repo.remote import add_remote, clone as run_clone, fetch as run_fetch, push as run_push, remove_remote
 
-from .common import Context, emit_json, handle_errors, human_bytes, json_option, short
+from .common import Context, emit_json, handle_errors, human_bytes, json_option, progress_bar, short
 
 __all__ = ["COMMANDS"]
 
@@ -59,7 +59,8 @@ def remote_list(obj: Context, as_json: bool) -> None:
 @handle_errors
 def clone(url: str, directory: str, token: str | None, as_json: bool) -> None:
     """Copy the repository at URL (path or server) into DIRECTORY (remote 'origin'), checking out its HEAD branch."""
-    repo = run_clone(url, directory, token=token)
+    with progress_bar(None, "receiving", enabled=not as_json) as bar:
+        repo = run_clone(url, directory, progress=bar.tick, token=token)
     head = repo.head()
     if as_json:
         emit_json({"repository": str(repo.root), "branch": head.branch, "commit": head.commit})
@@ -74,7 +75,8 @@ def clone(url: str, directory: str, token: str | None, as_json: bool) -> None:
 @handle_errors
 def fetch(obj: Context, name: str, as_json: bool) -> None:
     """Bring NAME's branches into refs/remotes/NAME/* (only missing objects travel, each re-hashed)."""
-    stats, refs = run_fetch(obj.repo(), name)
+    with progress_bar(None, "receiving", enabled=not as_json) as bar:
+        stats, refs = run_fetch(obj.repo(), name, progress=bar.tick)
     if as_json:
         emit_json({"objects": stats.objects, "bytes": stats.bytes, "updated": refs})
         return
@@ -92,7 +94,8 @@ def fetch(obj: Context, name: str, as_json: bool) -> None:
 @handle_errors
 def push(obj: Context, name: str, branch: str | None, force: bool, as_json: bool) -> None:
     """Send BRANCH (default: the checked-out one) to remote NAME; refused unless a fast-forward."""
-    stats, cid = run_push(obj.repo(), name, branch, force=force)
+    with progress_bar(None, "sending", enabled=not as_json) as bar:
+        stats, cid = run_push(obj.repo(), name, branch, force=force, progress=bar.tick)
     if as_json:
         emit_json({"commit": cid, "objects": stats.objects, "bytes": stats.bytes})
     else:

@@ -190,7 +190,7 @@ def push(repo: Repository, name: str, branch: str | None = None, *, force: bool 
     remote = open_remote(repo, name)
     target = f"refs/heads/{branch}"
     if isinstance(remote, HttpRemote):
-        return _push_http(repo, remote, target, cid, force, name, branch), cid
+        return _push_http(repo, remote, target, cid, force, name, branch, progress), cid
     current = remote.refs.read(target)
     if current is not None and not force:
         if not repo.store.has(current) or not is_ancestor(repo, current, cid):
@@ -204,7 +204,7 @@ def push(repo: Repository, name: str, branch: str | None = None, *, force: bool 
 
 
 def _push_http(repo: Repository, remote: HttpRemote, target: str, cid: str, force: bool, name: str,
-               branch: str) -> TransferStats:
+               branch: str, progress: Callable[[int], None] | None = None) -> TransferStats:
     heads, _ = remote.heads()
     current = heads.get(target)
     if current is not None and not force and (not repo.store.has(current) or not is_ancestor(repo, current, cid)):
@@ -228,6 +228,8 @@ def _push_http(repo: Repository, remote: HttpRemote, target: str, cid: str, forc
         remote.put(oid, kind, data)
         stats.objects += 1
         stats.bytes += len(data)
+        if progress:
+            progress(len(data))
     stats.skipped = len(reachable) - stats.objects
     remote.update_ref(target, current, cid)
     local = f"refs/remotes/{name}/{branch}"

@@ -18,8 +18,13 @@ decoded with the canonical decoder's limits.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections import deque
 
+import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from pydantic import BaseModel
 
@@ -30,7 +35,7 @@ from .refs import validate_ref_name
 from .repository import Repository
 from .store import decode_object_file, encode_object_file
 
-__all__ = ["create_app", "MAX_OBJECT_BYTES"]
+__all__ = ["create_app", "serve_in_thread", "MAX_OBJECT_BYTES"]
 
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
 API = "/api/v1"
@@ -157,3 +162,29 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
         return Response(str(exc), status_code=500)
 
     return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(repo_path: str, *, host: str = "127.0.0.1", port: int = 0, **options):
+    """Serve a repository from a background thread (tests, benchmarks, embedding); yields the base URL.
+
+    ``port=0`` picks a free port. The server stops when the block ends.
+    """
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(str(repo_path), **options), host=host, port=port,
+                                           log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import mrcfile
@@ -15,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-import uvicorn
 
 from cryopool.repo import Repository
-from cryopool.repo.server import create_app
+from cryopool.repo.server import serve_in_thread
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
@@ -104,22 +99,4 @@ def repo_state(repo: Repository) -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
-def running_server(repo_path, **app_options):
-    """``cryopool serve``'s app on a free loopback port, in a thread; yields its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(str(repo_path), **app_options), host="127.0.0.1", port=port,
-                                           log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(250):
-        if server.started:
-            break
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+running_server = serve_in_thread  # the library's helper, under the name the tests use

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -79,3 +81,36 @@ def test_refusals(served, tmp_path):
     lab.create_branch("main", "srv/main", force=True)
     with pytest.raises(InvalidInputError, match="403"):
         push(lab, "srv", "main", force=True)
+
+
+PUSHER = """
+import dataclasses, sys
+from cryopool.repo import Repository
+from cryopool.repo.errors import ConflictError
+from cryopool.repo.merge import merge
+from cryopool.repo.records import Operation
+from cryopool.repo.remote import fetch, push
+repo = Repository.open(sys.argv[1])
+who = sys.argv[2]
+for i in range(3):
+    repo.commit(lambda p: dataclasses.replace(p, metadata={**p.metadata, f"{who}-{i}": i}), message=f"{who} {i}",
+                operation=Operation(kind="edit", parameters={}, software="t"))
+    for attempt in range(60):
+        try:
+            push(repo, "origin")
+            break
+        except ConflictError:
+            fetch(repo, "origin")
+            merge(repo, "origin/main", policy="keep-both")
+    else:
+        raise SystemExit("never landed")
+"""
+
+
+def test_concurrent_pushes_through_the_server_lose_nothing(served, tmp_path):
+    central, url = served
+    labs = [clone(url, str(tmp_path / f"lab{k}"), token="writer") for k in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", PUSHER, str(r.work_dir), f"lab{k}"]) for k, r in enumerate(labs)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    assert {f"lab{k}-{i}" for k in range(3) for i in range(3)} <= set(central.population().metadata)
+    assert verify(central).ok
