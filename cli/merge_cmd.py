@@ -7,7 +7,7 @@ import sys
 import click
 
 from cryopool.repo.errors import ConflictError
-from cryopool.repo.merge import POLICIES, merge as run_merge
+from cryopool.repo.merge import POLICIES, clear_state, load_state, merge as run_merge, resolve as run_resolve
 
 from .common import Context, emit_json, handle_errors, json_option, short
 
@@ -27,8 +27,12 @@ __all__ = ["COMMANDS"]
 def merge(obj: Context, rev: str, policy: str, factor: float, message: str | None, as_json: bool) -> None:
     """Three-way merge of REV into the checked-out branch (a merge commit with two parents)."""
     repo = obj.repo()
+    _finish(lambda: run_merge(repo, rev, policy=policy, factor=factor, message=message), rev, policy, as_json)
+
+
+def _finish(action, rev: str, policy: str, as_json: bool) -> None:
     try:
-        report = run_merge(repo, rev, policy=policy, factor=factor, message=message)
+        report = action()
     except ConflictError as exc:
         collisions = getattr(exc, "collisions", [])
         if as_json:
@@ -40,6 +44,9 @@ def merge(obj: Context, rev: str, policy: str, factor: float, message: str | Non
                 click.echo(f"  {c}", err=True)
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
+            if collisions:
+                click.echo("The unfinished merge is kept: 'cryopool resolve' continues it, "
+                           "'cryopool resolve --abort' drops it.", err=True)
         sys.exit(1)
     if as_json:
         emit_json({"merged": True, "commit": report.commit, "fast_forward": report.fast_forward,
@@ -55,4 +62,37 @@ def merge(obj: Context, rev: str, policy: str, factor: float, message: str | Non
             click.echo(f"  {c}; dropped: {({'a': c.species_a, 'b': c.species_b}.get(c.dropped, 'none'))}")
 
 
-COMMANDS = [merge]
+def _particle(text: str) -> tuple[str, int]:
+    name, _, pid = text.rpartition(":")
+    if not name or not pid.isdigit():
+        raise click.BadParameter(f"{text!r}: expected SPECIES:PARTICLE_ID", param_hint="--drop")
+    return name, int(pid)
+
+
+@click.command()
+@click.option("--drop", "drops", multiple=True, metavar="SPECIES:ID",
+              help="Settle a collision by dropping this particle (repeatable).")
+@click.option("--policy", type=click.Choice(POLICIES), default="fail", show_default=True,
+              help="Settle every collision still open.")
+@click.option("--abort", is_flag=True, help="Forget the unfinished merge; the branch is unchanged.")
+@click.option("-m", "--message", help="Commit message.")
+@json_option
+@click.pass_obj
+@handle_errors
+def resolve(obj: Context, drops: tuple[str, ...], policy: str, abort: bool, message: str | None,
+            as_json: bool) -> None:
+    """Continue the unfinished merge: settle collisions one by one (--drop) or by --policy, then commit."""
+    repo = obj.repo()
+    state = load_state(repo)
+    if state is None:
+        raise click.UsageError("no unfinished merge")
+    if abort:
+        clear_state(repo)
+        emit_json({"aborted": True}) if as_json else click.echo("Unfinished merge dropped; nothing changed.")
+        return
+    decided = {_particle(d) for d in drops}
+    _finish(lambda: run_resolve(repo, policy=policy, drop=decided, message=message), state["theirs_rev"], policy,
+            as_json)
+
+
+COMMANDS = [merge, resolve]

@@ -17,6 +17,7 @@ parents and records the policy and every resolved collision.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -24,12 +25,14 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .errors import ConflictError, InvalidInputError
+from .fsutil import write_atomic
 from .hashing import ObjectId
 from .population import item_refs
 from .records import DataSource, Operation, ParticleTable, Population, Species
 from .repository import Repository, software_version
 
-__all__ = ["POLICIES", "Collision", "MergeReport", "merge_base", "find_collisions", "merge"]
+__all__ = ["POLICIES", "Collision", "MergeReport", "merge_base", "find_collisions", "merge", "resolve", "load_state",
+           "clear_state"]
 
 POLICIES = ("fail", "ours", "theirs", "score", "keep-both")
 
@@ -175,8 +178,13 @@ def _drop(repo: Repository, pop: Population, drops: dict[str, set[int]]) -> Popu
 
 
 def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: float = 0.8,
-          message: str | None = None, branch: str | None = None) -> MergeReport:
-    """Merge ``theirs_rev`` into the branch (default: HEAD's). Raises ConflictError with the report on failure."""
+          message: str | None = None, branch: str | None = None,
+          drop: set[tuple[str, int]] | None = None) -> MergeReport:
+    """Merge ``theirs_rev`` into the branch (default: HEAD's). Raises ConflictError with the report on failure.
+
+    ``drop`` settles individual collisions: a collision involving one of these (species, particle id)
+    pairs drops that particle, whatever the policy; the policy decides the rest.
+    """
     if policy not in POLICIES:
         raise InvalidInputError("unknown collision policy", field="policy", expected=list(POLICIES), found=policy)
     if not factor > 0:
@@ -217,8 +225,11 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
         merged = replace(po, data_sources=data_sources, species=species, metadata=metadata)
         found = find_collisions(tx, merged, po, factor=factor)
         drops: dict[str, set[int]] = {}
+        drop = drop or set()
         for item, a, b, d, limit in found:
-            if policy == "fail" or policy == "keep-both":
+            if (a.species, a.pid) in drop or (b.species, b.pid) in drop:
+                loser = "a" if (a.species, a.pid) in drop else "b"
+            elif policy == "fail" or policy == "keep-both":
                 loser = None
             elif policy == "ours":
                 loser = "b" if b.new else "a"
@@ -230,12 +241,16 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
                 victim = a if loser == "a" else b
                 drops.setdefault(victim.species, set()).add(victim.index)
             report.collisions.append(Collision(item, a.species, a.pid, b.species, b.pid, d, limit, loser))
-        if policy == "fail" and report.collisions:
-            error = ConflictError(f"{len(report.collisions)} particle collision(s): " +
-                                "; ".join(str(c) for c in report.collisions[:5]) +
-                                (" …" if len(report.collisions) > 5 else ""),
-                                hint="choose --policy ours, theirs, score or keep-both")
-            error.collisions = list(report.collisions)  # the full report, for callers to show
+        unsettled = [c for c in report.collisions if c.dropped is None]
+        if policy == "fail" and unsettled:
+            error = ConflictError(f"{len(unsettled)} particle collision(s): " +
+                                  "; ".join(str(c) for c in unsettled[:5]) + (" …" if len(unsettled) > 5 else ""),
+                                  hint="choose --policy ours, theirs, score or keep-both, or settle them one by "
+                                       "one with 'cryopool resolve --drop SPECIES:ID'")
+            error.collisions = unsettled  # the full report, for callers to show
+            _save_state(repo, {"theirs": theirs_id, "theirs_rev": theirs_rev, "ours": ours_id, "base": base,
+                               "factor": factor, "branch": branch, "drop": sorted([list(x) for x in drop]),
+                               "collisions": [c.as_dict() for c in unsettled]})
             raise error
         merged = _drop(tx, merged, drops)
         operation = Operation(kind="merge", software=software_version(),
@@ -246,4 +261,37 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
         msg = message or (f"Merge {theirs_rev}: {len(report.collisions)} collision(s), policy {policy}")
         report.commit = tx.commit(merged, message=msg, operation=operation, branch=branch, retries=0,
                                   extra_parents=[theirs_id])
+    clear_state(repo)
     return report
+
+
+STATE_FILE = "MERGE"
+
+
+def _save_state(repo: Repository, state: dict) -> None:
+    """Keep an unfinished merge (its ids are gc/verify roots while it waits) for ``resolve``."""
+    if repo.root is not None:
+        write_atomic(repo.root / "state" / STATE_FILE, json.dumps(state, indent=2).encode(), repo.root / "tmp")
+
+
+def load_state(repo: Repository) -> dict | None:
+    path = None if repo.root is None else repo.root / "state" / STATE_FILE
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def clear_state(repo: Repository) -> None:
+    if repo.root is not None:
+        (repo.root / "state" / STATE_FILE).unlink(missing_ok=True)
+
+
+def resolve(repo: Repository, *, policy: str = "fail", drop: set[tuple[str, int]] | None = None,
+            message: str | None = None) -> MergeReport:
+    """Continue the stored unfinished merge with more decisions; commits once every collision is settled."""
+    state = load_state(repo)
+    if state is None:
+        raise InvalidInputError("no unfinished merge to resolve")
+    if repo.refs.read(repo.branch_ref(state["branch"])) != state["ours"]:
+        raise ConflictError("the branch moved since the merge stopped", hint="cryopool resolve --abort, then merge again")
+    decided = {tuple(x) for x in state["drop"]} | set(drop or ())
+    return merge(repo, state["theirs"], policy=policy, factor=state["factor"], message=message,
+                 branch=state["branch"], drop=decided)

@@ -12,6 +12,7 @@ and who refers to it.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -85,13 +86,9 @@ def _extra_roots(repo: Repository) -> list[tuple[ObjectId, str]]:
     state_dir = repo.root / "state"
     if state_dir.is_dir():
         for path in sorted(state_dir.iterdir()):
-            text = path.read_text(errors="replace").strip()
-            for token in text.split():
-                if len(token) == 64:
-                    try:
-                        found.append((ObjectId(token), f"state/{path.name}"))
-                    except CryopoolError:
-                        pass
+            text = path.read_text(errors="replace")
+            for token in sorted(set(re.findall(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])", text))):
+                found.append((ObjectId(token), f"state/{path.name}"))
     return found
 
 

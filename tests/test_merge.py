@@ -14,7 +14,8 @@ from cryopool.cli.main import cli
 from cryopool.repo import Repository
 from cryopool.repo.errors import ConflictError
 from cryopool.repo.importers import import_species, import_tilt_series
-from cryopool.repo.merge import merge, merge_base
+from cryopool.repo.gc import reachable
+from cryopool.repo.merge import load_state, merge, merge_base
 from cryopool.repo.records import Operation, ParticleTable, Species
 from cryopool.repo.verify import verify
 
@@ -52,6 +53,12 @@ def labs(tmp_path, inputs):
     return repo
 
 
+def _move_main(repo):
+    """Lab A commits after lab B branched off, so the merge is a real three-way merge."""
+    repo.commit(lambda p: dataclasses.replace(p, metadata={**p.metadata, "note": "lab A moved on"}), message="note",
+                operation=Operation(kind="edit", parameters={}, software="t"))
+
+
 def _counts(repo, rev="HEAD"):
     pop = repo.population(rev)
     return {n: repo.get_record(repo.get_record(r, Species).particles, ParticleTable).count
@@ -63,9 +70,7 @@ def test_merge_base(labs):
 
 
 def test_fail_policy_reports_every_collision_and_changes_nothing(labs):
-    # make main move on so the merge is a real three-way merge
-    labs.commit(lambda p: dataclasses.replace(p, metadata={"note": "lab A moved on"}), message="note",
-                operation=Operation(kind="edit", parameters={}, software="t"))
+    _move_main(labs)
     before = labs.resolve("main")
     with pytest.raises(ConflictError) as info:
         merge(labs, "lab-b")
@@ -77,8 +82,7 @@ def test_fail_policy_reports_every_collision_and_changes_nothing(labs):
 @pytest.mark.parametrize("policy,expected", [("ours", {"S1": 3, "S2": 3}), ("theirs", {"S1": 1, "S2": 5}),
                                              ("score", {"S1": 2, "S2": 4}), ("keep-both", {"S1": 3, "S2": 6})])
 def test_policies_particle_by_particle(labs, policy, expected):
-    labs.commit(lambda p: dataclasses.replace(p, metadata={"note": "lab A moved on"}), message="note",
-                operation=Operation(kind="edit", parameters={}, software="t"))
+    _move_main(labs)
     report = merge(labs, "lab-b", policy=policy)
     assert len(report.collisions) == 3 and _counts(labs) == expected
     commit = labs.get_commit(report.commit)
@@ -105,8 +109,7 @@ def test_items_changed_on_both_sides_conflict(labs, inputs):
 
 
 def test_merge_command_lists_collisions(labs):
-    labs.commit(lambda p: dataclasses.replace(p, metadata={"note": "moved"}), message="note",
-                operation=Operation(kind="edit", parameters={}, software="t"))
+    _move_main(labs)
     runner = CliRunner()
     refused = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b"])
     assert refused.exit_code == 1 and "3 particle collision(s)" in refused.output and "S2 #" in refused.output
@@ -123,3 +126,38 @@ def test_population_metadata_merges_key_by_key(labs):
     labs.checkout("main")
     merge(labs, "lab-b", policy="keep-both")
     assert labs.population().metadata == {"a": 1, "b": 2}
+
+
+def test_unfinished_merge_is_stored_and_resolved_one_by_one(labs):
+    _move_main(labs)
+    tip = labs.resolve("main")
+    with pytest.raises(ConflictError):
+        merge(labs, "lab-b")
+    state = load_state(labs)
+    assert state is not None and len(state["collisions"]) == 3
+    s2_ids = {c["b"]["particle_id"] for c in state["collisions"] if c["a"]["species"] == "S1"}
+    runner = CliRunner()
+    status = runner.invoke(cli, ["-C", str(labs.work_dir), "status"])
+    assert "Unfinished operation: MERGE" in status.output
+    # settle the two S1/S2 collisions by dropping the S2 particles, one at a time
+    first, second = sorted(s2_ids)
+    partial = runner.invoke(cli, ["-C", str(labs.work_dir), "resolve", "--drop", f"S2:{first}"])
+    assert partial.exit_code == 1 and "2 particle collision(s)" in partial.output
+    assert labs.resolve("main") == tip  # still nothing committed
+    partial = runner.invoke(cli, ["-C", str(labs.work_dir), "resolve", "--drop", f"S2:{second}"])
+    assert partial.exit_code == 1 and "1 particle collision(s)" in partial.output  # the duplicate pair is left
+    done = runner.invoke(cli, ["-C", str(labs.work_dir), "resolve", "--policy", "score", "--json"])
+    assert done.exit_code == 0 and json.loads(done.stdout)["merged"]
+    assert load_state(labs) is None and _counts(labs) == {"S1": 3, "S2": 3}
+    assert verify(labs).ok
+
+
+def test_resolve_abort_and_gc_keeps_the_pending_merge(labs):
+    _move_main(labs)
+    theirs = labs.resolve("lab-b")
+    with pytest.raises(ConflictError):
+        merge(labs, "lab-b")
+    labs.delete_ref("refs/heads/lab-b")
+    assert theirs in reachable(labs, include_reflogs=False)  # the stored merge keeps their commit alive
+    out = CliRunner().invoke(cli, ["-C", str(labs.work_dir), "resolve", "--abort"])
+    assert out.exit_code == 0 and load_state(labs) is None
