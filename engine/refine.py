@@ -184,7 +184,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     new_items: dict[str, tuple[TiltSeries, dict]] = {}
     poses = {name: (s.columns.positions.clone(), s.columns.orientations.clone()) for name, s in species.items()}
     ncc_history = {}
-    for n_item, (key, item_ref, item) in enumerate(items):
+    for n_item, (key, _, item) in enumerate(items):
         if progress:
             progress(f"item {key}", n_item, len(items))
         base = _to(load_item(repo, item), device)
@@ -227,15 +227,14 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         new_items[key] = (item, half_models)
     if progress:
         progress("reconstructing", len(items), len(items))
-    return _commit(repo, tip, pop, species, items, new_items, poses, accs, opts, run, work_res, ncc_history)
+    return _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history)
 
 
-def _commit(repo, tip, pop, species, items, new_items, poses, accs, opts, run, work_res, ncc_history):
+def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history):
     with repo.transaction() as tx:
         species_refs_used = [s.ref for s in species.values()]
         item_refs: dict[str, Ref] = {}
-        for key, _, item in items:
-            old, halves = new_items[key]
+        for key, (old, halves) in new_items.items():
             geom, im = _average(halves[1][0], halves[2][0], halves[1][1], halves[2][1])
             deformation, imaging = item_records(tx, geom, im)
             half_records = {}

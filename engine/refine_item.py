@@ -262,7 +262,7 @@ class _Objective:
         return reg
 
     def loss_and_backward(self) -> float:
-        """−M with exact gradients accumulated batch by batch."""
+        """−M with exact gradients accumulated batch by batch (a no-grad pass first, for the totals)."""
         with torch.no_grad():
             t = self.terms(grad=False)
             num = sum(x.num.sum() for x in t)

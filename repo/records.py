@@ -417,12 +417,6 @@ RECORD_TYPES: dict[str, type[Record]] = {
 }
 
 
-def register_record_type(cls: type[Record]) -> type[Record]:
-    """Let another module add a record type (e.g. a simulation's ground truth)."""
-    RECORD_TYPES[cls.TYPE] = cls
-    return cls
-
-
 def parse_record(value: Any, where: str = "record") -> Record:
     """A decoded record value as its typed class (strict)."""
     if not isinstance(value, dict) or not isinstance(value.get("_type"), str):

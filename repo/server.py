@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from pydantic import BaseModel
 
 from . import canonical
-from .errors import ConflictError, CryopoolError, IntegrityError, InvalidInputError
+from .errors import ConflictError, CryopoolError, InvalidInputError
 from .hashing import Kind, ObjectId, hash_bytes, is_object_id
 from .refs import validate_ref_name
 from .repository import Repository
@@ -156,10 +156,6 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
         except ConflictError as exc:
             raise HTTPException(409, str(exc)) from None
         return {"ref": name, "id": new}
-
-    @app.exception_handler(IntegrityError)
-    async def integrity(_, exc: IntegrityError):  # pragma: no cover - defensive
-        return Response(str(exc), status_code=500)
 
     return app
 

@@ -321,11 +321,6 @@ class MemoryObjectStore(ObjectStore):
         with self._lock:
             self._objects.pop(object_id, None)
 
-    def corrupt(self, object_id: str, data: bytes) -> None:
-        """Test hook: replace the stored bytes without changing the id."""
-        kind, _, mtime = self._objects[object_id]
-        self._objects[object_id] = (kind, data, mtime)
-
 
 class StagingStore(ObjectStore):
     """New objects of one transaction, kept apart until :meth:`publish`.

@@ -144,7 +144,7 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
         object_id, want_kind, want_types, via = queue.popleft()
         graph.add_node(object_id)
         if object_id in seen:
-            _check_expectation(object_id, kinds.get(object_id), None, want_kind, want_types, via, problem, repo)
+            _check_expectation(object_id, kinds.get(object_id), None, want_kind, want_types, via, problem)
             continue
         seen.add(object_id)
         if not repo.store.has(object_id):
@@ -158,7 +158,7 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
             continue
         kinds[object_id] = info_kind
         if info_kind != Kind.RECORD:
-            _check_expectation(object_id, info_kind, None, want_kind, want_types, via, problem, repo)
+            _check_expectation(object_id, info_kind, None, want_kind, want_types, via, problem)
             if not quick:
                 leaves.append(object_id)
             continue
@@ -171,7 +171,7 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
             continue
         report.records += 1
         report.commits += isinstance(record, Commit)
-        _check_expectation(object_id, Kind.RECORD, record.TYPE, want_kind, want_types, via, problem, repo)
+        _check_expectation(object_id, Kind.RECORD, record.TYPE, want_kind, want_types, via, problem)
         for text in _semantic(record, repo) if not isinstance(record, ArrayManifest) else ():
             problem(object_id, f"{record.TYPE}: {text}")
         label = f"{record.TYPE} {object_id[:12]}"
@@ -207,7 +207,7 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
     return report
 
 
-def _check_expectation(object_id, kind, record_type, want_kind, want_types, via, problem, repo) -> None:
+def _check_expectation(object_id, kind, record_type, want_kind, want_types, via, problem) -> None:
     if kind is None or want_kind is None:
         return
     if kind != want_kind:
