@@ -10,10 +10,12 @@ Conventions (docs/physics.md has them with a worked example):
   transform at ``Aᵀ (kx, ky, 0)``.
 * Tomogram (specimen) frame: x, y in the grid plane, z towards the electron
   source, origin at the tomogram centre, lengths in Å.
-* Tilt ``i``: the specimen turns by the stage tilt ``θ_i`` about y, then by a
-  per-tilt stage-angle correction (small rotations about x, y, z, in that
-  order), then the image turns in-plane by the tilt-axis angle:
-  ``R_i = Rz(axis) · Rz(ωz) Ry(ωy) Rx(ωx) · Ry(θ_i)``.  A specimen point ``r``
+* Tilt ``i`` (RELION 5's order, docs/conventions.md): the specimen turns
+  about x by the correction ``ωx`` (specimen pre-tilt), about y by the stage
+  tilt plus its correction, then the image turns in-plane by the tilt-axis
+  angle plus its correction:
+  ``R_i = Rz(axis + ωz_i) · Ry(θ_i + ωy_i) · Rx(ωx_i)``, i.e. RELION's
+  ``rlnTomoZRot``, ``rlnTomoYTilt``, ``rlnTomoXTilt``.  A specimen point ``r``
   projects to image position ``(R_i r)_xy + shift_i`` (Å from the image
   centre) and sits at height ``z_i = (R_i r)_z``; its defocus in that tilt is
   ``defocus_i + z_i`` (positive = underfocus: points nearer the source are
@@ -80,14 +82,15 @@ def tilt_rotations(tilt_angles_deg: torch.Tensor, tilt_axis_angle_deg: float | t
                    angle_corrections_deg: torch.Tensor | None = None) -> torch.Tensor:
     """Specimen → image-frame rotation of every tilt, ``(n_tilts,)`` → ``(n_tilts, 3, 3)``.
 
-    ``angle_corrections_deg`` ``(n_tilts, 3)``: stage-angle corrections about x, y, z.
+    ``angle_corrections_deg`` ``(n_tilts, 3)``: corrections about x, y, z, so that
+    ``R_i = Rz(axis + ωz) Ry(θ_i + ωy) Rx(ωx)``.
     """
-    r = rotation_y(tilt_angles_deg)
-    if angle_corrections_deg is not None:
-        wx, wy, wz = angle_corrections_deg.unbind(-1)
-        r = rotation_z(wz) @ rotation_y(wy) @ rotation_x(wx) @ r
-    axis = torch.as_tensor(tilt_axis_angle_deg, dtype=r.dtype, device=r.device)
-    return rotation_z(axis) @ r
+    theta = torch.as_tensor(tilt_angles_deg)
+    axis = torch.as_tensor(tilt_axis_angle_deg, dtype=theta.dtype, device=theta.device).expand_as(theta)
+    if angle_corrections_deg is None:
+        return rotation_z(axis) @ rotation_y(theta)
+    wx, wy, wz = angle_corrections_deg.unbind(-1)
+    return rotation_z(axis + wz) @ rotation_y(theta + wy) @ rotation_x(wx)
 
 
 def project_to_tilts(positions_angstrom: torch.Tensor, rotations: torch.Tensor,

@@ -72,9 +72,9 @@ def test_angle_corrections_compose_as_documented():
     tilts = torch.tensor([10.0], dtype=torch.float64)
     corr = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
     r = tilt_rotations(tilts, 5.0, corr)[0].numpy()
-    expect = (Rotation.from_euler("z", 5, degrees=True) * Rotation.from_euler("z", 3, degrees=True)
-              * Rotation.from_euler("y", 2, degrees=True) * Rotation.from_euler("x", 1, degrees=True)
-              * Rotation.from_euler("y", 10, degrees=True)).as_matrix()
+    # RELION 5: Rz(rlnTomoZRot) Ry(rlnTomoYTilt) Rx(rlnTomoXTilt), active right-handed rotations
+    expect = (Rotation.from_euler("z", 5 + 3, degrees=True) * Rotation.from_euler("y", 10 + 2, degrees=True)
+              * Rotation.from_euler("x", 1, degrees=True)).as_matrix()
     np.testing.assert_allclose(r, expect, atol=1e-12)
 
 
