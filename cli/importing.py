@@ -6,6 +6,7 @@ import click
 
 from cryopool.repo.importers import import_species, import_tilt_series
 from cryopool.repo.formats.mrc import read_mrc_header
+from cryopool.repo.relion import import_relion
 
 from .common import Context, emit_json, handle_errors, human_bytes, json_option, progress_bar, short
 
@@ -90,6 +91,44 @@ def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetr
     n = c.operation.parameters["particles"]
     if as_json:
         emit_json({"commit": commit, "species": name, "particles": n})
+    else:
+        click.echo(f"[{short(commit)}] {c.message}")
+
+
+@import_group.command("relion")
+@click.argument("star_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--source", required=True, help="Data source the tilt series go into (namespaces their names).")
+@click.option("--species", help="Species name [default: the optimisation set's, if cryopool wrote it].")
+@click.option("--diameter", "diameter_angstrom", type=float, help="Particle diameter in Å.")
+@click.option("--symmetry", help="Point group [default: the optimisation set's, else C1].")
+@click.option("--half1", type=click.Path(dir_okay=False), help="Half-map 1 [default: _rlnTomoReferenceMap1File].")
+@click.option("--half2", type=click.Path(dir_okay=False), help="Half-map 2 [default: _rlnTomoReferenceMap2File].")
+@click.option("--mask", type=click.Path(dir_okay=False), help="Mask [default: _rlnTomoReferenceMaskFile].")
+@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
+@click.option("-m", "--message", help="Commit message.")
+@json_option
+@click.pass_obj
+@handle_errors
+def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetry, half1, half2, mask, branch,
+           message, as_json) -> None:
+    """Import a RELION 5 tomography project: optimisation sets (tilt series + one species each) or tomograms.star files.
+
+    Paths inside the STAR files are found relative to each file's folder or its parents
+    (RELION writes them relative to the project directory). One commit for everything.
+    """
+    if bool(half1) != bool(half2):
+        raise click.UsageError("give both --half1 and --half2, or neither")
+    repo = obj.repo()
+    with progress_bar(None, "importing RELION project", enabled=not as_json) as bar:
+        commit = import_relion(repo, list(star_files), source=source, species=species,
+                               diameter_angstrom=diameter_angstrom, symmetry=symmetry,
+                               half_maps=(half1, half2) if half1 else None, mask=mask, branch=branch,
+                               message=message, progress=bar.tick)
+    c = repo.get_commit(commit)
+    params = c.operation.parameters
+    if as_json:
+        emit_json({"commit": commit, "source": source, "tilt_series": params["tilt_series"],
+                   "species": params["species"]})
     else:
         click.echo(f"[{short(commit)}] {c.message}")
 

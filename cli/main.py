@@ -14,7 +14,7 @@ import click
 from cryopool.repo import Repository
 from cryopool.repo.version import __version__
 
-from . import demo, history, importing, maintenance, merge_cmd, refine_cmd, refs_cmds, remote_cmds, serve_cmd, simulate_cmd
+from . import demo, export_cmd, history, importing, maintenance, merge_cmd, refine_cmd, refs_cmds, remote_cmds, serve_cmd, simulate_cmd
 from .common import Context, emit_json, handle_errors, json_option
 
 __all__ = ["cli", "main"]
@@ -53,7 +53,7 @@ def init(directory: str, initial_branch: str, compression_level: int, as_json: b
         click.echo(f"Initialised empty cryopool repository in {repo.root} (branch '{initial_branch}')")
 
 
-for _module in (importing, history, refs_cmds, merge_cmd, remote_cmds, serve_cmd, maintenance, simulate_cmd, refine_cmd,
+for _module in (importing, export_cmd, history, refs_cmds, merge_cmd, remote_cmds, serve_cmd, maintenance, simulate_cmd, refine_cmd,
                 demo):
     for _command in _module.COMMANDS:
         cli.add_command(_command)

@@ -102,7 +102,8 @@ def render_tilt_series(species: list[tuple[VolumeTransform, ParticleSet]], geom:
 
 def _tilt(imaging: Imaging, i: int) -> Imaging:
     return Imaging(imaging.defocus_u_angstrom[i], imaging.defocus_v_angstrom[i], imaging.defocus_angle_deg[i],
-                   imaging.voltage_kv, imaging.spherical_aberration_mm, imaging.amplitude_contrast)
+                   imaging.voltage_kv, imaging.spherical_aberration_mm, imaging.amplitude_contrast,
+                   imaging.handedness)
 
 
 def reconstruct_half_maps(stack: torch.Tensor, geom: TiltGeometry, imaging: Imaging, particles: ParticleSet,

@@ -60,7 +60,7 @@ def load_item(repo: Repository, item: TiltSeries, *, with_stack: bool = True) ->
         image_warp=_grid(repo, deformation.image_warp), volume_warp=_grid(repo, deformation.volume_warp))
     model = Imaging(_array(repo, imaging.defocus_u_angstrom), _array(repo, imaging.defocus_v_angstrom),
                     _array(repo, imaging.defocus_angle_deg), item.voltage_kv, item.spherical_aberration_mm,
-                    item.amplitude_contrast)
+                    item.amplitude_contrast, float(item.handedness))
     stack = torch.from_numpy(stack_array.read().astype(np.float32)) if with_stack else torch.empty(0)
     return ItemModel(stack, geometry, model, pre, exposure)
 

@@ -178,8 +178,8 @@ def _ctf_terms(model: _Model, k: int, fixed: _Fixed, weights: tuple[torch.Tensor
     """Per-tilt sums of the target for one batch, given its CTF-independent part."""
     s = model.species[k]
     dtype = fixed.boxes.real.dtype
-    du = imaging.defocus_u_angstrom + fixed.z
-    dv = imaging.defocus_v_angstrom + fixed.z
+    du = imaging.defocus_u_angstrom + imaging.handedness * fixed.z
+    dv = imaging.defocus_v_angstrom + imaging.handedness * fixed.z
     if defocus_offset is not None:
         du, dv = du + defocus_offset, dv + defocus_offset
     ctf = ctf_2d(du.to(dtype), dv.to(dtype), imaging.defocus_angle_deg.expand_as(du).to(dtype),

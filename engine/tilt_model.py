@@ -66,6 +66,7 @@ class Imaging:
     voltage_kv: float
     spherical_aberration_mm: float
     amplitude_contrast: float
+    handedness: float = 1.0  # RELION's rlnTomoHand: defocus = tilt defocus + handedness × height
 
 
 def _volume_warp(geom: TiltGeometry, positions: torch.Tensor) -> torch.Tensor:
@@ -108,5 +109,6 @@ def particle_rotations_in_tilts(geom: TiltGeometry, orientations: torch.Tensor) 
 
 def particle_defocus(imaging: Imaging, heights_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per particle-tilt defocus U, V (Å) and angle from the tilt's defocus plus the particle's height."""
-    return (imaging.defocus_u_angstrom + heights_angstrom, imaging.defocus_v_angstrom + heights_angstrom,
+    dz = imaging.handedness * heights_angstrom
+    return (imaging.defocus_u_angstrom + dz, imaging.defocus_v_angstrom + dz,
             imaging.defocus_angle_deg.expand_as(heights_angstrom))

@@ -19,15 +19,15 @@ import blake3
 import numpy as np
 
 from .canonical import Ref
-from .errors import FormatError, InvalidInputError, NotFoundError
+from .errors import InvalidInputError, NotFoundError
 from .formats.mrc import finite_check, read_mrc, read_mrc_header
-from .formats.star import numeric_column, read_star_blocks, require_table, string_column
 from .formats.tilts import dose_symmetric_order, parse_tilt_range, pre_exposure, read_mdoc, read_tlt
 from .hashing import ObjectId
 from .population import find_item, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
+from .star_particles import read_star_particles
 
 __all__ = ["import_tilt_series", "import_species", "file_blake3", "stable_particle_ids", "validate_symmetry"]
 
@@ -266,55 +266,20 @@ class _Particles:
 
 
 def _read_particles(repo: Repository, population: Population, path: Path) -> _Particles:
-    blocks = read_star_blocks(path)
-    block, table = require_table(blocks, path, ("particles", ""))
-    if len(table) == 0:
-        raise FormatError("particle table is empty", path=str(path), field=f"data_{block}")
-    tomo = string_column(table, "rlnTomoName", path, block)
-    subtomo = [c for c in ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTomoSubtomogramPsi") if c in table]
-    if subtomo:
-        raise InvalidInputError("orientations relative to subtomogram frames are not supported by this importer",
-                                path=str(path), field=f"data_{block}/_{subtomo[0]}",
-                                hint="give absolute rlnAngleRot/Tilt/Psi")
-    keys, refs, items = [], {}, {}
-    for row, name in enumerate(tomo, 1):
-        if name not in items:
-            try:
-                items[name] = find_item(repo, population, name)
-            except (NotFoundError, InvalidInputError) as exc:
-                raise InvalidInputError(f"particle refers to an unknown item ({exc.message})", path=str(path),
-                                        field=f"data_{block}/_rlnTomoName row {row}", found=name) from None
-        key, ref = items[name]
-        keys.append(key)
-        refs[key] = ref
-    if all(f"rlnCenteredCoordinate{a}Angst" in table for a in "XYZ"):
-        pos = np.stack([numeric_column(table, f"rlnCenteredCoordinate{a}Angst", path, block) for a in "XYZ"], 1)
-    elif all(f"rlnCoordinate{a}" in table for a in "XYZ"):
-        px = np.stack([numeric_column(table, f"rlnCoordinate{a}", path, block) for a in "XYZ"], 1)
-        pos = np.empty_like(px)
-        for i, key in enumerate(keys):  # corner-origin pixels of the tomogram -> centred Å
-            ts = repo.get_record(refs[key], TiltSeries)
-            pos[i] = (px[i] - np.asarray(ts.tomogram_size_px, float) / 2.0) * ts.pixel_size_angstrom
-    else:
-        raise FormatError("missing coordinate columns", path=str(path), field=f"data_{block}",
-                          expected="_rlnCenteredCoordinateX/Y/ZAngst (or _rlnCoordinateX/Y/Z)",
-                          found=sorted(table.columns)[:12])
-    if all(f"rlnOrigin{a}Angst" in table for a in "XYZ"):
-        pos = pos - np.stack([numeric_column(table, f"rlnOrigin{a}Angst", path, block) for a in "XYZ"], 1)
-    angles = np.stack([numeric_column(table, c, path, block) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], 1)
-    if "rlnRandomSubset" in table:
-        halves = numeric_column(table, "rlnRandomSubset", path, block)
-        bad = ~np.isin(halves, (1, 2))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0]) + 1
-            raise InvalidInputError("half-set must be 1 or 2", path=str(path),
-                                    field=f"data_{block}/_rlnRandomSubset row {row}", found=halves[row - 1])
-        halves = halves.astype(np.uint8)
-    else:
-        halves = (np.arange(len(table)) % 2 + 1).astype(np.uint8)  # alternate, deterministically
-    scores = (numeric_column(table, "rlnMaxValueProbDistribution", path, block) if "rlnMaxValueProbDistribution"
-              in table else np.full(len(table), np.nan)).astype(np.float32)
-    return _Particles(keys, refs, pos, angles, halves, scores)
+    items: dict[str, tuple[str, Ref]] = {}
+
+    def lookup(name: str) -> dict | None:
+        try:
+            key, ref = find_item(repo, population, name)
+        except (NotFoundError, InvalidInputError):
+            return None
+        items[name] = (key, ref)
+        ts = repo.get_record(ref, TiltSeries)
+        return {"pixel": ts.pixel_size_angstrom, "size_px": ts.tomogram_size_px}
+    parts = read_star_particles(path, lookup)
+    keys = [items[name][0] for name in parts.tomo_names]
+    refs = {key: ref for key, ref in items.values()}
+    return _Particles(keys, refs, parts.positions, parts.angles, parts.half_sets, parts.scores)
 
 
 def _read_map(path: Path, what: str):

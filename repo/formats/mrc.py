@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
-__all__ = ["MrcData", "read_mrc", "read_mrc_header", "finite_check"]
+__all__ = ["MrcData", "read_mrc", "read_mrc_header", "finite_check", "write_mrc"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,21 @@ def read_mrc(path: str | Path, *, check_finite: bool = True, mmap: bool = False)
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
     return MrcData(data=data, voxel_size_angstrom=voxel, labels=labels, file_bytes=file_bytes)
+
+
+def write_mrc(path: str | Path, data: np.ndarray, voxel_size_angstrom: float, *, stack: bool = False) -> None:
+    """A float32 MRC file (a volume, or an image stack with ``stack``) with its voxel size and a zero origin.
+
+    Maps follow RELION's convention: the centre of the box is voxel ``n // 2`` and
+    the header origin is 0, so ChimeraX and RELION place them the same way.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+        if stack:
+            mrc.set_image_stack()
+        mrc.voxel_size = float(voxel_size_angstrom)
+        mrc.header.origin = (0.0, 0.0, 0.0)
+        mrc.update_header_stats()
+    tmp.replace(path)

@@ -15,7 +15,7 @@ import starfile
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
-__all__ = ["read_star_blocks", "require_table", "numeric_column", "string_column"]
+__all__ = ["read_star_blocks", "require_table", "numeric_column", "string_column", "write_star"]
 
 
 def read_star_blocks(path: str | Path) -> dict[str, pd.DataFrame | dict]:
@@ -67,3 +67,28 @@ def string_column(table: pd.DataFrame, column: str, path, block: str) -> list[st
         raise FormatError("missing column", path=str(path), field=f"data_{block}/_{column}",
                           expected=f"column _{column}", found=sorted(table.columns)[:12])
     return [str(v) for v in table[column].tolist()]
+
+
+def _cell(value) -> object:
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))  # the shortest text that reads back to the same float64
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return value
+
+
+def write_star(path: str | Path, blocks: dict[str, pd.DataFrame | dict]) -> None:
+    """Write STAR blocks (loops from data frames, single values from dicts) with floats that read back exactly.
+
+    The file is written to a temporary name and renamed, so a reader never sees half a table.
+    """
+    path = Path(path)
+    out: dict[str, pd.DataFrame | dict] = {}
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame):
+            out[name] = pd.DataFrame({c: [_cell(v) for v in block[c].tolist()] for c in block.columns})
+        else:
+            out[name] = {k: _cell(v) for k, v in block.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    starfile.write(out, tmp, overwrite=True)
+    tmp.replace(path)

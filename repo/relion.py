@@ -1,0 +1,629 @@
+"""RELION 5 tomography projects in and out: tomograms.star, per-tilt-series STAR, particles.star, optimisation sets.
+
+The conventions are RELION 5's own (``Tomogram::setProjectionMatrix``,
+``ParticleSet::getMatrix3x3``/``getParticleCoordDecenteredPixel``); docs/conventions.md
+states each with a worked example.
+
+* Tilt ``i`` projects a specimen point ``p`` (pixels, corner origin) to
+  ``Rz(zrot) Ry(ytilt) Rx(xtilt) (p − ⌊size/2⌋) + ⌊image/2⌋ + shift/px``. Ours is
+  ``Rz(axis + ωz) Ry(θ + ωy) Rx(ωx)`` with θ = ``rlnTomoNominalStageTiltAngle`` and
+  axis = the first tilt's ``rlnTomoNominalTiltAxisAngle``, so ``ωx = xtilt``,
+  ``ωy = ytilt − θ``, ``ωz = zrot − axis``; shifts are the same Å.
+* Particles: see ``star_particles`` (centred Å about ``⌊size/2⌋``, subtomogram frames).
+* Defocus ``rlnDefocusU/V`` (Å) is the tilt's, at the tomogram centre; a
+  particle adds ``rlnTomoHand × height``.
+
+Export inverts every conversion exactly (to the last bit: ``_exact_inverse`` for
+angles, a rounding residual in ``rlnOrigin*Angst`` for positions), so
+import → export → import reproduces the same objects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .canonical import Ref
+from .errors import FormatError, InvalidInputError, NotFoundError
+from .formats.mrc import finite_check, read_mrc, read_mrc_header, write_mrc
+from .formats.star import numeric_column, read_star_blocks, require_table, string_column, write_star
+from .hashing import ObjectId
+from .importers import file_blake3, stable_particle_ids, validate_symmetry
+from .population import item_key, iter_items, with_item, with_species
+from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
+                      TiltSeries, validate_name)
+from .repository import Repository, software_version
+from .star_particles import read_star_particles, same_pixel
+
+__all__ = ["import_relion", "export_relion"]
+
+Progress = Callable[[int], None] | None
+_SECTION = re.compile(r"^(\d+)@(.+)$")
+
+
+# --------------------------------------------------------------------------- small conversions
+
+
+def _exact_inverse(target: np.ndarray, guess: np.ndarray, forward: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``x`` near ``guess`` with ``forward(x) == target`` bit for bit, where one exists within a few ulps.
+
+    Import computes ``target = forward(x)`` in floating point; export writes ``x``.
+    Searching the neighbouring floats makes the round trip exact, so re-importing
+    an export gives identical hashes.
+    """
+    x = np.array(guess, dtype=np.float64, copy=True)
+    target = np.asarray(target, dtype=np.float64)
+    for _ in range(8):
+        miss = forward(x) != target
+        if not miss.any():
+            break
+        low = forward(x) < target
+        x = np.where(miss, np.where(low, np.nextafter(x, np.inf), np.nextafter(x, -np.inf)), x)
+    return x
+
+
+def _centre_offset(size_px: list[int], pixel: float) -> np.ndarray:
+    """Where RELION projects a centred coordinate minus the coordinate: half a pixel along odd axes."""
+    size = np.asarray(size_px, dtype=np.float64)
+    return (size / 2 - np.floor(size / 2)) * pixel
+
+
+def _resolve(name: str, referrer: Path, field: str) -> Path:
+    """A path from a STAR file: absolute, or relative to the project directory (an ancestor of the referrer)."""
+    p = Path(name)
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [d / p for d in [referrer.parent, *referrer.resolve().parent.parents]] + [Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise NotFoundError("file named in a STAR file not found", path=str(referrer), field=field, found=name,
+                        hint="paths are looked up relative to the STAR file's folder and its parents "
+                             "(RELION writes them relative to the project directory)")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _TiltSeriesIn:
+    name: str
+    star: Path
+    pixel: float
+    voltage: float
+    cs: float
+    amplitude_contrast: float
+    hand: int
+    size_px: list[int] | None
+    images: list[tuple[Path, int]]  # per tilt: file and 0-based section
+    nominal_tilt: np.ndarray
+    axis: float
+    corrections: np.ndarray  # (n, 3) about x, y, z
+    shifts: np.ndarray  # (n, 2) Å
+    defocus_u: np.ndarray
+    defocus_v: np.ndarray
+    defocus_angle: np.ndarray
+    pre_exposure: np.ndarray
+    exposure: np.ndarray
+
+
+def _row_value(table: pd.DataFrame, column: str, row: int, path: Path, block: str) -> float:
+    return float(numeric_column(table, column, path, block)[row])
+
+
+def _images(tomo: str, global_row: pd.Series, tilts: pd.DataFrame, tomograms: Path, ts_star: Path,
+            block: str) -> list[tuple[Path, int]]:
+    n = len(tilts)
+    stack_name = global_row.get("rlnTomoTiltSeriesName")
+    if isinstance(stack_name, str) and stack_name.strip():
+        stack = _resolve(re.sub(r":mrcs?$", "", stack_name.strip()), tomograms,
+                         f"data_global/_rlnTomoTiltSeriesName ({tomo})")
+        return [(stack, i) for i in range(n)]
+    names = string_column(tilts, "rlnMicrographName", ts_star, block)
+    out = []
+    for row, name in enumerate(names, 1):
+        hit = _SECTION.match(name.strip())
+        field = f"data_{block}/_rlnMicrographName row {row}"
+        if hit:
+            if int(hit.group(1)) < 1:
+                raise FormatError("image sections count from 1", path=str(ts_star), field=field, found=name)
+            out.append((_resolve(hit.group(2), ts_star, field), int(hit.group(1)) - 1))
+        else:
+            out.append((_resolve(name.strip(), ts_star, field), 0))
+    return out
+
+
+def _exposures(pre: np.ndarray, fractional: float | None, path: Path) -> np.ndarray:
+    if fractional is not None:
+        return np.full(len(pre), fractional)
+    if len(pre) < 2:
+        raise InvalidInputError("the dose per tilt is unknown", path=str(path),
+                                field="data_global/_rlnTomoImportFractionalDose")
+    order = np.argsort(pre, kind="stable")
+    steps = np.diff(pre[order])
+    exposure = np.empty(len(pre))
+    exposure[order[:-1]] = steps
+    exposure[order[-1]] = steps[-1]
+    return exposure
+
+
+def _read_tomograms(path: Path) -> list[_TiltSeriesIn]:
+    blocks = read_star_blocks(path)
+    block, table = require_table(blocks, path, ("global", ""))
+    if len(table) == 0:
+        raise FormatError("no tilt series listed", path=str(path), field=f"data_{block}")
+    names = string_column(table, "rlnTomoName", path, block)
+    ts_files = string_column(table, "rlnTomoTiltSeriesStarFile", path, block)
+    pixel_col = "rlnTomoTiltSeriesPixelSize" if "rlnTomoTiltSeriesPixelSize" in table else "rlnMicrographOriginalPixelSize"
+    pixels = numeric_column(table, pixel_col, path, block)
+    volt = numeric_column(table, "rlnVoltage", path, block)
+    cs = numeric_column(table, "rlnSphericalAberration", path, block)
+    ac = numeric_column(table, "rlnAmplitudeContrast", path, block)
+    hand = numeric_column(table, "rlnTomoHand", path, block) if "rlnTomoHand" in table else np.ones(len(table))
+    sizes = (np.stack([numeric_column(table, f"rlnTomoSize{a}", path, block) for a in "XYZ"], 1)
+             if all(f"rlnTomoSize{a}" in table for a in "XYZ") else None)
+    frac = (numeric_column(table, "rlnTomoImportFractionalDose", path, block)
+            if "rlnTomoImportFractionalDose" in table else None)
+    out = []
+    for row, tomo in enumerate(names):
+        where = f"data_{block} row {row + 1}"
+        validate_name(tomo, "tilt series (rlnTomoName)")
+        if names.count(tomo) > 1:
+            raise InvalidInputError("tilt series listed twice", path=str(path), field=f"{where}/_rlnTomoName",
+                                    found=tomo)
+        if not pixels[row] > 0:
+            raise InvalidInputError("pixel size must be > 0", path=str(path), field=f"{where}/_{pixel_col}",
+                                    found=pixels[row])
+        if hand[row] not in (1, -1):
+            raise InvalidInputError("handedness must be 1 or -1", path=str(path), field=f"{where}/_rlnTomoHand",
+                                    found=hand[row])
+        size = None
+        if sizes is not None:
+            if (sizes[row] <= 0).any() or (sizes[row] != np.round(sizes[row])).any():
+                raise InvalidInputError("tomogram size must be positive whole pixels", path=str(path),
+                                        field=f"{where}/_rlnTomoSizeX/Y/Z", found=sizes[row].tolist())
+            size = [int(v) for v in sizes[row]]
+        ts_star = _resolve(ts_files[row], path, f"{where}/_rlnTomoTiltSeriesStarFile")
+        tblocks = read_star_blocks(ts_star)
+        tblock, tilts = require_table(tblocks, ts_star, (tomo, ""))
+        if len(tilts) == 0:
+            raise FormatError("tilt-series table is empty", path=str(ts_star), field=f"data_{tblock}")
+
+        def col(name: str, default: np.ndarray | None = None) -> np.ndarray:
+            if default is not None and name not in tilts:
+                return default
+            return numeric_column(tilts, name, ts_star, tblock)
+        xtilt, ytilt, zrot = col("rlnTomoXTilt"), col("rlnTomoYTilt"), col("rlnTomoZRot")
+        nominal = col("rlnTomoNominalStageTiltAngle", ytilt)
+        axis = float(col("rlnTomoNominalTiltAxisAngle", zrot)[0])
+        pre = col("rlnMicrographPreExposure")
+        if (pre < 0).any():
+            bad = int(np.flatnonzero(pre < 0)[0]) + 1
+            raise InvalidInputError("pre-exposure must be >= 0", path=str(ts_star),
+                                    field=f"data_{tblock}/_rlnMicrographPreExposure row {bad}", found=pre[bad - 1])
+        du, dv = col("rlnDefocusU"), col("rlnDefocusV")
+        out.append(_TiltSeriesIn(
+            name=tomo, star=ts_star, pixel=float(pixels[row]), voltage=float(volt[row]), cs=float(cs[row]),
+            amplitude_contrast=float(ac[row]), hand=int(hand[row]), size_px=size,
+            images=_images(tomo, table.iloc[row], tilts, path, ts_star, tblock),
+            nominal_tilt=nominal, axis=axis,
+            corrections=np.stack([xtilt, ytilt - nominal, zrot - axis], 1),
+            shifts=np.stack([col("rlnTomoXShiftAngst"), col("rlnTomoYShiftAngst")], 1),
+            defocus_u=du, defocus_v=dv, defocus_angle=col("rlnDefocusAngle", np.zeros(len(tilts))),
+            pre_exposure=pre, exposure=_exposures(pre, None if frac is None else float(frac[row]), path)))
+    return out
+
+
+def _stack(ts: _TiltSeriesIn) -> np.ndarray:
+    """The tilt images in STAR row order: one memory map when they are a whole stack in order, else a copy."""
+    files = {p for p, _ in ts.images}
+    n = len(ts.images)
+    if len(files) == 1 and [s for _, s in ts.images] == list(range(n)):
+        path = ts.images[0][0]
+        shape, voxel, _ = read_mrc_header(path)
+        _check_stack_pixel(ts, path, voxel[0])
+        if shape[0] != n:
+            raise InvalidInputError("tilt count differs between STAR file and image stack", path=str(ts.star),
+                                    field="rows", expected=f"{shape[0]} (sections in {path.name})", found=n)
+        return read_mrc(path, mmap=True, check_finite=False).data
+    images, cache = [], {}
+    for path, section in ts.images:
+        if path not in cache:
+            m = read_mrc(path)
+            _check_stack_pixel(ts, path, m.voxel_size_angstrom[0])
+            cache[path] = m.data
+        data = cache[path]
+        if section >= data.shape[0]:
+            raise InvalidInputError("image section beyond the end of the stack", path=str(ts.star),
+                                    field="rlnMicrographName", expected=f"<= {data.shape[0]}", found=section + 1)
+        images.append(data[section])
+    if len({im.shape for im in images}) != 1:
+        raise InvalidInputError("tilt images differ in size", path=str(ts.star), field="rlnMicrographName")
+    return np.stack(images).astype(np.float32)
+
+
+def _check_stack_pixel(ts: _TiltSeriesIn, path: Path, header: float) -> None:
+    if header > 0 and not np.isclose(header, 1.0) and not same_pixel(header, ts.pixel):
+        raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
+                                expected=f"{ts.pixel} Å (rlnTomoTiltSeriesPixelSize of {ts.name})",
+                                found=f"{header} Å")
+
+
+@dataclass(frozen=True)
+class _OptimisationSet:
+    path: Path
+    tomograms: Path | None
+    particles: Path | None
+    half_maps: tuple[Path, Path] | None
+    mask: Path | None
+    species: str | None
+    diameter: float | None
+    symmetry: str | None
+
+
+def _read_optimisation_set(path: Path) -> _OptimisationSet:
+    blocks = read_star_blocks(path)
+    values: dict = {}
+    for block in blocks.values():
+        if isinstance(block, dict):
+            values.update(block)
+    if "rlnTomoTomogramsFile" not in values and "rlnTomoParticlesFile" not in values:
+        raise FormatError("not an optimisation set", path=str(path),
+                          expected="_rlnTomoTomogramsFile and/or _rlnTomoParticlesFile")
+
+    def file(label: str) -> Path | None:
+        v = values.get(label)
+        return None if v in (None, "") else _resolve(str(v), path, f"_{label}")
+    maps = (file("rlnTomoReferenceMap1File"), file("rlnTomoReferenceMap2File"))
+    diameter = values.get("cryopoolDiameterAngst")
+    return _OptimisationSet(
+        path=path, tomograms=file("rlnTomoTomogramsFile"), particles=file("rlnTomoParticlesFile"),
+        half_maps=maps if all(maps) else None, mask=file("rlnTomoReferenceMaskFile"),
+        species=values.get("cryopoolSpecies"), diameter=None if diameter is None else float(diameter),
+        symmetry=values.get("cryopoolSymmetry"))
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _default_size(shape: tuple[int, ...]) -> list[int]:
+    _, h, w = shape
+    return [w, h, max(2, (w // 4) // 2 * 2)]
+
+
+def import_relion(
+    repo: Repository,
+    paths: list[str | Path],
+    *,
+    source: str,
+    species: str | None = None,
+    diameter_angstrom: float | None = None,
+    symmetry: str | None = None,
+    half_maps: tuple[str | Path, str | Path] | None = None,
+    mask: str | Path | None = None,
+    branch: str | None = None,
+    message: str | None = None,
+    progress: Progress = None,
+) -> ObjectId:
+    """Import RELION 5 optimisation sets (or tomograms.star files) into data source ``source``; one commit.
+
+    Each optimisation set brings its tilt series and, with a particles file and
+    half-maps, one species. Tilt series already in ``source`` with identical
+    content are reused; a different one under the same name is refused.
+    ``species``/``diameter_angstrom``/``symmetry``/``half_maps``/``mask`` override
+    what an optimisation set says (and are needed where it says nothing).
+    """
+    validate_name(source, "data source")
+    sets: list[_OptimisationSet] = []
+    for p in map(Path, paths):
+        blocks = read_star_blocks(p)
+        if any(isinstance(b, pd.DataFrame) and "rlnTomoTiltSeriesStarFile" in b for b in blocks.values()):
+            sets.append(_OptimisationSet(p, p, None, None, None, None, None, None))
+        else:
+            sets.append(_read_optimisation_set(p))
+    with_species_sets = [s for s in sets if s.particles is not None]
+    if (species or half_maps or mask or diameter_angstrom) and len(with_species_sets) != 1:
+        raise InvalidInputError("species options need exactly one optimisation set with a particles file",
+                                found=len(with_species_sets))
+    # tilt series: read and check everything before writing
+    tilt_series: dict[str, _TiltSeriesIn] = {}
+    for s in sets:
+        if s.tomograms is None:
+            continue
+        for ts in _read_tomograms(s.tomograms):
+            if ts.name in tilt_series and tilt_series[ts.name].star.resolve() != ts.star.resolve():
+                raise InvalidInputError("two tomograms files define the same tilt series", path=str(s.tomograms),
+                                        field="rlnTomoName", found=ts.name)
+            tilt_series[ts.name] = ts
+    stacks = {name: _stack(ts) for name, ts in tilt_series.items()}
+    tip = repo.refs.read(repo.branch_ref(branch))
+    base = repo.population(tip) if tip is not None else None
+    existing = {key.split("/", 1)[1]: (ref, item) for key, ref, item in (iter_items(repo, base) if base else [])
+                if key.startswith(source + "/")}
+    known = {name: {"pixel": ts.pixel, "size_px": ts.size_px or _default_size(stacks[name].shape)}
+             for name, ts in tilt_series.items()}
+    for name, (_, item) in existing.items():
+        known.setdefault(name, {"pixel": item.pixel_size_angstrom, "size_px": item.tomogram_size_px})
+    species_in = []
+    for s in with_species_sets:
+        name = species or s.species
+        if name is None:
+            raise InvalidInputError("the species needs a name", path=str(s.path), hint="pass --species NAME")
+        validate_name(name, "species")
+        diameter = diameter_angstrom if diameter_angstrom is not None else s.diameter
+        if diameter is None or not diameter > 0:
+            raise InvalidInputError("the particle diameter is unknown", path=str(s.path), field="diameter",
+                                    hint="pass --diameter (Å)", found=diameter)
+        maps_paths = tuple(map(Path, half_maps)) if half_maps else s.half_maps
+        if maps_paths is None:
+            raise InvalidInputError("the optimisation set names no half-maps", path=str(s.path),
+                                    field="_rlnTomoReferenceMap1File/_rlnTomoReferenceMap2File",
+                                    hint="pass --half1 and --half2")
+        mask_path = Path(mask) if mask else s.mask
+        maps = [read_mrc(p) for p in (*maps_paths, *([mask_path] if mask_path else []))]
+        for p, m in zip((*maps_paths, mask_path), maps):
+            if m.data.ndim != 3 or len(set(m.data.shape)) != 1 or m.data.shape != maps[0].data.shape:
+                raise InvalidInputError("maps must be cubic and of one size", path=str(p), field="shape",
+                                        expected=f"{maps[0].data.shape}", found=m.data.shape)
+            if not same_pixel(m.voxel_size_angstrom[0], maps[0].voxel_size_angstrom[0]):
+                raise InvalidInputError("map pixel sizes differ", path=str(p), field="voxel size",
+                                        expected=maps[0].voxel_size_angstrom[0], found=m.voxel_size_angstrom[0])
+        if mask_path and (maps[2].data.min() < -1e-6 or maps[2].data.max() > 1 + 1e-6):
+            raise InvalidInputError("mask values must lie in [0, 1]", path=str(mask_path), field="data")
+        if not maps[0].voxel_size_angstrom[0] > 0:
+            raise InvalidInputError("the half-map has no pixel size", path=str(maps_paths[0]), field="voxel size")
+        parts = read_star_particles(s.particles, known.get)
+        species_in.append((name, float(diameter), validate_symmetry(symmetry or s.symmetry or "C1"), s, maps,
+                           maps_paths, mask_path, parts))
+
+    files = {}
+    for s in sets:
+        for label, p in (("optimisation_set", s.path), ("tomograms", s.tomograms), ("particles", s.particles)):
+            if p is not None:
+                files[str(p)] = {"role": label, "blake3": file_blake3(p), "bytes": p.stat().st_size}
+    with repo.transaction() as tx:
+        item_refs: dict[str, Ref] = {}
+        for name, ts in tilt_series.items():
+            data = stacks[name]
+            n, h, w = data.shape
+            chunks = (1, h, w) if h * w * data.itemsize <= 1 << 24 else None
+            deformation = DeformationModel(tilt_shifts_angstrom=tx.put_array(ts.shifts),
+                                           tilt_angle_corrections_deg=tx.put_array(ts.corrections))
+            imaging = ImagingModel(defocus_u_angstrom=tx.put_array(ts.defocus_u),
+                                   defocus_v_angstrom=tx.put_array(ts.defocus_v),
+                                   defocus_angle_deg=tx.put_array(ts.defocus_angle))
+            item = TiltSeries(
+                name=name, stack=tx.put_array(data, chunks=chunks, progress=progress,
+                                              check=finite_check(ts.images[0][0])),
+                pixel_size_angstrom=ts.pixel, voltage_kv=ts.voltage, spherical_aberration_mm=ts.cs,
+                amplitude_contrast=ts.amplitude_contrast, tilt_axis_angle_deg=ts.axis,
+                tilt_angles_deg=[float(a) for a in ts.nominal_tilt],
+                exposure_e_per_angstrom2=[float(e) for e in ts.exposure],
+                pre_exposure_e_per_angstrom2=[float(e) for e in ts.pre_exposure],
+                tomogram_size_px=list(known[name]["size_px"]), deformation=tx.put_record(deformation),
+                imaging=tx.put_record(imaging), handedness=ts.hand,
+                metadata={"acquisition_order": [int(i) for i in np.argsort(ts.pre_exposure, kind="stable")]})
+            ref = tx.put_record(item)
+            if name in existing and existing[name][0] != ref:
+                raise InvalidInputError("the data source already has a different tilt series of this name",
+                                        path=str(ts.star), field="rlnTomoName", found=f"{source}/{name}",
+                                        hint="import into another --source")
+            item_refs[name] = ref
+        for name, (ref, _) in existing.items():
+            item_refs.setdefault(name, ref)
+        species_refs = []
+        for name, diameter, sym, s, maps, maps_paths, mask_path, parts in species_in:
+            keys = [item_key(source, t) for t in parts.tomo_names]
+            item_names = sorted(set(keys))
+            n = len(keys)
+            table = ParticleTable(count=n, temporal_samples=1, item_names=item_names, columns={
+                "particle_id": tx.put_array(stable_particle_ids(name, keys, parts.positions)),
+                "item_index": tx.put_array(np.array([item_names.index(k) for k in keys], dtype=np.int32)),
+                "position_angstrom": tx.put_array(parts.positions.reshape(n, 1, 3)),
+                "orientation_deg": tx.put_array(parts.angles.reshape(n, 1, 3)),
+                "half_set": tx.put_array(parts.half_sets),
+                "score": tx.put_array(parts.scores)})
+            record = Species(
+                name=name, symmetry=sym, diameter_angstrom=diameter,
+                pixel_size_angstrom=float(maps[0].voxel_size_angstrom[0]),
+                half_map_1=tx.put_array(maps[0].data.astype(np.float32)),
+                half_map_2=tx.put_array(maps[1].data.astype(np.float32)),
+                mask=tx.put_array(maps[2].data.astype(np.float32)) if mask_path else None,
+                particles=tx.put_record(table), metrics=Metrics(),
+                reconstructed_from=[item_refs[k.split("/", 1)[1]] for k in item_names])
+            species_refs.append(tx.put_record(record))
+            for p in (*maps_paths, *([mask_path] if mask_path else [])):
+                files[str(p)] = {"role": f"map of {name}", "blake3": file_blake3(p), "bytes": p.stat().st_size}
+        inputs = {f"star:{Path(k).name}": tx.put_blob(Path(k).read_bytes()) for k, v in files.items()
+                  if not v["role"].startswith("map")}
+        operation = Operation(kind="import", software=software_version(), inputs=inputs, parameters={
+            "what": "relion5", "source": source, "files": files, "tilt_series": sorted(tilt_series),
+            "species": [x[0] for x in species_in]})
+
+        def update(pop: Population | None) -> Population:
+            pop = pop or Population(name="population")
+            for name in tilt_series:
+                if name not in existing:  # an identical one already there is reused
+                    pop = with_item(tx, pop, source, name, item_refs[name])
+            for ref in species_refs:
+                pop = with_species(tx, pop, ref)
+            return pop
+
+        what = ", ".join(filter(None, [f"{len(tilt_series)} tilt series" if tilt_series else "",
+                                       *[f"species {x[0]} ({len(x[7].tomo_names)} particles)" for x in species_in]]))
+        return tx.commit(update, message=message or f"Import RELION 5 project into {source}: {what}",
+                         operation=operation, branch=branch)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _tomo_names(keys: list[str]) -> dict[str, str]:
+    """RELION names for items: the item name, or ``source_item`` where two sources share a name."""
+    items = [k.split("/", 1)[1] for k in keys]
+    return {k: (i if items.count(i) == 1 else k.replace("/", "_")) for k, i in zip(keys, items)}
+
+
+def _tilt_series_table(repo: Repository, item: TiltSeries, tomo: str, stack_name: str) -> pd.DataFrame:
+    deformation = repo.get_record(item.deformation, DeformationModel)
+    imaging = repo.get_record(item.imaging, ImagingModel)
+    n = item.n_tilts
+    corr = repo.get_array(deformation.tilt_angle_corrections_deg).read().reshape(n, 3)
+    shifts = repo.get_array(deformation.tilt_shifts_angstrom).read().reshape(n, 2)
+    theta = np.asarray(item.tilt_angles_deg, dtype=np.float64)
+    axis = float(item.tilt_axis_angle_deg)
+    # the values whose re-import gives back corr bit for bit
+    ytilt = _exact_inverse(corr[:, 1], theta + corr[:, 1], lambda y: y - theta)
+    zrot = _exact_inverse(corr[:, 2], axis + corr[:, 2], lambda z: z - axis)
+    return pd.DataFrame({
+        "rlnMicrographName": [f"{i + 1}@{stack_name}" for i in range(n)],
+        "rlnTomoNominalStageTiltAngle": theta,
+        "rlnTomoNominalTiltAxisAngle": np.full(n, axis),
+        "rlnMicrographPreExposure": np.asarray(item.pre_exposure_e_per_angstrom2, dtype=np.float64),
+        "rlnTomoXTilt": corr[:, 0], "rlnTomoYTilt": ytilt, "rlnTomoZRot": zrot,
+        "rlnTomoXShiftAngst": shifts[:, 0], "rlnTomoYShiftAngst": shifts[:, 1],
+        "rlnDefocusU": repo.get_array(imaging.defocus_u_angstrom).read().astype(np.float64),
+        "rlnDefocusV": repo.get_array(imaging.defocus_v_angstrom).read().astype(np.float64),
+        "rlnDefocusAngle": repo.get_array(imaging.defocus_angle_deg).read().astype(np.float64),
+        "rlnCtfScalefactor": np.ones(n),
+    })
+
+
+def export_relion(repo: Repository, rev: str, out: str | Path, *, species: list[str] | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Write the population at ``rev`` as a RELION 5 project in the new folder ``out``; returns a summary.
+
+    Layout: ``tomograms.star``, ``tilt_series/<tomo>.star`` + ``.mrcs``, and per species
+    ``<species>/particles.star``, ``half_map_1.mrc``, ``half_map_2.mrc``, ``mask.mrc``
+    and ``optimisation_set.star`` (RELION's ``--ios`` input). Every data source
+    goes into one project. Written into a temporary folder first: a failure
+    leaves nothing behind.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInputError("the export folder exists and is not empty", path=str(out),
+                                hint="choose a new folder; export never overwrites")
+    population = repo.population(repo.resolve(rev))
+    names = sorted(population.species) if species is None else list(species)
+    for name in names:
+        if name not in population.species:
+            raise NotFoundError(f"no species '{name}' at {rev}", expected=sorted(population.species))
+    items = {key: (ref, item) for key, ref, item in iter_items(repo, population)}
+    tomo = _tomo_names(sorted(items))
+    notes: list[str] = []
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        raise InvalidInputError("a previous export left a partial folder", path=str(staging),
+                                hint="remove it and export again")
+    (staging / "tilt_series").mkdir(parents=True)
+    try:
+        rows = []
+        for key in sorted(items):
+            ref, item = items[key]
+            name = tomo[key]
+            if progress:
+                progress(f"tilt series {key}")
+            stack_rel = f"tilt_series/{name}.mrcs"
+            write_mrc(staging / stack_rel, repo.get_array(item.stack).read(), item.pixel_size_angstrom, stack=True)
+            write_star(staging / f"tilt_series/{name}.star",
+                       {name: _tilt_series_table(repo, item, name, stack_rel)})
+            exposure = set(item.exposure_e_per_angstrom2)
+            if len(exposure) > 1:
+                notes.append(f"{key}: exposure differs between tilts; RELION keeps only pre-exposures, "
+                             "so the per-tilt exposure is re-derived from their differences on import")
+            if item.half_set_models:
+                notes.append(f"{key}: the per-half-set models of the gold-standard refinement are not exported "
+                             "(RELION has one model per tilt series); the item's shared model is")
+            rows.append({
+                "rlnTomoName": name, "rlnVoltage": item.voltage_kv,
+                "rlnSphericalAberration": item.spherical_aberration_mm,
+                "rlnAmplitudeContrast": item.amplitude_contrast,
+                "rlnMicrographOriginalPixelSize": item.pixel_size_angstrom,
+                "rlnTomoHand": int(item.handedness), "rlnTomoTiltSeriesPixelSize": item.pixel_size_angstrom,
+                "rlnTomoTiltSeriesStarFile": f"tilt_series/{name}.star",
+                "rlnTomoSizeX": item.tomogram_size_px[0], "rlnTomoSizeY": item.tomogram_size_px[1],
+                "rlnTomoSizeZ": item.tomogram_size_px[2],
+                **({"rlnTomoImportFractionalDose": exposure.pop()} if len(exposure) == 1 else {})})
+        if any("rlnTomoImportFractionalDose" not in r for r in rows):
+            for r in rows:
+                r.pop("rlnTomoImportFractionalDose", None)
+        write_star(staging / "tomograms.star", {"global": pd.DataFrame(rows)})
+        for name in names:
+            if progress:
+                progress(f"species {name}")
+            _export_species(repo, population, name, items, tomo, staging, notes)
+        staging.rename(out)
+    except BaseException:
+        _remove_tree(staging)
+        raise
+    return {"folder": str(out), "tilt_series": [tomo[k] for k in sorted(items)], "species": names, "notes": notes}
+
+
+def _export_species(repo: Repository, population: Population, name: str, items: dict, tomo: dict[str, str],
+                    root: Path, notes: list[str]) -> None:
+    sp = repo.get_record(population.species[name], Species)
+    table = repo.get_record(sp.particles, ParticleTable)
+    n = table.count
+    cols = {k: repo.get_array(v).read() for k, v in table.columns.items()}
+    if table.temporal_samples > 1:
+        notes.append(f"{name}: particle trajectories ({table.temporal_samples} samples) are written as their "
+                     "first sample; RELION's motion trajectories file is not written")
+    keys = [table.item_names[i] for i in cols["item_index"].astype(int)]
+    stored = cols["position_angstrom"].reshape(n, -1, 3)[:, 0].astype(np.float64)
+    offset = np.array([_centre_offset(items[k][1].tomogram_size_px, items[k][1].pixel_size_angstrom)
+                       for k in keys]).reshape(n, 3)
+    centred = stored - offset
+    # import computes (centred + offset) − origin; this origin is the rounding residual, so that is exact
+    origin = (centred + offset) - stored
+    angles = cols["orientation_deg"].reshape(n, -1, 3)[:, 0].astype(np.float64)
+    pixels = sorted({items[k][1].pixel_size_angstrom for k in keys})
+    group = {p: i + 1 for i, p in enumerate(pixels)}
+    sp_item = {k: items[k][1] for k in set(keys)}
+    optics = pd.DataFrame({
+        "rlnOpticsGroup": [group[p] for p in pixels], "rlnOpticsGroupName": [f"optics{group[p]}" for p in pixels],
+        "rlnVoltage": [next(i.voltage_kv for i in sp_item.values() if i.pixel_size_angstrom == p) for p in pixels],
+        "rlnSphericalAberration": [next(i.spherical_aberration_mm for i in sp_item.values()
+                                        if i.pixel_size_angstrom == p) for p in pixels],
+        "rlnAmplitudeContrast": [next(i.amplitude_contrast for i in sp_item.values()
+                                      if i.pixel_size_angstrom == p) for p in pixels],
+        "rlnTomoTiltSeriesPixelSize": pixels, "rlnImagePixelSize": [sp.pixel_size_angstrom] * len(pixels),
+        "rlnImageSize": [int(repo.get_array(sp.half_map_1).shape[0])] * len(pixels), "rlnImageDimensionality": 3})
+    particles = pd.DataFrame({
+        "rlnTomoName": [tomo[k] for k in keys],
+        "rlnTomoParticleName": [f"{tomo[k]}/{pid}" for k, pid in zip(keys, cols["particle_id"].tolist())],
+        "rlnCenteredCoordinateXAngst": centred[:, 0], "rlnCenteredCoordinateYAngst": centred[:, 1],
+        "rlnCenteredCoordinateZAngst": centred[:, 2],
+        **({f"rlnOrigin{a}Angst": origin[:, k] for k, a in enumerate("XYZ")} if origin.any() else {}),
+        "rlnAngleRot": angles[:, 0], "rlnAngleTilt": angles[:, 1], "rlnAnglePsi": angles[:, 2],
+        "rlnOpticsGroup": [group[items[k][1].pixel_size_angstrom] for k in keys],
+        "rlnRandomSubset": cols["half_set"].astype(int)})
+    if np.isfinite(cols["score"]).all():
+        particles["rlnMaxValueProbDistribution"] = cols["score"].astype(np.float64)
+    folder = root / name
+    folder.mkdir()
+    write_star(folder / "particles.star", {"general": {"rlnTomoSubTomosAre2DStacks": 0},
+                                            "optics": optics, "particles": particles})
+    for label, ref in (("half_map_1", sp.half_map_1), ("half_map_2", sp.half_map_2), ("mask", sp.mask)):
+        if ref is not None:
+            write_mrc(folder / f"{label}.mrc", repo.get_array(ref).read(), sp.pixel_size_angstrom)
+    values = {"rlnTomoParticlesFile": f"{name}/particles.star", "rlnTomoTomogramsFile": "tomograms.star",
+              "rlnTomoReferenceMap1File": f"{name}/half_map_1.mrc",
+              "rlnTomoReferenceMap2File": f"{name}/half_map_2.mrc",
+              **({"rlnTomoReferenceMaskFile": f"{name}/mask.mrc"} if sp.mask is not None else {}),
+              "cryopoolSpecies": name, "cryopoolDiameterAngst": sp.diameter_angstrom,
+              "cryopoolSymmetry": sp.symmetry}
+    write_star(folder / "optimisation_set.star", {"optimisation_set": values})
+
+
+def _remove_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    for p in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    path.rmdir()
