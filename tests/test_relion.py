@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -305,3 +306,25 @@ def test_bad_input_is_refused_clearly_and_writes_nothing(case, project, disk_rep
     message = str(info.value)
     assert where in message and what in message, message
     assert repo_state(disk_repo) == before
+
+
+def test_cli_import_and_export(project, tmp_path):
+    from click.testing import CliRunner
+
+    from cryopool.cli.main import cli
+    runner = CliRunner()
+    pop = str(tmp_path / "pop")
+
+    def invoke(*args):
+        result = runner.invoke(cli, ["-C", pop, *map(str, args)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output) if "--json" in args else result.output
+    assert runner.invoke(cli, ["init", pop]).exit_code == 0
+    out = invoke("import", "relion", project / "ribosome/optimisation_set.star", "--source", "labA",
+                 "--species", "ribosome", "--diameter", 250, "--json")
+    assert out["tilt_series"] == ["TS_A", "TS_B"] and out["species"] == ["ribosome"]
+    summary = invoke("export", "relion", tmp_path / "out", "--json")
+    assert summary["species"] == ["ribosome"] and (tmp_path / "out/ribosome/optimisation_set.star").is_file()
+    bad = runner.invoke(cli, ["-C", pop, "import", "relion", str(project / "tomograms.star"), "--source", "labA",
+                              "--half1", str(project / "ribosome/half1.mrc")])
+    assert bad.exit_code == 2 and "--half2" in bad.output
