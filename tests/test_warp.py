@@ -1,0 +1,106 @@
+"""Warp's tilt-series model in ours, against warpylib (the Warp authors' PyTorch port of it) on a real Warp XML."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from cryopool.engine.tilt_model import Imaging, TiltGeometry, particle_defocus, particle_positions_in_tilts
+from cryopool.repo import CryopoolError
+from cryopool.repo.warp import interpolating_to_bspline, read_warp_xml, warp_model
+from cryopool.engine.splines import interpolate_bspline_grid
+
+TS_1 = SHARED_DATA / "warp/TS_1.xml"
+
+
+class _Unusable(types.ModuleType):
+    """torch-projectors 0.13.1 wheels do not load under torch 2.13; warpylib's geometry never calls them."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(f"torch_projectors.{name} used by the geometry under test")
+
+
+@pytest.fixture(scope="module")
+def warpylib():
+    sys.modules.setdefault("torch_projectors", _Unusable("torch_projectors"))
+    return pytest.importorskip("warpylib")
+
+
+def _our_geometry(model: dict, pixel: float, volume_angstrom) -> tuple[TiltGeometry, Imaging]:
+    t = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
+    n = len(model["tilt_angles_deg"])
+    geom = TiltGeometry(
+        tilt_angles_deg=t(model["tilt_angles_deg"]), tilt_axis_angle_deg=model["tilt_axis_angle_deg"],
+        shifts_angstrom=t(model["shifts_angstrom"]), angle_corrections_deg=t(model["angle_corrections_deg"]),
+        image_size_px=model["image_size_px"], tomogram_size_angstrom=tuple(volume_angstrom), pixel_size_angstrom=pixel,
+        dose_time=torch.zeros(n, dtype=torch.float64), image_warp=t(model["image_warp"]),
+        volume_warp=t(model["volume_warp"]))
+    im = Imaging(t(model["defocus_u_angstrom"]), t(model["defocus_v_angstrom"]), t(model["defocus_angle_deg"]),
+                 model["voltage_kv"], model["spherical_aberration_mm"], model["amplitude_contrast"])
+    return geom, im
+
+
+def test_natural_spline_conversion_interpolates_the_nodes_exactly():
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(5, 4, 7))
+    c = interpolating_to_bspline(f)
+    idx = np.stack(np.meshgrid(*[np.linspace(0, 1, m) for m in f.shape], indexing="ij"), -1)
+    got = interpolate_bspline_grid(torch.from_numpy(c)[None], torch.from_numpy(idx)).squeeze(-1).numpy()
+    np.testing.assert_allclose(got, f, atol=1e-12)
+
+
+def test_ts1_positions_and_defocus_match_warp(warpylib):
+    """Every tilt, random points through the tomogram: image position (Å) and defocus (µm) as Warp computes them."""
+    ts_w = warpylib.TiltSeries(str(TS_1))
+    xml = read_warp_xml(TS_1)
+    pixel = float(xml.ctf["PixelSize"])
+    assert pixel == pytest.approx(0.834)
+    model = warp_model(xml, pixel)
+    assert model["image_size_px"] == (4092, 5760) and model["tomogram_size_px"] == [4000, 5700, 1000]
+    assert model["image_warp"] is not None  # TS_1 has a 6×4×41 image warp: the test exercises the grids
+    geom, imaging = _our_geometry(model, pixel, xml.volume_angstrom)
+    rng = np.random.default_rng(0)
+    vol = np.array(xml.volume_angstrom)
+    corner = rng.uniform(0.2, 0.8, size=(300, 3)) * vol  # well inside: every tilt sees them
+    expected = ts_w.get_position_in_all_tilts_single(torch.tensor(corner, dtype=torch.float32)).double().numpy()
+    xy, z = particle_positions_in_tilts(geom, torch.tensor(corner - vol / 2, dtype=torch.float64))
+    image_centre = np.array(xml.image_angstrom) / 2
+    ours = xy.numpy() + image_centre
+    err = np.abs(ours - expected[..., :2])
+    assert err.max() < 0.02, err.max()  # Å; warpylib computes in float32 (≈ 5e-4 Å at 5000 Å)
+    u, v, _ = particle_defocus(imaging, z)
+    ours_defocus_um = ((u + v) / 2).numpy() * 1e-4
+    np.testing.assert_allclose(ours_defocus_um, expected[..., 2], atol=2e-5)  # 0.2 Å
+
+
+def test_ts1_tilt_rotations_match_warp(warpylib):
+    ts_w = warpylib.TiltSeries(str(TS_1))
+    for grid in (ts_w.grid_angle_x, ts_w.grid_angle_y, ts_w.grid_angle_z):  # orientation-only corrections, see below
+        grid.values = torch.zeros_like(grid.values)
+        grid._grid_operator, grid._grid_data = grid._create_torch_grid()
+    xml = read_warp_xml(TS_1)
+    geom, _ = _our_geometry(warp_model(xml, 0.834), 0.834, xml.volume_angstrom)
+    expected = ts_w.get_rotation_matrices_in_all_tilts_single(torch.tensor([[1000.0, 2000.0, 400.0]]))[0]
+    np.testing.assert_allclose(geom.rotations().numpy(), expected.double().numpy(), atol=1e-6)
+
+
+def test_inverted_angles_are_refused_clearly():
+    with pytest.raises(CryopoolError, match="AreAnglesInverted"):
+        warp_model(read_warp_xml(SHARED_DATA / "warp/00254.xml"), 1.0)
+
+
+def test_bad_xml_is_refused(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<TiltSeries><Angles>1\n2</Angles><Dose>1</Dose></TiltSeries>")
+    with pytest.raises(CryopoolError, match=r"bad.xml.*<Dose>"):
+        read_warp_xml(bad)
+    bad.write_text("<Movie/>")
+    with pytest.raises(CryopoolError, match="not a Warp tilt-series XML"):
+        read_warp_xml(bad)
