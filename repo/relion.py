@@ -32,11 +32,21 @@ from .canonical import Ref
 from .errors import FormatError, InvalidInputError, NotFoundError
 from .formats.mrc import finite_check, read_mrc, read_mrc_header, write_mrc
 from .formats.star import numeric_column, read_star_blocks, require_table, string_column, write_star
+from .formats.tilts import exposure_from_pre_exposure
 from .hashing import ObjectId
 from .importers import file_blake3, stable_particle_ids, validate_symmetry
 from .population import item_key, iter_items, with_item, with_species
-from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
-                      TiltSeries, validate_name)
+from .records import (
+    DeformationModel,
+    ImagingModel,
+    Metrics,
+    Operation,
+    ParticleTable,
+    Population,
+    Species,
+    TiltSeries,
+    validate_name,
+)
 from .repository import Repository, software_version
 from .star_particles import read_star_particles, same_pixel
 
@@ -145,12 +155,7 @@ def _exposures(pre: np.ndarray, fractional: float | None, path: Path) -> np.ndar
     if len(pre) < 2:
         raise InvalidInputError("the dose per tilt is unknown", path=str(path),
                                 field="data_global/_rlnTomoImportFractionalDose")
-    order = np.argsort(pre, kind="stable")
-    steps = np.diff(pre[order])
-    exposure = np.empty(len(pre))
-    exposure[order[:-1]] = steps
-    exposure[order[-1]] = steps[-1]
-    return exposure
+    return exposure_from_pre_exposure(pre)
 
 
 def _read_tomograms(path: Path) -> list[_TiltSeriesIn]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FormatError, InvalidInputError, NotFoundError
+from .formats.tilts import exposure_from_pre_exposure
 
 __all__ = ["WarpTiltSeries", "read_warp_xml", "interpolating_to_bspline", "warp_model"]
 
@@ -178,11 +179,8 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float) -> dict:
                                 field=f"<{name}>", expected=n, found=len(v))
     defocus = per_tilt("GridCTF", float(ts.ctf.get("Defocus", 0))) * 1e4
     delta = per_tilt("GridCTFDefocusDelta", float(ts.ctf.get("DefocusDelta", 0))) * 1e4
-    order = np.argsort(ts.dose, kind="stable")
-    steps = np.diff(ts.dose[order]) if n > 1 else np.zeros(0)
-    exposure = np.empty(n)
-    exposure[order[:-1]] = steps
-    exposure[order[-1]] = steps[-1] if n > 1 else 0.0
+    if n < 2:
+        raise InvalidInputError("a tilt series needs at least two tilts", path=str(ts.path), field="<Angles>")
     axis0 = float(ts.axis_angles[0])
     return {
         "tilt_angles_deg": -ts.angles, "tilt_axis_angle_deg": axis0,
@@ -190,7 +188,7 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float) -> dict:
         "shifts_angstrom": ts.axis_offsets.copy(), "image_warp": image_warp, "volume_warp": volume_warp,
         "defocus_u_angstrom": defocus + delta, "defocus_v_angstrom": defocus - delta,
         "defocus_angle_deg": per_tilt("GridCTFDefocusAngle", float(ts.ctf.get("DefocusAngle", 0))),
-        "pre_exposure": ts.dose.astype(np.float64), "exposure": exposure,
+        "pre_exposure": ts.dose.astype(np.float64), "exposure": exposure_from_pre_exposure(ts.dose),
         "image_size_px": tuple(int(round(v / pixel_size_angstrom)) for v in ts.image_angstrom[::-1]),
         "tomogram_size_px": [int(round(v / pixel_size_angstrom)) for v in ts.volume_angstrom],
         "voltage_kv": float(ts.ctf.get("Voltage", 300)), "spherical_aberration_mm": float(ts.ctf.get("Cs", 2.7)),

@@ -126,4 +126,6 @@ def write_mrc(path: str | Path, data: np.ndarray, voxel_size_angstrom: float, *,
         mrc.voxel_size = float(voxel_size_angstrom)
         mrc.header.origin = (0.0, 0.0, 0.0)
         mrc.update_header_stats()
+        mrc.header.label[0] = b"written by cryopool".ljust(80)  # no timestamp: the same data gives the same file
+        mrc.header.nlabl = 1
     tmp.replace(path)

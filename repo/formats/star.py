@@ -91,4 +91,8 @@ def write_star(path: str | Path, blocks: dict[str, pd.DataFrame | dict]) -> None
             out[name] = {k: _cell(v) for k, v in block.items()}
     tmp = path.with_name(path.name + ".tmp")
     starfile.write(out, tmp, overwrite=True)
+    lines = tmp.read_text().splitlines(keepends=True)
+    if lines and lines[0].startswith("# Created by the starfile"):  # its clock time would make exports differ
+        lines[0] = "# written by cryopool\n"
+    tmp.write_text("".join(lines))
     tmp.replace(path)

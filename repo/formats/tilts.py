@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
-__all__ = ["read_tlt", "Mdoc", "read_mdoc", "dose_symmetric_order", "pre_exposure", "parse_tilt_range"]
+__all__ = ["read_tlt", "Mdoc", "read_mdoc", "dose_symmetric_order", "pre_exposure", "exposure_from_pre_exposure", "parse_tilt_range"]
 
 
 def _text(path: Path) -> str:
@@ -143,6 +143,21 @@ def pre_exposure(order: list[int], exposure: list[float]) -> list[float]:
         out[i] = acc
         acc += exposure[i]
     return out
+
+
+def exposure_from_pre_exposure(pre: np.ndarray) -> np.ndarray:
+    """Exposure of each tilt from the pre-exposures alone (RELION and Warp keep only those).
+
+    Each tilt's exposure is the step to the next tilt in acquisition order; the
+    last tilt gets the step before it. Needs at least two tilts.
+    """
+    pre = np.asarray(pre, dtype=np.float64)
+    order = np.argsort(pre, kind="stable")
+    steps = np.diff(pre[order])
+    exposure = np.empty(len(pre))
+    exposure[order[:-1]] = steps
+    exposure[order[-1]] = steps[-1]
+    return exposure
 
 
 def parse_tilt_range(text: str) -> list[float]:
