@@ -27,13 +27,13 @@ from .population import find_item, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
-from .star_particles import read_star_particles
+from .star_particles import read_star_particles, same_pixel
 
-__all__ = ["import_tilt_series", "import_species", "file_blake3", "stable_particle_ids", "validate_symmetry"]
+__all__ = ["import_tilt_series", "import_species", "file_blake3", "stable_particle_ids", "validate_symmetry",
+           "default_tomogram_size"]
 
 Progress = Callable[[int], None] | None
 _SYMMETRY = re.compile(r"^(?:[CD][1-9][0-9]*|T|O|I[1-4]?)$")
-_PIXEL_TOLERANCE = 1e-3  # relative
 
 
 def file_blake3(path: Path) -> str:
@@ -50,8 +50,9 @@ def validate_symmetry(symmetry: str) -> str:
     return symmetry.upper()
 
 
-def _same_pixel(a: float, b: float) -> bool:
-    return abs(a - b) <= _PIXEL_TOLERANCE * max(abs(a), abs(b))
+def default_tomogram_size(width: int, height: int) -> list[int]:
+    """The image size in x and y and a quarter of the width (even) in z, when nobody says otherwise."""
+    return [width, height, max(2, (width // 4) // 2 * 2)]
 
 
 # --------------------------------------------------------------------------- tilt series
@@ -172,7 +173,7 @@ def import_tilt_series(
                                       ("spherical_aberration_mm", spherical_aberration_mm, 0, 100)):
         if not lo <= value <= hi:
             raise InvalidInputError("value out of range", field=field_name, expected=f"{lo}..{hi}", found=value)
-    size = tuple(int(v) for v in (tomogram_size_px or (width, height, max(2, (width // 4) // 2 * 2))))
+    size = tuple(int(v) for v in (tomogram_size_px or default_tomogram_size(width, height)))
     mrc = read_mrc(stack, mmap=True, check_finite=False)  # truncation is checked here
     data = mrc.data
     defocus_a = float(meta.defocus_um) * 1e4
@@ -220,12 +221,12 @@ def _choose_pixel_size(path: Path, header: float, given: float | None, metadata:
     if given is not None:
         if given <= 0:
             raise InvalidInputError("pixel size must be > 0", field="pixel_size_angstrom", found=given)
-        if header > 0 and not _same_pixel(header, given) and not np.isclose(header, 1.0):
+        if header > 0 and not same_pixel(header, given) and not np.isclose(header, 1.0):
             raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
                                     expected=f"{given} Å (given)", found=f"{header} Å (MRC header)")
         return float(given)
     if metadata is not None:
-        if header > 0 and not np.isclose(header, 1.0) and not _same_pixel(header, metadata):
+        if header > 0 and not np.isclose(header, 1.0) and not same_pixel(header, metadata):
             raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
                                     expected=f"{metadata} Å (mdoc PixelSpacing)", found=f"{header} Å (MRC header)")
         return float(metadata)
@@ -318,7 +319,7 @@ def import_species(
         if m.data.shape != ref_shape:
             raise InvalidInputError("map shapes differ", path=str(paths[key]), field="shape",
                                     expected=f"{ref_shape} (as {paths['half_map_1'].name})", found=m.data.shape)
-        if m.voxel_size_angstrom[0] > 0 and not _same_pixel(m.voxel_size_angstrom[0], ref_px):
+        if m.voxel_size_angstrom[0] > 0 and not same_pixel(m.voxel_size_angstrom[0], ref_px):
             raise InvalidInputError("map pixel sizes differ", path=str(paths[key]), field="voxel size",
                                     expected=f"{ref_px} Å (as {paths['half_map_1'].name})", found=m.voxel_size_angstrom[0])
     pixel = _choose_pixel_size(paths["half_map_1"], ref_px, pixel_size_angstrom, None)

@@ -21,6 +21,7 @@ import → export → import reproduces the same objects.
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +35,10 @@ from .formats.mrc import finite_check, read_mrc, read_mrc_header, write_mrc
 from .formats.star import numeric_column, read_star_blocks, require_table, string_column, write_star
 from .formats.tilts import exposure_from_pre_exposure
 from .hashing import ObjectId
-from .importers import file_blake3, stable_particle_ids, validate_symmetry
+from .importers import default_tomogram_size, file_blake3, stable_particle_ids, validate_symmetry
 from .population import item_key, iter_items, with_item, with_species
-from .records import (
-    DeformationModel,
-    ImagingModel,
-    Metrics,
-    Operation,
-    ParticleTable,
-    Population,
-    Species,
-    TiltSeries,
-    validate_name,
-)
+from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
+                      TiltSeries, validate_name)
 from .repository import Repository, software_version
 from .star_particles import read_star_particles, same_pixel
 
@@ -123,10 +115,6 @@ class _TiltSeriesIn:
     exposure: np.ndarray
 
 
-def _row_value(table: pd.DataFrame, column: str, row: int, path: Path, block: str) -> float:
-    return float(numeric_column(table, column, path, block)[row])
-
-
 def _images(tomo: str, global_row: pd.Series, tilts: pd.DataFrame, tomograms: Path, ts_star: Path,
             block: str) -> list[tuple[Path, int]]:
     n = len(tilts)
@@ -165,7 +153,8 @@ def _read_tomograms(path: Path) -> list[_TiltSeriesIn]:
         raise FormatError("no tilt series listed", path=str(path), field=f"data_{block}")
     names = string_column(table, "rlnTomoName", path, block)
     ts_files = string_column(table, "rlnTomoTiltSeriesStarFile", path, block)
-    pixel_col = "rlnTomoTiltSeriesPixelSize" if "rlnTomoTiltSeriesPixelSize" in table else "rlnMicrographOriginalPixelSize"
+    pixel_col = ("rlnTomoTiltSeriesPixelSize" if "rlnTomoTiltSeriesPixelSize" in table
+                 else "rlnMicrographOriginalPixelSize")
     pixels = numeric_column(table, pixel_col, path, block)
     volt = numeric_column(table, "rlnVoltage", path, block)
     cs = numeric_column(table, "rlnSphericalAberration", path, block)
@@ -297,11 +286,6 @@ def _read_optimisation_set(path: Path) -> _OptimisationSet:
 # --------------------------------------------------------------------------- import
 
 
-def _default_size(shape: tuple[int, ...]) -> list[int]:
-    _, h, w = shape
-    return [w, h, max(2, (w // 4) // 2 * 2)]
-
-
 def import_relion(
     repo: Repository,
     paths: list[str | Path],
@@ -351,7 +335,8 @@ def import_relion(
     base = repo.population(tip) if tip is not None else None
     existing = {key.split("/", 1)[1]: (ref, item) for key, ref, item in (iter_items(repo, base) if base else [])
                 if key.startswith(source + "/")}
-    known = {name: {"pixel": ts.pixel, "size_px": ts.size_px or _default_size(stacks[name].shape)}
+    known = {name: {"pixel": ts.pixel,
+                    "size_px": ts.size_px or default_tomogram_size(stacks[name].shape[2], stacks[name].shape[1])}
              for name, ts in tilt_series.items()}
     for name, (_, item) in existing.items():
         known.setdefault(name, {"pixel": item.pixel_size_angstrom, "size_px": item.tomogram_size_px})
@@ -565,7 +550,7 @@ def export_relion(repo: Repository, rev: str, out: str | Path, *, species: list[
             _export_species(repo, population, name, items, tomo, staging, notes)
         staging.rename(out)
     except BaseException:
-        _remove_tree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"folder": str(out), "tilt_series": [tomo[k] for k in sorted(items)], "species": names, "notes": notes}
 
@@ -624,11 +609,3 @@ def _export_species(repo: Repository, population: Population, name: str, items: 
               "cryopoolSpecies": name, "cryopoolDiameterAngst": sp.diameter_angstrom,
               "cryopoolSymmetry": sp.symmetry}
     write_star(folder / "optimisation_set.star", {"optimisation_set": values})
-
-
-def _remove_tree(path: Path) -> None:
-    if not path.exists():
-        return
-    for p in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True):
-        p.rmdir() if p.is_dir() else p.unlink()
-    path.rmdir()
