@@ -1,10 +1,14 @@
-"""``cryopool export``: hand a population to other programs (RELION 5 today)."""
+"""``cryopool export``: hand a population to other programs (RELION 5, Warp)."""
 
 from __future__ import annotations
 
 import click
 
+from cryopool.engine.records_io import load_map
+from cryopool.engine.regularise import filtered_map
+from cryopool.repo import Species
 from cryopool.repo.relion import export_relion
+from cryopool.repo.warp_io import export_warp
 
 from .common import Context, emit_json, handle_errors, json_option
 
@@ -20,18 +24,27 @@ def export_group() -> None:
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("-r", "--rev", default="HEAD", show_default=True, help="Commit, branch or tag to export.")
 @click.option("--species", "species", multiple=True, help="Export only these species (repeatable) [default: all].")
+@click.option("--filtered/--no-filtered", default=True, show_default=True,
+              help="Also write filtered.mrc per species: the half-maps' average, FSC-weighted and low-passed.")
 @json_option
 @click.pass_obj
 @handle_errors
-def relion(obj: Context, folder, rev, species, as_json) -> None:
+def relion(obj: Context, folder, rev, species, filtered, as_json) -> None:
     """Write a RELION 5 tomography project into the new FOLDER: every data source, every species.
 
     FOLDER gets tomograms.star, tilt_series/, and per species particles.star, half-maps,
-    mask and optimisation_set.star (give it to RELION with --ios, run from FOLDER).
+    mask, filtered map and optimisation_set.star (give it to RELION with --ios, run from FOLDER).
     """
     repo = obj.repo()
     report = (lambda what: click.echo(f"writing {what}", err=True)) if not as_json else None
-    summary = export_relion(repo, rev, folder, species=list(species) or None, progress=report)
+
+    def maps(sp: Species) -> dict:
+        mask = load_map(repo, sp, "mask") if sp.mask is not None else None
+        volume = filtered_map(load_map(repo, sp, "half_map_1"), load_map(repo, sp, "half_map_2"),
+                              sp.pixel_size_angstrom, mask)
+        return {"filtered": volume.numpy()}
+    summary = export_relion(repo, rev, folder, species=list(species) or None, progress=report,
+                            extra_maps=maps if filtered else None)
     if as_json:
         emit_json(summary)
         return
@@ -39,6 +52,30 @@ def relion(obj: Context, folder, rev, species, as_json) -> None:
                f"to {summary['folder']}")
     for name in summary["species"]:
         click.echo(f"  relion --ios {name}/optimisation_set.star   (run in {summary['folder']})")
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+
+
+@export_group.command("warp")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("-r", "--rev", default="HEAD", show_default=True, help="Commit, branch or tag to export.")
+@json_option
+@click.pass_obj
+@handle_errors
+def warp(obj: Context, folder, rev, as_json) -> None:
+    """Write every tilt series in WarpTools' layout into the new FOLDER.
+
+    FOLDER gets tomostar/NAME.tomostar, warp_tiltseries/NAME.xml and
+    warp_tiltseries/tiltstack/NAME/NAME.st. Items imported from Warp and not
+    refined since get their original XML back, byte for byte.
+    """
+    repo = obj.repo()
+    report = (lambda what: click.echo(f"writing {what}", err=True)) if not as_json else None
+    summary = export_warp(repo, rev, folder, progress=report)
+    if as_json:
+        emit_json(summary)
+        return
+    click.echo(f"exported {len(summary['tilt_series'])} tilt series to {summary['folder']}")
     for note in summary["notes"]:
         click.echo(f"note: {note}")
 

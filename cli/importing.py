@@ -7,6 +7,7 @@ import click
 from cryopool.repo.importers import import_species, import_tilt_series
 from cryopool.repo.formats.mrc import read_mrc_header
 from cryopool.repo.relion import import_relion
+from cryopool.repo.warp_io import import_warp
 
 from .common import Context, emit_json, handle_errors, human_bytes, json_option, progress_bar, short
 
@@ -36,14 +37,18 @@ def import_group() -> None:
 @click.option("--tilt-axis", type=float, help="Tilt-axis angle in degrees [default: mdoc, else 0].")
 @click.option("--defocus-um", type=float, help="Nominal defocus in µm, positive = underfocus.")
 @click.option("--tomogram-size", nargs=3, type=int, metavar="X Y Z", help="Tomogram size in pixels.")
+@click.option("--xf", type=click.Path(dir_okay=False),
+              help="IMOD .xf alignment: per-tilt tilt-axis angle and shift (instead of --tilt-axis).")
+@click.option("--handedness", type=click.Choice(["-1", "1"]), default="-1", show_default=True,
+              help="Defocus handedness (RELION's rlnTomoHand); -1 is IMOD's convention for SerialEM/IMOD angles.")
 @click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
 @click.option("-m", "--message", help="Commit message.")
 @json_option
 @click.pass_obj
 @handle_errors
 def tilt_series(obj: Context, stack, source, name, tilt_angles, tlt, mdoc, dose_per_tilt, order, group_size,
-                pixel_size, voltage, cs_mm, amplitude_contrast, tilt_axis, defocus_um, tomogram_size, branch,
-                message, as_json) -> None:
+                pixel_size, voltage, cs_mm, amplitude_contrast, tilt_axis, defocus_um, tomogram_size, xf, handedness,
+                branch, message, as_json) -> None:
     """Import an MRC tilt-series STACK (.mrc/.st/.mrcs) with its per-tilt metadata."""
     repo = obj.repo()
     shape, _, dtype = read_mrc_header(stack)
@@ -53,7 +58,8 @@ def tilt_series(obj: Context, stack, source, name, tilt_angles, tlt, mdoc, dose_
             repo, stack, source=source, name=name, tilt_angles=tilt_angles, tlt=tlt, mdoc=mdoc,
             dose_per_tilt=dose_per_tilt, order=order, group_size=group_size, pixel_size_angstrom=pixel_size,
             voltage_kv=voltage, spherical_aberration_mm=cs_mm, amplitude_contrast=amplitude_contrast,
-            tilt_axis_deg=tilt_axis, defocus_um=defocus_um, tomogram_size_px=tomogram_size, branch=branch,
+            tilt_axis_deg=tilt_axis, defocus_um=defocus_um, tomogram_size_px=tomogram_size, xf=xf,
+            handedness=int(handedness), branch=branch,
             message=message, progress=bar.update)
     c = repo.get_commit(commit)
     params = c.operation.parameters
@@ -129,6 +135,43 @@ def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetr
     if as_json:
         emit_json({"commit": commit, "source": source, "tilt_series": params["tilt_series"],
                    "species": params["species"]})
+    else:
+        click.echo(f"[{short(commit)}] {c.message}")
+
+
+@import_group.command("warp")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--source", required=True, help="Data source the tilt series go into (namespaces their names).")
+@click.option("--stack", "stacks", multiple=True, type=click.Path(dir_okay=False),
+              help="Tilt stack for each file, in order [default: tiltstack/NAME/NAME.st or NAME.st beside the XML].")
+@click.option("--pixel-size", type=float, help="Å per pixel of the stacks [default: MRC header].")
+@click.option("--tomogram-size", nargs=3, type=int, metavar="X Y Z",
+              help="Tomogram size in pixels [default: VolumeDimensionsAngstrom, else the image size].")
+@click.option("--defocus-um", type=float, help="Nominal defocus in µm (for a tomostar without its XML).")
+@click.option("--voltage", type=float, help="kV (for a tomostar without its XML) [default: 300].")
+@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
+@click.option("-m", "--message", help="Commit message.")
+@json_option
+@click.pass_obj
+@handle_errors
+def warp(obj: Context, files, source, stacks, pixel_size, tomogram_size, defocus_um, voltage, branch, message,
+         as_json) -> None:
+    """Import Warp/WarpTools tilt series: NAME.xml and/or NAME.tomostar files, with their tilt stacks.
+
+    The XML is kept verbatim with the item, so nothing Warp recorded is lost;
+    tilts with UseTilt = False are left out. One commit for everything.
+    """
+    if stacks and len(stacks) != len(files):
+        raise click.UsageError("give --stack once per file, or not at all")
+    repo = obj.repo()
+    with progress_bar(None, "importing Warp tilt series", enabled=not as_json) as bar:
+        commit = import_warp(repo, list(files), source=source, stacks=list(stacks) or None,
+                             pixel_size_angstrom=pixel_size, tomogram_size_px=list(tomogram_size) if tomogram_size else None,
+                             defocus_um=defocus_um, voltage_kv=voltage, branch=branch, message=message,
+                             progress=bar.tick)
+    c = repo.get_commit(commit)
+    if as_json:
+        emit_json({"commit": commit, "source": source, "tilt_series": c.operation.parameters["tilt_series"]})
     else:
         click.echo(f"[{short(commit)}] {c.message}")
 

@@ -17,8 +17,9 @@ from typing import Protocol
 import torch
 
 from .fourier import spatial_frequency_shells
+from .fsc import fsc, masked_fsc
 
-__all__ = ["Regulariser", "FSCWienerFilter", "working_resolution"]
+__all__ = ["Regulariser", "FSCWienerFilter", "working_resolution", "filtered_map"]
 
 
 class Regulariser(Protocol):
@@ -53,3 +54,16 @@ class FSCWienerFilter:
         edge = torch.clamp((cutoff + 2 - shells.to(half_map.dtype)) / 4, 0, 1)  # soft low-pass over 4 shells
         w = weight[shells.clamp(max=weight.shape[0] - 1)] * edge
         return torch.fft.irfftn(torch.fft.rfftn(half_map) * w, s=half_map.shape[-3:])
+
+
+def filtered_map(half_map_1: torch.Tensor, half_map_2: torch.Tensor, pixel_size_angstrom: float,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The map to look at: the half-maps' average, FSC-weighted and low-passed at the 0.143 resolution.
+
+    The FSC is the mask-corrected one when a mask is given (Chen et al. 2013);
+    the average of two halves is the full map, hence the full-map weight.
+    """
+    curve = masked_fsc(half_map_1, half_map_2, mask)["corrected"] if mask is not None else fsc(half_map_1, half_map_2)
+    resolution = working_resolution(curve, pixel_size_angstrom)
+    return FSCWienerFilter()((half_map_1 + half_map_2) / 2, curve, pixel_size_angstrom=pixel_size_angstrom,
+                             resolution_angstrom=resolution)

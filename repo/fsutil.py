@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["fsync_dir", "touch", "write_atomic"]
+from .errors import InvalidInputError
+
+__all__ = ["fsync_dir", "touch", "write_atomic", "staged_folder"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -43,3 +48,28 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, fsync: bool = True) 
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden ``.NAME.partial`` folder that becomes ``out`` when the block succeeds and vanishes when it fails.
+
+    Exports never write over anything: ``out`` must be new or an empty folder.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInputError("the export folder exists and is not empty", path=str(out),
+                                hint="choose a new folder; export never overwrites")
+    staging = out.with_name(f".{out.name}.partial")
+    if staging.exists():
+        raise InvalidInputError("a previous export left a partial folder", path=str(staging),
+                                hint="remove it and export again")
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -21,7 +21,8 @@ import numpy as np
 from .canonical import Ref
 from .errors import InvalidInputError, NotFoundError
 from .formats.mrc import finite_check, read_mrc, read_mrc_header
-from .formats.tilts import dose_symmetric_order, parse_tilt_range, pre_exposure, read_mdoc, read_tlt
+from .formats.tilts import (dose_symmetric_order, parse_tilt_range, pre_exposure, read_mdoc, read_tlt, read_xf,
+                            xf_alignment)
 from .hashing import ObjectId
 from .population import find_item, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
@@ -93,8 +94,7 @@ def _tilt_metadata(*, tilt_angles, tlt, mdoc, dose_per_tilt, order, group_size, 
         if "PixelSpacing" in m.global_values:
             pixel = float(m.global_values["PixelSpacing"].split()[0])
         if axis is None:
-            text = path.read_text(errors="replace")
-            hit = re.search(r"Tilt axis angle\s*=\s*([-+0-9.eE]+)", text)
+            hit = re.search(r"Tilt axis angle\s*=\s*([-+0-9.eE]+)", "\n".join(m.titles))
             axis = float(hit.group(1)) if hit else None
         if defocus_um is None and "TargetDefocus" in m.sections[0]:
             defocus_um = -float(m.sections[0]["TargetDefocus"].split()[0])  # SerialEM: negative = underfocus
@@ -148,12 +148,25 @@ def import_tilt_series(
     tilt_axis_deg: float | None = None,
     defocus_um: float | None = None,
     tomogram_size_px: tuple[int, int, int] | None = None,
+    xf: str | Path | None = None,
+    handedness: int = -1,
     branch: str | None = None,
     message: str | None = None,
     progress: Progress = None,
 ) -> ObjectId:
-    """Import one MRC tilt-series stack as a new item; returns the commit id."""
+    """Import one MRC tilt-series stack as a new item; returns the commit id.
+
+    Tilt angles keep the SerialEM/IMOD sign (θ = the ``.tlt``/mdoc angle, as
+    RELION imports them); with that sign IMOD's convention (at positive tilts
+    the right side of the image is further underfocused) is handedness −1,
+    the default. An IMOD ``.xf`` brings per-tilt axis angles and shifts.
+    """
     stack = Path(stack)
+    if handedness not in (1, -1):
+        raise InvalidInputError("handedness must be 1 or -1", field="handedness", found=handedness)
+    if xf is not None and tilt_axis_deg is not None:
+        raise InvalidInputError("give the tilt axis or an .xf alignment, not both", field="tilt_axis_deg",
+                                hint="the .xf holds the tilt-axis angle of every tilt")
     name = validate_name(name or stack.name.split(".")[0], "item")
     validate_name(source, "data source")
     shape, voxel, dtype = read_mrc_header(stack)
@@ -165,6 +178,18 @@ def import_tilt_series(
         raise InvalidInputError("tilt count differs between metadata and image stack", path=where,
                                 field="tilt angles", expected=f"{n} (sections in {stack.name})", found=len(meta.angles))
     pixel = _choose_pixel_size(stack, voxel[0], pixel_size_angstrom, meta.pixel_size_angstrom)
+    axis = meta.tilt_axis_deg
+    corrections, shifts = np.zeros((n, 3)), np.zeros((n, 2))
+    if xf is not None:
+        xf = Path(xf)
+        transforms = read_xf(xf)
+        if len(transforms) != n:
+            raise InvalidInputError("tilt count differs between .xf and image stack", path=str(xf), field="lines",
+                                    expected=f"{n} (sections in {stack.name})", found=len(transforms))
+        axes, shifts = xf_alignment(transforms, pixel, str(xf))
+        axis = float(axes[0])
+        corrections[:, 2] = axes - axis
+        meta.sources["xf"] = xf
     volt = float(voltage_kv if voltage_kv is not None else (meta.voltage_kv or 300.0))
     if meta.defocus_um is None:
         raise InvalidInputError("the nominal defocus is unknown", field="defocus_um",
@@ -184,9 +209,8 @@ def import_tilt_series(
         chunks = (1, height, width) if height * width * data.itemsize <= 1 << 24 else None
         stack_ref = tx.put_array(data, chunks=chunks, progress=progress, check=finite_check(stack))
         file_hashes = {"stack": {"name": stack.name, "blake3": stack_hash.result(), "bytes": len(mrc.file_bytes)}}
-        deformation = DeformationModel(
-            tilt_shifts_angstrom=tx.put_array(np.zeros((n, 2))),
-            tilt_angle_corrections_deg=tx.put_array(np.zeros((n, 3))))
+        deformation = DeformationModel(tilt_shifts_angstrom=tx.put_array(shifts),
+                                       tilt_angle_corrections_deg=tx.put_array(corrections))
         imaging = ImagingModel(
             defocus_u_angstrom=tx.put_array(np.full(n, defocus_a)),
             defocus_v_angstrom=tx.put_array(np.full(n, defocus_a)),
@@ -194,7 +218,7 @@ def import_tilt_series(
         item = TiltSeries(
             name=name, stack=stack_ref, pixel_size_angstrom=pixel, voltage_kv=volt,
             spherical_aberration_mm=spherical_aberration_mm, amplitude_contrast=amplitude_contrast,
-            tilt_axis_angle_deg=meta.tilt_axis_deg, tilt_angles_deg=meta.angles,
+            tilt_axis_angle_deg=axis, tilt_angles_deg=meta.angles, handedness=handedness,
             exposure_e_per_angstrom2=[float(e) for e in meta.exposure],
             pre_exposure_e_per_angstrom2=pre_exposure(meta.order, meta.exposure),
             tomogram_size_px=list(size), deformation=tx.put_record(deformation), imaging=tx.put_record(imaging),
@@ -207,7 +231,7 @@ def import_tilt_series(
         operation = Operation(kind="import", software=software_version(), inputs=inputs, parameters={
             "what": "tilt-series", "source": source, "item": name, "files": file_hashes,
             "pixel_size_angstrom": pixel, "voltage_kv": volt, "spherical_aberration_mm": spherical_aberration_mm,
-            "amplitude_contrast": amplitude_contrast, "tilt_axis_angle_deg": meta.tilt_axis_deg,
+            "amplitude_contrast": amplitude_contrast, "tilt_axis_angle_deg": axis, "handedness": handedness,
             "defocus_um": float(meta.defocus_um), "acquisition_order": meta.order, "tomogram_size_px": list(size)})
 
         def update(pop: Population | None) -> Population:

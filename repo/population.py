@@ -9,7 +9,7 @@ from .canonical import Ref
 from .errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from .records import DataSource, ParticleTable, Population, Species, TiltSeries, validate_name
 
-__all__ = ["item_key", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_species",
+__all__ = ["item_key", "export_names", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_species",
            "empty_population", "population_summary"]
 
 
@@ -22,6 +22,12 @@ def split_item_key(key: str) -> tuple[str, str]:
     if not sep:
         raise InvalidInputError("item key must be 'source/item'", found=repr(key))
     return source, item
+
+
+def export_names(keys: list[str]) -> dict[str, str]:
+    """File names for items in an export: the item name, or ``source_item`` where two sources share a name."""
+    items = [split_item_key(k)[1] for k in keys]
+    return {k: (i if items.count(i) == 1 else k.replace("/", "_")) for k, i in zip(keys, items)}
 
 
 def empty_population(name: str = "population") -> Population:

@@ -21,7 +21,6 @@ import → export → import reproduces the same objects.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,10 @@ from .errors import FormatError, InvalidInputError, NotFoundError
 from .formats.mrc import finite_check, read_mrc, read_mrc_header, write_mrc
 from .formats.star import numeric_column, read_star_blocks, require_table, string_column, write_star
 from .formats.tilts import exposure_from_pre_exposure
+from .fsutil import staged_folder
 from .hashing import ObjectId
 from .importers import default_tomogram_size, file_blake3, stable_particle_ids, validate_symmetry
-from .population import item_key, iter_items, with_item, with_species
+from .population import export_names, item_key, iter_items, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
@@ -454,12 +454,6 @@ def import_relion(
 # --------------------------------------------------------------------------- export
 
 
-def _tomo_names(keys: list[str]) -> dict[str, str]:
-    """RELION names for items: the item name, or ``source_item`` where two sources share a name."""
-    items = [k.split("/", 1)[1] for k in keys]
-    return {k: (i if items.count(i) == 1 else k.replace("/", "_")) for k, i in zip(keys, items)}
-
-
 def _tilt_series_table(repo: Repository, item: TiltSeries, tomo: str, stack_name: str) -> pd.DataFrame:
     deformation = repo.get_record(item.deformation, DeformationModel)
     imaging = repo.get_record(item.imaging, ImagingModel)
@@ -486,33 +480,29 @@ def _tilt_series_table(repo: Repository, item: TiltSeries, tomo: str, stack_name
 
 
 def export_relion(repo: Repository, rev: str, out: str | Path, *, species: list[str] | None = None,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None,
+                  extra_maps: Callable[[Species], dict[str, np.ndarray]] | None = None) -> dict:
     """Write the population at ``rev`` as a RELION 5 project in the new folder ``out``; returns a summary.
 
     Layout: ``tomograms.star``, ``tilt_series/<tomo>.star`` + ``.mrcs``, and per species
     ``<species>/particles.star``, ``half_map_1.mrc``, ``half_map_2.mrc``, ``mask.mrc``
     and ``optimisation_set.star`` (RELION's ``--ios`` input). Every data source
-    goes into one project. Written into a temporary folder first: a failure
+    goes into one project. ``extra_maps`` adds maps derived from a species
+    (``{"filtered": volume}`` → ``<species>/filtered.mrc``; the CLI passes the
+    engine's filter here). Written into a temporary folder first: a failure
     leaves nothing behind.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidInputError("the export folder exists and is not empty", path=str(out),
-                                hint="choose a new folder; export never overwrites")
     population = repo.population(repo.resolve(rev))
     names = sorted(population.species) if species is None else list(species)
     for name in names:
         if name not in population.species:
             raise NotFoundError(f"no species '{name}' at {rev}", expected=sorted(population.species))
     items = {key: (ref, item) for key, ref, item in iter_items(repo, population)}
-    tomo = _tomo_names(sorted(items))
+    tomo = export_names(sorted(items))
     notes: list[str] = []
-    staging = out.with_name(f".{out.name}.partial")
-    if staging.exists():
-        raise InvalidInputError("a previous export left a partial folder", path=str(staging),
-                                hint="remove it and export again")
-    (staging / "tilt_series").mkdir(parents=True)
-    try:
+    with staged_folder(out) as staging:
+        (staging / "tilt_series").mkdir()
         rows = []
         for key in sorted(items):
             ref, item = items[key]
@@ -548,10 +538,10 @@ def export_relion(repo: Repository, rev: str, out: str | Path, *, species: list[
             if progress:
                 progress(f"species {name}")
             _export_species(repo, population, name, items, tomo, staging, notes)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            if extra_maps is not None:
+                record = repo.get_record(population.species[name], Species)
+                for label, volume in extra_maps(record).items():
+                    write_mrc(staging / name / f"{validate_name(label, 'map')}.mrc", volume, record.pixel_size_angstrom)
     return {"folder": str(out), "tilt_series": [tomo[k] for k in sorted(items)], "species": names, "notes": notes}
 
 

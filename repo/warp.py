@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .errors import FormatError, InvalidInputError, NotFoundError
+from .formats.star import numeric_column, read_star_blocks, require_table, string_column
 from .formats.tilts import exposure_from_pre_exposure
 
-__all__ = ["WarpTiltSeries", "read_warp_xml", "interpolating_to_bspline", "warp_model"]
+__all__ = ["WarpTiltSeries", "read_warp_xml", "parse_warp_xml", "interpolating_to_bspline", "bspline_to_interpolating", "warp_model",
+           "warp_xml_text", "Tomostar", "read_tomostar", "tomostar_table"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class WarpTiltSeries:
     image_angstrom: tuple[float, float] | None
     ctf: dict[str, str]
     grids: dict[str, np.ndarray]  # name → values [w][z][y][x] (4-D) or [z][y][x]
-    text: str  # the whole file, kept verbatim
+    movie_paths: list[str]
+    raw: bytes  # the whole file, kept verbatim
 
 
 def _floats(root: ET.Element, tag: str, path: Path, n: int | None = None) -> np.ndarray:
@@ -92,7 +96,16 @@ def read_warp_xml(path: str | Path) -> WarpTiltSeries:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError("file not found", path=str(path))
-    text = path.read_text(encoding="utf-8-sig")
+    return parse_warp_xml(path.read_bytes(), path)
+
+
+def parse_warp_xml(raw: bytes, path: str | Path) -> WarpTiltSeries:
+    """A Warp XML from its bytes; ``path`` names it in errors."""
+    path = Path(path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=str(path)) from None
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
@@ -114,7 +127,25 @@ def read_warp_xml(path: str | Path) -> WarpTiltSeries:
         image_angstrom=_vector(root, "ImageDimensionsAngstrom", path, 2),
         ctf={p.attrib["Name"]: p.attrib["Value"] for p in (ctf if ctf is not None else [])},
         grids={el.tag: _grid(el, path) for el in root if el.tag.startswith("Grid")},
-        text=text)
+        movie_paths=(root.findtext("MoviePath") or "").split(), raw=raw)
+
+
+def _spline_matrix(m: int) -> np.ndarray:
+    t = np.zeros((m, m))
+    t[0, 0] = t[-1, -1] = 1.0
+    for j in range(1, m - 1):
+        t[j, j - 1:j + 2] = (1 / 6, 4 / 6, 1 / 6)
+    return t
+
+
+def _per_axis(values: np.ndarray, apply) -> np.ndarray:
+    out = np.asarray(values, dtype=np.float64)
+    for axis, m in enumerate(out.shape):
+        if m < 3:
+            continue  # one node: a constant; two: a straight line, in both representations
+        moved = np.moveaxis(out, axis, 0)
+        out = np.moveaxis(apply(_spline_matrix(m), moved.reshape(m, -1)).reshape(moved.shape), 0, axis)
+    return out
 
 
 def interpolating_to_bspline(values: np.ndarray) -> np.ndarray:
@@ -125,33 +156,59 @@ def interpolating_to_bspline(values: np.ndarray) -> np.ndarray:
     linear end extension, which is exactly the natural end condition), i.e.
     ``c[0] = f[0]``, ``c[m−1] = f[m−1]``.
     """
-    out = np.asarray(values, dtype=np.float64)
-    for axis, m in enumerate(out.shape):
-        if m < 3:
-            continue
-        t = np.zeros((m, m))
-        t[0, 0] = t[-1, -1] = 1.0
-        for j in range(1, m - 1):
-            t[j, j - 1:j + 2] = (1 / 6, 4 / 6, 1 / 6)
-        moved = np.moveaxis(out, axis, 0)
-        out = np.moveaxis(np.linalg.solve(t, moved.reshape(m, -1)).reshape(moved.shape), 0, axis)
-    return out
+    return _per_axis(values, np.linalg.solve)
 
 
-def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float) -> dict:
-    """Our item model (numpy) for a Warp tilt series: angles, corrections, shifts, warps, defocus, exposure."""
-    if ts.are_angles_inverted:
-        raise InvalidInputError("AreAnglesInverted=True is not supported yet", path=str(ts.path),
-                                field="TiltSeries@AreAnglesInverted",
-                                hint="Warp then computes defocus from a mirrored geometry; see docs/conventions.md")
-    for name, value in (("VolumeDimensionsAngstrom", ts.volume_angstrom), ("ImageDimensionsAngstrom", ts.image_angstrom)):
-        if value is None:
-            raise FormatError("missing attribute", path=str(ts.path), field=f"TiltSeries@{name}",
-                              hint="older Warp files leave it to the stack and the .settings file")
+def bspline_to_interpolating(values: np.ndarray) -> np.ndarray:
+    """Our B-spline control points → the node values of the same curve (the inverse of the above)."""
+    return _per_axis(values, np.matmul)
+
+
+_PER_TILT_GRIDS = ("GridCTF", "GridCTFDefocusDelta", "GridCTFDefocusAngle")
+
+
+def centre_shift(size_px: tuple[int, int], pixel: float) -> np.ndarray:
+    """Warp's image centre is ``size/2`` px, ours the pixel ``size // 2``: the step between them (x, y Å)."""
+    h, w = size_px
+    return np.array([(w / 2 - w // 2) * pixel, (h / 2 - h // 2) * pixel])
+
+
+def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px: tuple[int, int] | None = None,
+               tomogram_size_px: list[int] | None = None) -> dict:
+    """Our item model (numpy) for a Warp tilt series, for the tilts it uses (``UseTilt``).
+
+    ``image_size_px`` (h, w) and ``tomogram_size_px`` default to the XML's
+    ``ImageDimensionsAngstrom``/``VolumeDimensionsAngstrom`` at ``pixel_size_angstrom``.
+    """
+    px = pixel_size_angstrom
+    if image_size_px is None:
+        if ts.image_angstrom is None:
+            raise FormatError("missing attribute", path=str(ts.path), field="TiltSeries@ImageDimensionsAngstrom",
+                              hint="older Warp files leave it to the stack: import with the stack")
+        image_size_px = tuple(int(round(v / px)) for v in ts.image_angstrom[::-1])
+    if tomogram_size_px is None:
+        if ts.volume_angstrom is None:
+            raise FormatError("missing attribute", path=str(ts.path), field="TiltSeries@VolumeDimensionsAngstrom",
+                              hint="older Warp files leave it to the .settings file: give the tomogram size")
+        tomogram_size_px = [int(round(v / px)) for v in ts.volume_angstrom]
     n = len(ts.angles)
-    lx, ly = ts.level_angles
+    keep = np.flatnonzero(ts.use_tilt)
+    if len(keep) < 2:
+        raise InvalidInputError("a tilt series needs at least two tilts in use", path=str(ts.path), field="<UseTilt>",
+                                found=len(keep))
     g = ts.grids
-    for name in ("GridCTF", "GridCTFDefocusDelta", "GridCTFDefocusAngle"):
+
+    def tilts_of(name: str, values: np.ndarray, axis: int) -> np.ndarray:
+        """Only the tilts in use, along a grid's tilt axis (Depth n: one node per tilt)."""
+        if len(keep) == n or values.shape[axis] == 1:
+            return values
+        if values.shape[axis] != n:
+            raise InvalidInputError("grid with a tilt axis other than one node per tilt, and unused tilts",
+                                    path=str(ts.path), field=f"<{name}> Depth", expected=f"1 or {n}",
+                                    found=values.shape[axis])
+        return np.take(values, keep, axis=axis)
+
+    for name in _PER_TILT_GRIDS:
         if name in g and g[name].shape[1:] != (1, 1):
             raise InvalidInputError("spatially varying CTF grids are not supported yet", path=str(ts.path),
                                     field=f"<{name}>", found=g[name].shape)
@@ -160,37 +217,152 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float) -> dict:
     if all(w is not None for w in warp) and any(np.any(w != 0) for w in warp):
         if warp[0].shape[0] > 1:
             raise InvalidInputError("time-resolved volume warps are not supported yet", path=str(ts.path),
-                                    field="<GridVolumeWarpX> Duration", found=warp[0].shape[0])
+                                    field="<GridVolumeWarpX> Duration", found=warp[0].shape[0],
+                                    hint="Warp's time axis is the dose normalised to its range, ours mid-exposure")
         volume_warp = np.stack([interpolating_to_bspline(w) for w in warp])  # (3, w, z, y, x)
     image_warp = None
     if "GridMovementX" in g and (np.any(g["GridMovementX"] != 0) or np.any(g["GridMovementY"] != 0)):
-        image_warp = -np.stack([interpolating_to_bspline(g["GridMovementX"]),
-                                interpolating_to_bspline(g["GridMovementY"])])  # (2, t, y, x)
+        image_warp = -np.stack([interpolating_to_bspline(tilts_of(f"GridMovement{a}", g[f"GridMovement{a}"], 0))
+                                for a in "XY"])  # (2, t, y, x)
 
     def per_tilt(name: str, default: float) -> np.ndarray:
         if name not in g:
             return np.full(n, default)
-        v = g[name][:, 0, 0]
-        if len(v) == n:
-            return v.astype(np.float64)
+        v = g[name][:, 0, 0].astype(np.float64)
         if len(v) == 1:
             return np.full(n, float(v[0]))
-        raise InvalidInputError("per-tilt grid with a depth other than the tilt count", path=str(ts.path),
-                                field=f"<{name}>", expected=n, found=len(v))
+        if len(v) != n:
+            raise InvalidInputError("per-tilt grid with a depth other than the tilt count", path=str(ts.path),
+                                    field=f"<{name}>", expected=n, found=len(v))
+        return v
     defocus = per_tilt("GridCTF", float(ts.ctf.get("Defocus", 0))) * 1e4
     delta = per_tilt("GridCTFDefocusDelta", float(ts.ctf.get("DefocusDelta", 0))) * 1e4
-    if n < 2:
-        raise InvalidInputError("a tilt series needs at least two tilts", path=str(ts.path), field="<Angles>")
-    axis0 = float(ts.axis_angles[0])
+    lx, ly = ts.level_angles
+    axis = ts.axis_angles[keep]
     return {
-        "tilt_angles_deg": -ts.angles, "tilt_axis_angle_deg": axis0,
-        "angle_corrections_deg": np.stack([np.full(n, lx), np.full(n, -ly), ts.axis_angles - axis0], 1),
-        "shifts_angstrom": ts.axis_offsets.copy(), "image_warp": image_warp, "volume_warp": volume_warp,
-        "defocus_u_angstrom": defocus + delta, "defocus_v_angstrom": defocus - delta,
-        "defocus_angle_deg": per_tilt("GridCTFDefocusAngle", float(ts.ctf.get("DefocusAngle", 0))),
-        "pre_exposure": ts.dose.astype(np.float64), "exposure": exposure_from_pre_exposure(ts.dose),
-        "image_size_px": tuple(int(round(v / pixel_size_angstrom)) for v in ts.image_angstrom[::-1]),
-        "tomogram_size_px": [int(round(v / pixel_size_angstrom)) for v in ts.volume_angstrom],
+        "tilt_angles_deg": -ts.angles[keep], "tilt_axis_angle_deg": float(axis[0]),
+        "angle_corrections_deg": np.stack([np.full(len(keep), lx), np.full(len(keep), -ly), axis - axis[0]], 1),
+        "shifts_angstrom": ts.axis_offsets[keep] + centre_shift(image_size_px, px),
+        "image_warp": image_warp, "volume_warp": volume_warp,
+        "defocus_u_angstrom": (defocus + delta)[keep], "defocus_v_angstrom": (defocus - delta)[keep],
+        "defocus_angle_deg": per_tilt("GridCTFDefocusAngle", float(ts.ctf.get("DefocusAngle", 0)))[keep],
+        "pre_exposure": ts.dose[keep].astype(np.float64), "exposure": exposure_from_pre_exposure(ts.dose)[keep],
+        "handedness": -1 if ts.are_angles_inverted else 1, "tilts": [int(i) for i in keep],
+        "image_size_px": tuple(image_size_px), "tomogram_size_px": list(tomogram_size_px),
         "voltage_kv": float(ts.ctf.get("Voltage", 300)), "spherical_aberration_mm": float(ts.ctf.get("Cs", 2.7)),
         "amplitude_contrast": float(ts.ctf.get("Amplitude", 0.07)),
     }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _lines(values) -> str:
+    return "\n".join(repr(float(v)) for v in values)
+
+
+def _grid_element(tag: str, nodes: np.ndarray, four: bool = False) -> ET.Element:
+    """A Warp grid from node values ``[w][z][y][x]`` (4-D) or ``[z][y][x]``."""
+    values = nodes if four else nodes[None]
+    w, d, h, wd = values.shape
+    attrs = {"Width": str(wd), "Height": str(h), "Depth": str(d)}
+    attrs.update({"Duration": str(w)} if four else {"MarginX": "0", "MarginY": "0", "MarginZ": "0"})
+    el = ET.Element(tag, attrs)
+    for (t, z, y, x), v in np.ndenumerate(values):
+        node = {"X": str(x), "Y": str(y), "Z": str(z), **({"W": str(t)} if four else {}), "Value": repr(float(v))}
+        ET.SubElement(el, "Node", node)
+    return el
+
+
+def warp_xml_text(model: dict, pixel_size_angstrom: float, movie_paths: list[str]) -> tuple[str, list[str]]:
+    """A Warp tilt-series XML for our model, and notes on what Warp's model cannot hold.
+
+    The inverse of :func:`warp_model` for everything Warp's model has:
+    per-tilt x-tilt corrections collapse to one ``LevelAngleX`` (their mean),
+    per-tilt y-tilt corrections go into ``Angles``, and a time-resolved volume
+    warp (our time axis is mid-exposure) is left out.
+    """
+    px = pixel_size_angstrom
+    h, w = model["image_size_px"]
+    n = len(model["tilt_angles_deg"])
+    notes = []
+    corr = np.asarray(model["angle_corrections_deg"], dtype=np.float64)
+    level_x = float(corr[:, 0].mean())
+    if np.ptp(corr[:, 0]) > 0:
+        notes.append(f"per-tilt x-tilt corrections (spread {np.ptp(corr[:, 0]):.3g}°) written as their mean "
+                     "LevelAngleX: Warp has one per tilt series")
+    size = model["tomogram_size_px"]
+    root = ET.Element("TiltSeries", {
+        "AreAnglesInverted": str(model["handedness"] == -1), "LevelAngleX": repr(level_x), "LevelAngleY": "0.0",
+        "ImageDimensionsAngstrom": f"{w * px!r}, {h * px!r}",
+        "VolumeDimensionsAngstrom": ", ".join(repr(s * px) for s in size)})
+    offsets = np.asarray(model["shifts_angstrom"]) - centre_shift((h, w), px)
+    for tag, values in (("Angles", -(np.asarray(model["tilt_angles_deg"]) + corr[:, 1])),
+                        ("Dose", model["pre_exposure"]), ("UseTilt", None),
+                        ("AxisAngle", model["tilt_axis_angle_deg"] + corr[:, 2]),
+                        ("AxisOffsetX", offsets[:, 0]), ("AxisOffsetY", offsets[:, 1])):
+        ET.SubElement(root, tag).text = "\n".join(["True"] * n) if values is None else _lines(values)
+    ET.SubElement(root, "MoviePath").text = "\n".join(movie_paths)
+    du, dv = np.asarray(model["defocus_u_angstrom"]), np.asarray(model["defocus_v_angstrom"])
+    mean, delta, angle = (du + dv) / 2e4, (du - dv) / 2e4, np.asarray(model["defocus_angle_deg"], dtype=np.float64)
+    ctf = ET.SubElement(root, "CTF")
+    for name, value in (("PixelSize", px), ("Voltage", model["voltage_kv"]), ("Cs", model["spherical_aberration_mm"]),
+                        ("Amplitude", model["amplitude_contrast"]), ("Defocus", mean.mean()),
+                        ("DefocusDelta", delta.mean()), ("DefocusAngle", angle.mean())):
+        ET.SubElement(ctf, "Param", {"Name": name, "Value": repr(float(value))})
+    for tag, values in (("GridCTF", mean), ("GridCTFDefocusDelta", delta), ("GridCTFDefocusAngle", angle)):
+        root.append(_grid_element(tag, values.reshape(n, 1, 1)))
+    if model["image_warp"] is not None:
+        nodes = [bspline_to_interpolating(-np.asarray(c, dtype=np.float64)) for c in model["image_warp"]]
+        root.extend([_grid_element("GridMovementX", nodes[0]), _grid_element("GridMovementY", nodes[1])])
+    volume = model["volume_warp"]
+    if volume is not None and np.asarray(volume).shape[1] > 1:
+        notes.append("time-resolved volume warp left out: Warp's time axis is the dose range, ours mid-exposure")
+    elif volume is not None:
+        nodes = [bspline_to_interpolating(np.asarray(c, dtype=np.float64)) for c in volume]
+        root.extend([_grid_element(f"GridVolumeWarp{a}", nodes[i], four=True) for i, a in enumerate("XYZ")])
+    ET.indent(root, "\t")
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n", notes
+
+
+# --------------------------------------------------------------------------- tomostar
+
+
+@dataclass(frozen=True)
+class Tomostar:
+    """A WarpTools ``.tomostar``: one row per tilt movie (pre-exposure in ``_wrpDose``)."""
+
+    path: Path
+    movies: list[str]
+    angles: np.ndarray
+    dose: np.ndarray
+    axis_angles: np.ndarray | None
+    axis_offsets: np.ndarray | None  # (n, 2) Å
+
+
+def read_tomostar(path: str | Path) -> Tomostar:
+    path = Path(path)
+    blocks = read_star_blocks(path)
+    block, table = require_table(blocks, path, ("",))
+    n = len(table)
+    if n < 2:
+        raise InvalidInputError("a tilt series needs at least two tilts", path=str(path), field="rows", found=n)
+
+    def optional(name: str) -> np.ndarray | None:
+        return numeric_column(table, name, path, block) if name in table.columns else None
+    offsets = [optional("wrpAxisOffsetX"), optional("wrpAxisOffsetY")]
+    dose = numeric_column(table, "wrpDose", path, block)
+    if (dose < 0).any():
+        row = int(np.flatnonzero(dose < 0)[0]) + 1
+        raise InvalidInputError("dose must be >= 0", path=str(path), field=f"data_{block}/_wrpDose row {row}")
+    return Tomostar(path=path, movies=string_column(table, "wrpMovieName", path, block),
+                    angles=numeric_column(table, "wrpAngleTilt", path, block), dose=dose,
+                    axis_angles=optional("wrpAxisAngle"),
+                    axis_offsets=None if offsets[0] is None or offsets[1] is None else np.stack(offsets, 1))
+
+
+def tomostar_table(movies: list[str], xml: WarpTiltSeries) -> pd.DataFrame:
+    """The tomostar rows for the tilts of a Warp XML."""
+    return pd.DataFrame({"wrpMovieName": movies, "wrpAngleTilt": xml.angles, "wrpAxisAngle": xml.axis_angles,
+                         "wrpAxisOffsetX": xml.axis_offsets[:, 0], "wrpAxisOffsetY": xml.axis_offsets[:, 1],
+                         "wrpDose": xml.dose})

@@ -327,6 +327,12 @@ def test_cli_import_and_export(project, tmp_path):
     assert out["tilt_series"] == ["TS_A", "TS_B"] and out["species"] == ["ribosome"]
     summary = invoke("export", "relion", tmp_path / "out", "--json")
     assert summary["species"] == ["ribosome"] and (tmp_path / "out/ribosome/optimisation_set.star").is_file()
+    filtered = tmp_path / "out/ribosome/filtered.mrc"  # the engine's filter, written by the CLI layer
+    assert mrcfile.validate(str(filtered))
+    with mrcfile.open(filtered) as m, mrcfile.open(tmp_path / "out/ribosome/half_map_1.mrc") as h:
+        assert m.voxel_size.x == h.voxel_size.x and m.data.shape == h.data.shape
+    invoke("export", "relion", tmp_path / "plain", "--no-filtered")
+    assert not (tmp_path / "plain/ribosome/filtered.mrc").exists()
     bad = runner.invoke(cli, ["-C", pop, "import", "relion", str(project / "tomograms.star"), "--source", "labA",
                               "--half1", str(project / "ribosome/half1.mrc")])
     assert bad.exit_code == 2 and "--half2" in bad.output

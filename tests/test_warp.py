@@ -91,11 +91,6 @@ def test_ts1_tilt_rotations_match_warp(warpylib):
     np.testing.assert_allclose(geom.rotations().numpy(), expected.double().numpy(), atol=1e-6)
 
 
-def test_inverted_angles_are_refused_clearly():
-    with pytest.raises(CryopoolError, match="AreAnglesInverted"):
-        warp_model(read_warp_xml(SHARED_DATA / "warp/00254.xml"), 1.0)
-
-
 def test_bad_xml_is_refused(tmp_path):
     bad = tmp_path / "bad.xml"
     bad.write_text("<TiltSeries><Angles>1\n2</Angles><Dose>1</Dose></TiltSeries>")

@@ -1,4 +1,4 @@
-"""Per-tilt metadata: IMOD ``.tlt`` angle lists, SerialEM ``.mdoc``, dose bookkeeping."""
+"""Per-tilt metadata: IMOD ``.tlt`` angle lists and ``.xf`` alignments, SerialEM ``.mdoc``, dose bookkeeping."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
-__all__ = ["read_tlt", "Mdoc", "read_mdoc", "dose_symmetric_order", "pre_exposure", "exposure_from_pre_exposure", "parse_tilt_range"]
+__all__ = ["read_tlt", "read_xf", "xf_alignment", "Mdoc", "read_mdoc", "dose_symmetric_order", "pre_exposure", "exposure_from_pre_exposure", "parse_tilt_range"]
 
 
 def _text(path: Path) -> str:
@@ -45,10 +45,61 @@ def read_tlt(path: str | Path) -> list[float]:
     return angles
 
 
+def read_xf(path: str | Path) -> np.ndarray:
+    """IMOD ``.xf``: one line ``A11 A12 A21 A22 DX DY`` per tilt → ``(n, 6)``.
+
+    IMOD maps a raw image point to the aligned image as ``x' = A x + d``
+    (pixels, about the image centre).
+    """
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(_text(path).splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 6:
+            raise FormatError("expected 6 numbers: A11 A12 A21 A22 DX DY", path=str(path), field=f"line {n}",
+                              found=len(parts))
+        try:
+            row = [float(v) for v in parts]
+        except ValueError:
+            raise FormatError("not a number", path=str(path), field=f"line {n}", found=repr(line.strip())) from None
+        if not all(math.isfinite(v) for v in row):
+            raise InvalidInputError("NaN or infinite value", path=str(path), field=f"line {n}")
+        rows.append(row)
+    if not rows:
+        raise FormatError("no transforms in file", path=str(path))
+    return np.array(rows)
+
+
+def xf_alignment(xf: np.ndarray, pixel_size_angstrom: float, path: str = ".xf") -> tuple[np.ndarray, np.ndarray]:
+    """Per-tilt tilt-axis angles (degrees) and image shifts (Å) that an IMOD ``.xf`` stands for.
+
+    The raw image holds the aligned projection turned back: ``raw = A⁻¹(aligned − d)``,
+    so with ``A = R(φ)`` the tilt axis lies at ``−φ`` and the shift is ``−A⁻¹ d``.
+    ``A`` must be a rotation; tiltalign's small magnification changes (≤ 2 %)
+    are not modelled and are reported by the caller, larger ones or skew are refused.
+    """
+    a = xf[:, :4].reshape(-1, 2, 2)
+    d = xf[:, 4:]
+    scale = np.sqrt(np.abs(np.linalg.det(a)))
+    rotation = a / scale[:, None, None]
+    skew = np.abs(np.einsum("nij,nkj->nik", rotation, rotation) - np.eye(2)).max(axis=(1, 2))
+    bad = np.flatnonzero((np.abs(scale - 1) > 0.02) | (skew > 0.02) | (np.linalg.det(a) <= 0))
+    if len(bad):
+        raise InvalidInputError("transform is not a rotation (magnification, stretch or mirror)", path=path,
+                                field=f"line {bad[0] + 1}", expected="|scale - 1| <= 0.02 and no skew",
+                                found=xf[bad[0], :4].tolist())
+    phi = np.degrees(np.arctan2(rotation[:, 1, 0], rotation[:, 0, 0]))
+    shifts = -np.einsum("nji,nj->ni", rotation, d) / scale[:, None] * pixel_size_angstrom
+    return -phi, shifts
+
+
 @dataclass
 class Mdoc:
     global_values: dict[str, str]
     sections: list[dict[str, str]] = field(default_factory=list)  # one per [ZValue = n], in z order
+    titles: list[str] = field(default_factory=list)  # the [T = ...] lines, text inside the brackets
 
     def column(self, key: str, path: str) -> list[str]:
         out = []
@@ -94,8 +145,11 @@ def read_mdoc(path: str | Path) -> Mdoc:
     current: dict[str, str] | None = None
     for n, line in enumerate(_text(path).splitlines(), 1):
         s = line.strip()
-        if not s or (s.startswith("[") and not _SECTION.match(s)):
-            continue  # blank lines and [T = ...] titles
+        if not s:
+            continue
+        if s.startswith("[") and not _SECTION.match(s):
+            mdoc.titles.append(s.strip("[]").strip())
+            continue
         m = _SECTION.match(s)
         if m:
             z = int(m.group(1))
