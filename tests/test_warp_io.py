@@ -312,3 +312,17 @@ def test_cli_import_and_export_warp(tmp_path):
     assert (tmp_path / "out/warp_tiltseries/TS_1.xml").read_bytes() == (root / "warp_tiltseries/TS_1.xml").read_bytes()
     r = runner.invoke(cli, ["-C", pop, "import", "warp", str(tmp_path / "nothing.xml"), "--source", "lab"])
     assert r.exit_code != 0 and "nothing.xml" in r.output
+
+
+def test_two_sources_export_in_one_step_without_clashing(tmp_path):
+    root = _warp_project(tmp_path / "project")
+    repo = Repository.init(tmp_path / "pop")
+    for lab in ("lab_a", "lab_b"):
+        import_warp(repo, [root / "warp_tiltseries/TS_1.xml"], source=lab)
+    summary = export_warp(repo, "HEAD", tmp_path / "out")
+    assert summary["tilt_series"] == ["lab_a_TS_1", "lab_b_TS_1"]
+    again = Repository.init(tmp_path / "again")
+    import_warp(again, [tmp_path / "out/warp_tiltseries/lab_b_TS_1.xml"], source="lab_b")
+    (key, _, item), = iter_items(again, again.population("HEAD"))
+    original = {k: i for k, _, i in iter_items(repo, repo.population("HEAD"))}["lab_b/TS_1"]
+    assert key == "lab_b/lab_b_TS_1" and item.stack == original.stack
