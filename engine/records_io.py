@@ -57,7 +57,9 @@ def load_item(repo: Repository, item: TiltSeries, *, with_stack: bool = True) ->
         image_size_px=(h, w), pixel_size_angstrom=px,
         tomogram_size_angstrom=tuple(float(s) * px for s in item.tomogram_size_px),
         dose_time=(pre + 0.5 * exposure) / total,
-        image_warp=_grid(repo, deformation.image_warp), volume_warp=_grid(repo, deformation.volume_warp))
+        image_warp=_grid(repo, deformation.image_warp), volume_warp=_grid(repo, deformation.volume_warp),
+        orientation_corrections_deg=None if deformation.orientation_corrections_deg is None
+        else _array(repo, deformation.orientation_corrections_deg).reshape(t, 3))
     model = Imaging(_array(repo, imaging.defocus_u_angstrom), _array(repo, imaging.defocus_v_angstrom),
                     _array(repo, imaging.defocus_angle_deg), item.voltage_kv, item.spherical_aberration_mm,
                     item.amplitude_contrast, float(item.handedness))
@@ -74,7 +76,9 @@ def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> 
         return None if x is None else Grid(dimensions=list(x.shape[1:]), values=arr(x))
     deformation = DeformationModel(tilt_shifts_angstrom=arr(geometry.shifts_angstrom),
                                    tilt_angle_corrections_deg=arr(geometry.angle_corrections_deg),
-                                   image_warp=grid(geometry.image_warp), volume_warp=grid(geometry.volume_warp))
+                                   image_warp=grid(geometry.image_warp), volume_warp=grid(geometry.volume_warp),
+                                   orientation_corrections_deg=None if geometry.orientation_corrections_deg is None
+                                   else arr(geometry.orientation_corrections_deg))
     model = ImagingModel(defocus_u_angstrom=arr(imaging.defocus_u_angstrom),
                          defocus_v_angstrom=arr(imaging.defocus_v_angstrom),
                          defocus_angle_deg=arr(imaging.defocus_angle_deg))

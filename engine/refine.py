@@ -144,7 +144,8 @@ def _to(model: ItemModel, device) -> ItemModel:
     move = lambda x: None if x is None else x.to(device)  # noqa: E731
     geom = replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
                    angle_corrections_deg=g.angle_corrections_deg.to(device), dose_time=g.dose_time.to(device),
-                   image_warp=move(g.image_warp), volume_warp=move(g.volume_warp))
+                   image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
+                   orientation_corrections_deg=move(g.orientation_corrections_deg))
     im = model.imaging
     im = replace(im, defocus_u_angstrom=im.defocus_u_angstrom.to(device),
                  defocus_v_angstrom=im.defocus_v_angstrom.to(device), defocus_angle_deg=im.defocus_angle_deg.to(device))

@@ -166,7 +166,7 @@ def _fixed(model: _Model, k: int, stack: torch.Tensor, rows: slice, geometry: Ti
     pos, ori = model.poses(k)
     pos, ori = pos[rows], ori[rows]
     xy, z = particle_positions_in_tilts(geometry, pos)
-    rot = geometry.rotations() @ ori.unsqueeze(-3)  # (n, t, 3, 3)
+    rot = geometry.orientation_rotations() @ ori.unsqueeze(-3)  # (n, t, 3, 3)
     px = angstrom_to_pixel(xy, geometry.pixel_size_angstrom, geometry.image_size_px)
     boxes = extract_boxes(stack, px.to(stack.dtype), big)
     return _Fixed(boxes, z, extract_slices(s.reference, rot.to(stack.dtype)))

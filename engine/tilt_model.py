@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .geometry import particle_orientations_in_tilts, project_to_tilts, tilt_rotations
+from .geometry import (particle_orientations_in_tilts, project_to_tilts, rotation_x, rotation_y, rotation_z,
+                       tilt_rotations)
 from .splines import interpolate_bspline_grid
 
 __all__ = ["TiltGeometry", "Imaging", "particle_positions_in_tilts", "particle_rotations_in_tilts",
@@ -43,6 +44,7 @@ class TiltGeometry:
     dose_time: torch.Tensor  # (t,) accumulated exposure of each tilt, normalised to [0, 1]
     image_warp: torch.Tensor | None = None  # (2, t, gy, gx) Å
     volume_warp: torch.Tensor | None = None  # (3, gt, gz, gy, gx) Å
+    orientation_corrections_deg: torch.Tensor | None = None  # (t, 3): x, y, z, orientations only (Warp's GridAngle)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -51,6 +53,14 @@ class TiltGeometry:
 
     def rotations(self) -> torch.Tensor:
         return tilt_rotations(self.tilt_angles_deg, self.tilt_axis_angle_deg, self.angle_corrections_deg)
+
+    def orientation_rotations(self) -> torch.Tensor:
+        """The rotations that turn particle *orientations*: ``Rz Ry Rx`` (the corrections) · ``R_i``."""
+        r = self.rotations()
+        if self.orientation_corrections_deg is None:
+            return r
+        x, y, z = self.orientation_corrections_deg.to(r.dtype).unbind(-1)
+        return rotation_z(z) @ rotation_y(y) @ rotation_x(x) @ r
 
     def with_(self, **changes) -> "TiltGeometry":
         return replace(self, **changes)
@@ -104,7 +114,7 @@ def particle_positions_in_tilts(geom: TiltGeometry, positions_angstrom: torch.Te
 
 def particle_rotations_in_tilts(geom: TiltGeometry, orientations: torch.Tensor) -> torch.Tensor:
     """``(n, 3, 3)`` particle matrices → ``(n, t, 3, 3)`` map → image rotations."""
-    return particle_orientations_in_tilts(orientations, geom.rotations())
+    return particle_orientations_in_tilts(orientations, geom.orientation_rotations())
 
 
 def particle_defocus(imaging: Imaging, heights_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

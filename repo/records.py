@@ -60,12 +60,21 @@ def validate_name(name: str, what: str) -> str:
     return name
 
 
+LATER = "added_later"  # field metadata: a field added after format 1 is left out of the encoding while it is None
+
+
+def later(default: Any = None) -> Any:
+    """A field added after format 1: optional, and not encoded while None, so older objects keep their hashes."""
+    return field(default=default, metadata={LATER: True})
+
+
 class Struct:
     """A nested value inside a record (no identity of its own)."""
 
     def to_value(self) -> dict:
         hints = typing.get_type_hints(type(self), include_extras=True)
-        return {f.name: _to(getattr(self, f.name), hints[f.name], f.name) for f in dataclasses.fields(self)}
+        return {f.name: _to(getattr(self, f.name), hints[f.name], f.name) for f in dataclasses.fields(self)
+                if not (f.metadata.get(LATER) and getattr(self, f.name) is None)}
 
     @classmethod
     def from_value(cls, value: Any, where: str = "") -> "Struct":
@@ -78,10 +87,12 @@ class Struct:
         if extra:
             raise FormatError("unknown fields", path=where, field=extra[0], found=extra)
         kwargs = {}
-        for name in names:
-            if name not in value:
-                raise FormatError("missing field", path=where, field=name)
-            kwargs[name] = _from(value[name], hints[name], f"{where}.{name}")
+        for f in dataclasses.fields(cls):
+            if f.name not in value:
+                if f.metadata.get(LATER):
+                    continue  # added after format 1, absent when null (older objects keep their hashes)
+                raise FormatError("missing field", path=where, field=f.name)
+            kwargs[f.name] = _from(value[f.name], hints[f.name], f"{where}.{f.name}")
         return cls(**kwargs)
 
 
@@ -245,6 +256,9 @@ class DeformationModel(Record):
     image_warp: Grid | None = None  # 2-D + time grid, in image coordinates
     volume_warp: Grid | None = None  # 3-D + time grid, anchored in the sample
     movie_grids: dict[str, Grid] = field(default_factory=dict)
+    # (n_tilts, 3): rotations about x, y, z (degrees) applied to particle orientations only, not positions
+    # (Warp's and M's GridAngleX/Y/Z): orientation in tilt i = Rz Ry Rx · R_i · A
+    orientation_corrections_deg: ArrayRef | None = later()
 
 
 @dataclass(frozen=True)

@@ -520,6 +520,9 @@ def export_relion(repo: Repository, rev: str, out: str | Path, *, species: list[
             if item.half_set_models:
                 notes.append(f"{key}: the per-half-set models of the gold-standard refinement are not exported "
                              "(RELION has one model per tilt series); the item's shared model is")
+            if repo.get_record(item.deformation, DeformationModel).orientation_corrections_deg is not None:
+                notes.append(f"{key}: orientation-only corrections (Warp's GridAngleX/Y/Z) are not exported: "
+                             "RELION turns positions and orientations with the same matrix")
             rows.append({
                 "rlnTomoName": name, "rlnVoltage": item.voltage_kv,
                 "rlnSphericalAberration": item.spherical_aberration_mm,

@@ -235,6 +235,11 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
             raise InvalidInputError("per-tilt grid with a depth other than the tilt count", path=str(ts.path),
                                     field=f"<{name}>", expected=n, found=len(v))
         return v
+    for name in ("GridAngleX", "GridAngleY", "GridAngleZ"):
+        if name in g and g[name].shape[1:] != (1, 1):
+            raise InvalidInputError("orientation corrections that vary across the volume are not supported yet",
+                                    path=str(ts.path), field=f"<{name}>", found=g[name].shape)
+    orientation = np.stack([per_tilt(f"GridAngle{a}", 0.0) for a in "XYZ"], 1)[keep]
     defocus = per_tilt("GridCTF", float(ts.ctf.get("Defocus", 0))) * 1e4
     delta = per_tilt("GridCTFDefocusDelta", float(ts.ctf.get("DefocusDelta", 0))) * 1e4
     lx, ly = ts.level_angles
@@ -244,6 +249,7 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
         "angle_corrections_deg": np.stack([np.full(len(keep), lx), np.full(len(keep), -ly), axis - axis[0]], 1),
         "shifts_angstrom": ts.axis_offsets[keep] + centre_shift(image_size_px, px),
         "image_warp": image_warp, "volume_warp": volume_warp,
+        "orientation_corrections_deg": orientation if np.any(orientation != 0) else None,
         "defocus_u_angstrom": (defocus + delta)[keep], "defocus_v_angstrom": (defocus - delta)[keep],
         "defocus_angle_deg": per_tilt("GridCTFDefocusAngle", float(ts.ctf.get("DefocusAngle", 0)))[keep],
         "pre_exposure": ts.dose[keep].astype(np.float64), "exposure": exposure_from_pre_exposure(ts.dose)[keep],
@@ -312,6 +318,9 @@ def warp_xml_text(model: dict, pixel_size_angstrom: float, movie_paths: list[str
         ET.SubElement(ctf, "Param", {"Name": name, "Value": repr(float(value))})
     for tag, values in (("GridCTF", mean), ("GridCTFDefocusDelta", delta), ("GridCTFDefocusAngle", angle)):
         root.append(_grid_element(tag, values.reshape(n, 1, 1)))
+    if model.get("orientation_corrections_deg") is not None:
+        corrections = np.asarray(model["orientation_corrections_deg"], dtype=np.float64)
+        root.extend(_grid_element(f"GridAngle{a}", corrections[:, i].reshape(n, 1, 1)) for i, a in enumerate("XYZ"))
     if model["image_warp"] is not None:
         nodes = [bspline_to_interpolating(-np.asarray(c, dtype=np.float64)) for c in model["image_warp"]]
         root.extend([_grid_element("GridMovementX", nodes[0]), _grid_element("GridMovementY", nodes[1])])

@@ -2,8 +2,8 @@
 
 Import reads Warp's model into ours exactly (``warp.warp_model``) and keeps
 the XML itself, verbatim, as a blob the item refers to (``metadata.warp``),
-so nothing Warp knows is lost: grids we do not model (``GridAngleX/Y/Z``,
-dose B-factors, …) travel with the item. Export writes the WarpTools layout
+so nothing Warp knows is lost: what we do not model (dose B-factor grids,
+Zernike coefficients, …) travels with the item. Export writes the WarpTools layout
 
     tomostar/NAME.tomostar
     warp_tiltseries/NAME.xml
@@ -83,6 +83,7 @@ def _tomostar_model(t: Tomostar, size_px: tuple[int, int], pixel: float, options
         "tilt_angles_deg": -t.angles, "tilt_axis_angle_deg": float(axis[0]),
         "angle_corrections_deg": np.stack([np.zeros(n), np.zeros(n), axis - axis[0]], 1),
         "shifts_angstrom": offsets + centre_shift(size_px, pixel), "image_warp": None, "volume_warp": None,
+        "orientation_corrections_deg": None,
         "defocus_u_angstrom": defocus, "defocus_v_angstrom": defocus, "defocus_angle_deg": np.zeros(n),
         "pre_exposure": t.dose.astype(np.float64), "exposure": exposure_from_pre_exposure(t.dose), "handedness": 1,
         "tilts": list(range(n)), "voltage_kv": float(options.get("voltage_kv") or 300.0),
@@ -194,9 +195,12 @@ def import_warp(
             h, w = s.data.shape[1:]
             grid = {k: Grid(dimensions=list(np.shape(m[k])[1:]), values=tx.put_array(np.asarray(m[k], np.float64)))
                     for k in ("image_warp", "volume_warp") if m[k] is not None}
-            deformation = DeformationModel(tilt_shifts_angstrom=tx.put_array(np.asarray(m["shifts_angstrom"])),
-                                           tilt_angle_corrections_deg=tx.put_array(m["angle_corrections_deg"]),
-                                           image_warp=grid.get("image_warp"), volume_warp=grid.get("volume_warp"))
+            corrections = m.get("orientation_corrections_deg")
+            deformation = DeformationModel(
+                tilt_shifts_angstrom=tx.put_array(np.asarray(m["shifts_angstrom"])),
+                tilt_angle_corrections_deg=tx.put_array(m["angle_corrections_deg"]),
+                image_warp=grid.get("image_warp"), volume_warp=grid.get("volume_warp"),
+                orientation_corrections_deg=None if corrections is None else tx.put_array(corrections))
             imaging = ImagingModel(defocus_u_angstrom=tx.put_array(m["defocus_u_angstrom"]),
                                    defocus_v_angstrom=tx.put_array(m["defocus_v_angstrom"]),
                                    defocus_angle_deg=tx.put_array(m["defocus_angle_deg"]))
@@ -261,6 +265,8 @@ def _item_model(repo: Repository, item: TiltSeries) -> dict:
         "shifts_angstrom": arr(deformation.tilt_shifts_angstrom).reshape(n, 2),
         "image_warp": None if deformation.image_warp is None else arr(deformation.image_warp.values),
         "volume_warp": None if deformation.volume_warp is None else arr(deformation.volume_warp.values),
+        "orientation_corrections_deg": None if deformation.orientation_corrections_deg is None
+        else arr(deformation.orientation_corrections_deg).reshape(n, 3),
         "defocus_u_angstrom": arr(imaging.defocus_u_angstrom), "defocus_v_angstrom": arr(imaging.defocus_v_angstrom),
         "defocus_angle_deg": arr(imaging.defocus_angle_deg),
         "pre_exposure": np.array(item.pre_exposure_e_per_angstrom2),
@@ -309,7 +315,7 @@ def export_warp(repo: Repository, rev: str, out: str | Path, *,
                         {k: v for k, v in again.items() if k != "tilts"}, model):
                     original = None
                     notes.append(f"{key}: refined since import; its Warp XML is rebuilt from the current model "
-                                 "(grids cryopool does not model, such as GridAngleX/Y/Z, are not carried over)")
+                                 "(what cryopool does not model, such as dose B-factor grids, is not carried over)")
             xml_path = staging / "warp_tiltseries" / f"{name}.xml"
             if original is not None:
                 xml_path.write_bytes(original.raw)

@@ -75,6 +75,20 @@ def test_nested_structs_and_optionals():
     assert back.metrics.resolution_angstrom == 8.5 and back.mask is None
 
 
+def test_fields_added_later_leave_older_objects_unchanged():
+    """A later field is not encoded while null: a model without it has the bytes format 1 gave it."""
+    d = DeformationModel(tilt_shifts_angstrom=R, tilt_angle_corrections_deg=R)
+    value = d.to_value()
+    assert "orientation_corrections_deg" not in value
+    assert set(value) == {"tilt_shifts_angstrom", "tilt_angle_corrections_deg", "image_warp", "volume_warp",
+                          "movie_grids", "_type", "_v"}
+    assert parse_record(value).orientation_corrections_deg is None
+    with_it = dataclasses.replace(d, orientation_corrections_deg=R)
+    assert parse_record(canonical.decode(canonical.encode(with_it.to_value()))) == with_it
+    with pytest.raises(FormatError, match="image_warp"):  # format-1 fields stay required
+        parse_record({k: v for k, v in value.items() if k != "image_warp"})
+
+
 def test_reference_targets_declare_what_each_field_points_to():
     c = Commit(population=R, parents=[R], author="a", time_utc="2026-01-01T00:00:00Z", message="m",
                operation=Operation(kind="import", parameters={}, software="s", inputs={"f": Ref(Kind.BLOB, "b" * 64)}))

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from cryopool.engine.tilt_model import Imaging, TiltGeometry, particle_defocus, particle_positions_in_tilts
+from cryopool.engine.geometry import euler_zyz_to_matrix
+from cryopool.engine.tilt_model import (Imaging, TiltGeometry, particle_defocus, particle_positions_in_tilts,
+                                        particle_rotations_in_tilts)
 from cryopool.repo import CryopoolError
 from cryopool.repo.warp import interpolating_to_bspline, read_warp_xml, warp_model
 from cryopool.engine.splines import interpolate_bspline_grid
@@ -80,15 +82,25 @@ def test_ts1_positions_and_defocus_match_warp(warpylib):
     np.testing.assert_allclose(ours_defocus_um, expected[..., 2], atol=2e-5)  # 0.2 Å
 
 
-def test_ts1_tilt_rotations_match_warp(warpylib):
+def test_ts1_particle_orientations_match_warp(warpylib):
+    """Tilt rotations plus GridAngleX/Y/Z, which Warp applies to orientations only (up to 2.7° in TS_1)."""
     ts_w = warpylib.TiltSeries(str(TS_1))
-    for grid in (ts_w.grid_angle_x, ts_w.grid_angle_y, ts_w.grid_angle_z):  # orientation-only corrections, see below
-        grid.values = torch.zeros_like(grid.values)
-        grid._grid_operator, grid._grid_data = grid._create_torch_grid()
     xml = read_warp_xml(TS_1)
-    geom, _ = _our_geometry(warp_model(xml, 0.834), 0.834, xml.volume_angstrom)
-    expected = ts_w.get_rotation_matrices_in_all_tilts_single(torch.tensor([[1000.0, 2000.0, 400.0]]))[0]
-    np.testing.assert_allclose(geom.rotations().numpy(), expected.double().numpy(), atol=1e-6)
+    model = warp_model(xml, 0.834)
+    assert np.abs(model["orientation_corrections_deg"]).max() > 2.0
+    geom, _ = _our_geometry(model, 0.834, xml.volume_angstrom)
+    geom = geom.with_(orientation_corrections_deg=torch.as_tensor(model["orientation_corrections_deg"]))
+    rng = np.random.default_rng(1)
+    angles = rng.uniform(-180, 180, size=(5, 3))
+    point = torch.tensor([[1000.0, 2000.0, 400.0]])
+    expected = ts_w.get_rotation_matrices_in_all_tilts(
+        point[:, None].expand(5, 41, 3).contiguous(),
+        torch.tensor(np.radians(angles), dtype=torch.float32)[:, None].expand(5, 41, 3).contiguous())
+    ours = particle_rotations_in_tilts(geom, euler_zyz_to_matrix(torch.tensor(angles)))
+    np.testing.assert_allclose(ours.numpy(), expected.double().numpy(), atol=2e-6)
+    without = particle_rotations_in_tilts(geom.with_(orientation_corrections_deg=None),
+                                          euler_zyz_to_matrix(torch.tensor(angles)))
+    assert np.abs(without.numpy() - expected.double().numpy()).max() > 0.03  # the corrections matter
 
 
 def test_bad_xml_is_refused(tmp_path):

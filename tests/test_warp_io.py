@@ -210,8 +210,9 @@ def test_hand_written_project_converts_as_computed_by_hand(tmp_path):
     for j, z in enumerate(keep):
         want = [-(0.5 * x - 0.25 * y + 0.1 * z) for y in range(2) for x in range(2)]
         np.testing.assert_allclose(got[:, j, 0].numpy(), want, atol=1e-9)
-    # GridAngleX is orientation-only in Warp: not in our model, but the XML travels with the item
-    assert b"GridAngleX" in repo.get_blob(item.metadata["warp"]["xml"])
+    # GridAngleX (one node: every tilt) turns orientations only; the XML itself travels with the item
+    np.testing.assert_array_equal(m.geometry.orientation_corrections_deg.numpy(), [[0.7, 0.0, 0.0]] * 4)
+    assert repo.get_blob(item.metadata["warp"]["xml"]) == (root / "warp_tiltseries/TS_1.xml").read_bytes()
 
 
 def test_tomostar_alone_and_a_stack_with_every_tilt(tmp_path):
@@ -257,7 +258,8 @@ def test_generated_xml_reads_back_to_the_same_geometry(tmp_path):
     b = particle_positions_in_tilts(_geometry(back, 0.834, volume), p)
     np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), atol=1e-8)
     np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), atol=1e-8)
-    for key in ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_deg", "pre_exposure"):
+    for key in ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_deg", "pre_exposure",
+                "orientation_corrections_deg"):
         np.testing.assert_allclose(back[key], model[key], rtol=1e-12)
     model["angle_corrections_deg"][:, 0] += rng.normal(0, 0.3, n)  # Warp has one LevelAngleX
     assert "LevelAngleX" in warp_xml_text(model, 0.834, [f"m{i}.tif" for i in range(n)])[1][0]
