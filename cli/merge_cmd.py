@@ -7,7 +7,8 @@ import sys
 import click
 
 from cryopool.repo.errors import ConflictError
-from cryopool.repo.merge import POLICIES, clear_state, load_state, merge as run_merge, resolve as run_resolve
+from cryopool.repo.merge import (CONFLICT_CHOICES, POLICIES, clear_state, load_state, merge as run_merge,
+                                 resolve as run_resolve)
 
 from .common import Context, emit_json, handle_errors, json_option, short
 
@@ -20,14 +21,18 @@ __all__ = ["COMMANDS"]
               help="Collisions: fail (report, change nothing), ours, theirs, score (keep the higher), keep-both.")
 @click.option("--factor", default=0.8, show_default=True,
               help="Collision when centres are closer than FACTOR × (sum of the two radii).")
+@click.option("--conflicts", type=click.Choice(CONFLICT_CHOICES), default="fail", show_default=True,
+              help="Items, species or metadata keys changed on both sides: fail, or keep ours or theirs.")
 @click.option("-m", "--message", help="Commit message.")
 @json_option
 @click.pass_obj
 @handle_errors
-def merge(obj: Context, rev: str, policy: str, factor: float, message: str | None, as_json: bool) -> None:
+def merge(obj: Context, rev: str, policy: str, factor: float, conflicts: str, message: str | None,
+          as_json: bool) -> None:
     """Three-way merge of REV into the checked-out branch (a merge commit with two parents)."""
     repo = obj.repo()
-    _finish(lambda: run_merge(repo, rev, policy=policy, factor=factor, message=message), rev, policy, as_json)
+    _finish(lambda: run_merge(repo, rev, policy=policy, factor=factor, message=message, conflicts=conflicts), rev,
+            policy, as_json)
 
 
 def _finish(action, rev: str, policy: str, as_json: bool) -> None:

@@ -31,10 +31,11 @@ from .population import item_refs
 from .records import DataSource, Operation, ParticleTable, Population, Species
 from .repository import Repository, software_version
 
-__all__ = ["POLICIES", "Collision", "MergeReport", "merge_base", "find_collisions", "merge", "resolve", "load_state",
+__all__ = ["POLICIES", "CONFLICT_CHOICES", "Collision", "MergeReport", "merge_base", "find_collisions", "merge", "resolve", "load_state",
            "clear_state"]
 
 POLICIES = ("fail", "ours", "theirs", "score", "keep-both")
+CONFLICT_CHOICES = ("fail", "ours", "theirs")  # items, species and metadata keys changed on both sides
 
 
 def merge_base(repo: Repository, a: str, b: str) -> ObjectId | None:
@@ -93,8 +94,9 @@ class MergeReport:
     fast_forward: bool = False
 
 
-def _three_way(base, ours, theirs, what: str, conflicts: list[str]):
-    """Merge two dicts of refs from a base: take one-sided changes, report two-sided ones."""
+def _three_way(base, ours, theirs, what: str, conflicts: list[str], prefer: str = "fail", taken: list | None = None):
+    """Merge two dicts of refs from a base: take one-sided changes; two-sided ones are conflicts unless ``prefer``
+    names the side that wins (``taken`` then lists them)."""
     out = {}
     for key in sorted(set(ours) | set(theirs) | set(base)):
         b, o, t = base.get(key), ours.get(key), theirs.get(key)
@@ -104,6 +106,10 @@ def _three_way(base, ours, theirs, what: str, conflicts: list[str]):
             value = t
         elif t == b:
             value = o
+        elif prefer in ("ours", "theirs"):
+            value = o if prefer == "ours" else t
+            if taken is not None:
+                taken.append(f"{what} {key}: {prefer}")
         else:
             conflicts.append(f"{what} {key} changed on both sides")
             value = o
@@ -179,14 +185,19 @@ def _drop(repo: Repository, pop: Population, drops: dict[str, set[int]]) -> Popu
 
 def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: float = 0.8,
           message: str | None = None, branch: str | None = None,
-          drop: set[tuple[str, int]] | None = None) -> MergeReport:
+          drop: set[tuple[str, int]] | None = None, conflicts: str = "fail") -> MergeReport:
     """Merge ``theirs_rev`` into the branch (default: HEAD's). Raises ConflictError with the report on failure.
 
     ``drop`` settles individual collisions: a collision involving one of these (species, particle id)
-    pairs drops that particle, whatever the policy; the policy decides the rest.
+    pairs drops that particle, whatever the policy; the policy decides the rest. ``conflicts``
+    settles items, species and metadata keys changed on both sides: ``fail`` (report them),
+    ``ours`` or ``theirs`` (that side's version wins, recorded in the merge commit).
     """
     if policy not in POLICIES:
         raise InvalidInputError("unknown collision policy", field="policy", expected=list(POLICIES), found=policy)
+    if conflicts not in CONFLICT_CHOICES:
+        raise InvalidInputError("unknown conflict choice", field="conflicts", expected=list(CONFLICT_CHOICES),
+                                found=conflicts)
     if not factor > 0:
         raise InvalidInputError("collision factor must be > 0", field="factor", found=factor)
     ref_name = repo.branch_ref(branch)
@@ -204,14 +215,18 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
         return report
     pb = repo.population(base) if base else Population(name="population")
     po, pt = repo.population(ours_id), repo.population(theirs_id)
-    conflicts: list[str] = []
-    items = _three_way(item_refs(repo, pb), item_refs(repo, po), item_refs(repo, pt), "item", conflicts)
-    species = _three_way(pb.species, po.species, pt.species, "species", conflicts)
-    metadata = _three_way(pb.metadata, po.metadata, pt.metadata, "population metadata key", conflicts)
-    if conflicts:
-        report.conflicts = conflicts
-        raise ConflictError("merge has conflicts: " + "; ".join(conflicts),
-                            hint="re-refine one side on top of the other, or merge the other way")
+    found_conflicts: list[str] = []
+    taken: list[str] = []
+    items = _three_way(item_refs(repo, pb), item_refs(repo, po), item_refs(repo, pt), "item", found_conflicts,
+                       conflicts, taken)
+    species = _three_way(pb.species, po.species, pt.species, "species", found_conflicts, conflicts, taken)
+    metadata = _three_way(pb.metadata, po.metadata, pt.metadata, "population metadata key", found_conflicts,
+                          conflicts, taken)
+    if found_conflicts:
+        report.conflicts = found_conflicts
+        raise ConflictError("merge has conflicts: " + "; ".join(found_conflicts),
+                            hint="keep one side's version (--conflicts ours|theirs), re-refine one side on top "
+                                 "of the other, or merge the other way")
     with repo.transaction() as tx:
         sources: dict[str, dict] = {}
         for key, ref in items.items():
@@ -250,6 +265,7 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
             error.collisions = unsettled  # the full report, for callers to show
             _save_state(repo, {"theirs": theirs_id, "theirs_rev": theirs_rev, "ours": ours_id, "base": base,
                                "factor": factor, "branch": branch, "drop": sorted([list(x) for x in drop]),
+                               "conflicts": conflicts,
                                "collisions": [c.as_dict() for c in unsettled]})
             raise error
         merged = _drop(tx, merged, drops)
@@ -257,7 +273,8 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
                               inputs={"ours": tx.get_commit(ours_id).population, "theirs":
                                       tx.get_commit(theirs_id).population},
                               parameters={"policy": policy, "factor": factor, "base": base, "theirs": theirs_id,
-                                          "collisions": [c.as_dict() for c in report.collisions]})
+                                          "collisions": [c.as_dict() for c in report.collisions],
+                                          **({"conflicts": conflicts, "conflicts_taken": taken} if taken else {})})
         msg = message or (f"Merge {theirs_rev}: {len(report.collisions)} collision(s), policy {policy}")
         report.commit = tx.commit(merged, message=msg, operation=operation, branch=branch, retries=0,
                                   extra_parents=[theirs_id])
@@ -294,4 +311,4 @@ def resolve(repo: Repository, *, policy: str = "fail", drop: set[tuple[str, int]
         raise ConflictError("the branch moved since the merge stopped", hint="cryopool resolve --abort, then merge again")
     decided = {tuple(x) for x in state["drop"]} | set(drop or ())
     return merge(repo, state["theirs"], policy=policy, factor=state["factor"], message=message,
-                 branch=state["branch"], drop=decided)
+                 branch=state["branch"], drop=decided, conflicts=state.get("conflicts", "fail"))

@@ -16,6 +16,7 @@ from cryopool.repo.errors import ConflictError
 from cryopool.repo.importers import import_species, import_tilt_series
 from cryopool.repo.gc import reachable
 from cryopool.repo.merge import load_state, merge, merge_base
+from cryopool.repo.population import item_refs
 from cryopool.repo.records import Operation, ParticleTable, Species
 from cryopool.repo.verify import verify
 
@@ -104,8 +105,31 @@ def test_items_changed_on_both_sides_conflict(labs, inputs):
     import_tilt_series(labs, inputs["ts1"], source="lab_c", **TILT_ARGS)
     labs.checkout("main")
     import_tilt_series(labs, inputs["ts2"], source="lab_c", name="TS_01", **TILT_ARGS)
+    before = labs.resolve("main")
     with pytest.raises(ConflictError, match="item lab_c/TS_01 changed on both sides"):
         merge(labs, "lab-b", policy="keep-both")
+    assert labs.resolve("main") == before
+    ours = item_refs(labs, labs.population("main"))["lab_c/TS_01"]
+    theirs = item_refs(labs, labs.population("lab-b"))["lab_c/TS_01"]
+    assert ours != theirs
+    report = merge(labs, "lab-b", policy="keep-both", conflicts="theirs")
+    assert item_refs(labs, labs.population("main"))["lab_c/TS_01"] == theirs
+    params = labs.get_commit(report.commit).operation.parameters
+    assert params["conflicts"] == "theirs" and params["conflicts_taken"] == ["item lab_c/TS_01: theirs"]
+    assert verify(labs).ok
+
+
+def test_conflicts_ours_keeps_our_version_through_the_cli(labs, inputs):
+    labs.checkout("lab-b")
+    import_tilt_series(labs, inputs["ts1"], source="lab_c", **TILT_ARGS)
+    labs.checkout("main")
+    import_tilt_series(labs, inputs["ts2"], source="lab_c", name="TS_01", **TILT_ARGS)
+    ours = item_refs(labs, labs.population("main"))["lab_c/TS_01"]
+    runner = CliRunner()
+    done = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b", "--policy", "keep-both",
+                               "--conflicts", "ours"])
+    assert done.exit_code == 0, done.output
+    assert item_refs(labs, labs.population("main"))["lab_c/TS_01"] == ours
 
 
 def test_merge_command_lists_collisions(labs):
