@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cryopool.repo.merge import POLICIES, merge as run_merge
+from cryopool.repo.merge import CONFLICT_CHOICES, POLICIES, merge as run_merge
 from cryopool.repo.remote import add_remote, clone as run_clone, fetch as run_fetch, push as run_push, remove_remote
 
 from .common import Context, emit_json, handle_errors, human_bytes, json_option, progress_bar, short
@@ -107,15 +107,17 @@ def push(obj: Context, name: str, branch: str | None, force: bool, as_json: bool
 @click.argument("branch", required=False)
 @click.option("--policy", type=click.Choice(POLICIES), default="fail", show_default=True,
               help="Particle-collision policy for the merge.")
+@click.option("--conflicts", type=click.Choice(CONFLICT_CHOICES), default="fail", show_default=True,
+              help="Items, species or metadata keys changed on both sides: fail, or keep ours or theirs.")
 @json_option
 @click.pass_obj
 @handle_errors
-def pull(obj: Context, name: str, branch: str | None, policy: str, as_json: bool) -> None:
+def pull(obj: Context, name: str, branch: str | None, policy: str, conflicts: str, as_json: bool) -> None:
     """Fetch NAME and merge NAME/BRANCH (default: the checked-out branch's name) into the checked-out branch."""
     repo = obj.repo()
     branch = branch or repo.head().branch
     stats, _ = run_fetch(repo, name)
-    report = run_merge(repo, f"refs/remotes/{name}/{branch}", policy=policy)
+    report = run_merge(repo, f"refs/remotes/{name}/{branch}", policy=policy, conflicts=conflicts)
     if as_json:
         emit_json({"objects": stats.objects, "commit": report.commit, "fast_forward": report.fast_forward,
                    "collisions": [c.as_dict() for c in report.collisions]})
