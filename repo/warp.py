@@ -29,7 +29,7 @@ from .formats.star import numeric_column, read_star_blocks, require_table, strin
 from .formats.tilts import exposure_from_pre_exposure
 
 __all__ = ["WarpTiltSeries", "read_warp_xml", "parse_warp_xml", "interpolating_to_bspline", "bspline_to_interpolating", "warp_model",
-           "warp_xml_text", "Tomostar", "read_tomostar", "tomostar_table"]
+           "warp_xml_text", "centre_shift", "Tomostar", "read_tomostar", "tomostar_table"]
 
 
 @dataclass(frozen=True)
@@ -164,9 +164,6 @@ def bspline_to_interpolating(values: np.ndarray) -> np.ndarray:
     return _per_axis(values, np.matmul)
 
 
-_PER_TILT_GRIDS = ("GridCTF", "GridCTFDefocusDelta", "GridCTFDefocusAngle")
-
-
 def centre_shift(size_px: tuple[int, int], pixel: float) -> np.ndarray:
     """Warp's image centre is ``size/2`` px, ours the pixel ``size // 2``: the step between them (x, y Å)."""
     h, w = size_px
@@ -208,10 +205,6 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
                                     found=values.shape[axis])
         return np.take(values, keep, axis=axis)
 
-    for name in _PER_TILT_GRIDS:
-        if name in g and g[name].shape[1:] != (1, 1):
-            raise InvalidInputError("spatially varying CTF grids are not supported yet", path=str(ts.path),
-                                    field=f"<{name}>", found=g[name].shape)
     warp = [g.get(f"GridVolumeWarp{a}") for a in "XYZ"]
     volume_warp = None
     if all(w is not None for w in warp) and any(np.any(w != 0) for w in warp):
@@ -226,8 +219,13 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
                                 for a in "XY"])  # (2, t, y, x)
 
     def per_tilt(name: str, default: float) -> np.ndarray:
+        """One value per tilt from a grid of depth n (or 1); grids varying across the image are refused."""
         if name not in g:
             return np.full(n, default)
+        if g[name].shape[1:] != (1, 1):
+            raise InvalidInputError("grids that vary across the image or volume are not supported yet",
+                                    path=str(ts.path), field=f"<{name}>", expected="Width = Height = 1",
+                                    found=g[name].shape)
         v = g[name][:, 0, 0].astype(np.float64)
         if len(v) == 1:
             return np.full(n, float(v[0]))
@@ -235,10 +233,6 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
             raise InvalidInputError("per-tilt grid with a depth other than the tilt count", path=str(ts.path),
                                     field=f"<{name}>", expected=n, found=len(v))
         return v
-    for name in ("GridAngleX", "GridAngleY", "GridAngleZ"):
-        if name in g and g[name].shape[1:] != (1, 1):
-            raise InvalidInputError("orientation corrections that vary across the volume are not supported yet",
-                                    path=str(ts.path), field=f"<{name}>", found=g[name].shape)
     orientation = np.stack([per_tilt(f"GridAngle{a}", 0.0) for a in "XYZ"], 1)[keep]
     defocus = per_tilt("GridCTF", float(ts.ctf.get("Defocus", 0))) * 1e4
     delta = per_tilt("GridCTFDefocusDelta", float(ts.ctf.get("DefocusDelta", 0))) * 1e4

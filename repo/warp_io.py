@@ -316,22 +316,19 @@ def export_warp(repo: Repository, rev: str, out: str | Path, *,
                     original = None
                     notes.append(f"{key}: refined since import; its Warp XML is rebuilt from the current model "
                                  "(what cryopool does not model, such as dose B-factor grids, is not carried over)")
-            xml_path = staging / "warp_tiltseries" / f"{name}.xml"
-            if original is not None:
-                xml_path.write_bytes(original.raw)
-                movies = original.movie_paths or [f"{name}_{i:03d}.mrc" for i in range(len(original.angles))]
-            else:
-                movies = [f"{name}_{i:03d}.mrc" for i in range(item.n_tilts)]
-                text, more = warp_xml_text(model, item.pixel_size_angstrom, movies)
+            if original is None:
+                text, more = warp_xml_text(model, item.pixel_size_angstrom,
+                                           [f"{name}_{i:03d}.mrc" for i in range(item.n_tilts)])
                 notes.extend(f"{key}: {m}" for m in more)
-                xml_path.write_text(text, encoding="utf-8")
+                original = parse_warp_xml(text.encode("utf-8"), f"{key} (rebuilt XML)")
+            (staging / "warp_tiltseries" / f"{name}.xml").write_bytes(original.raw)
             if item.half_set_models:
                 notes.append(f"{key}: the per-half-set models of the gold-standard refinement are not exported "
                              "(Warp has one model per tilt series); the item's shared model is")
-            written = read_warp_xml(xml_path)
-            if len(movies) != len(written.angles):
-                movies = [f"{name}_{i:03d}.mrc" for i in range(len(written.angles))]
-            write_star(staging / "tomostar" / f"{name}.tomostar", {"": tomostar_table(movies, written)})
+            movies = original.movie_paths
+            if len(movies) != len(original.angles):
+                movies = [f"{name}_{i:03d}.mrc" for i in range(len(original.angles))]
+            write_star(staging / "tomostar" / f"{name}.tomostar", {"": tomostar_table(movies, original)})
             stack_dir = staging / "warp_tiltseries" / "tiltstack" / name
             stack_dir.mkdir(parents=True)
             write_mrc(stack_dir / f"{name}.st", repo.get_array(item.stack).read(), item.pixel_size_angstrom,

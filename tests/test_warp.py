@@ -43,7 +43,7 @@ def _our_geometry(model: dict, pixel: float, volume_angstrom) -> tuple[TiltGeome
         shifts_angstrom=t(model["shifts_angstrom"]), angle_corrections_deg=t(model["angle_corrections_deg"]),
         image_size_px=model["image_size_px"], tomogram_size_angstrom=tuple(volume_angstrom), pixel_size_angstrom=pixel,
         dose_time=torch.zeros(n, dtype=torch.float64), image_warp=t(model["image_warp"]),
-        volume_warp=t(model["volume_warp"]))
+        volume_warp=t(model["volume_warp"]), orientation_corrections_deg=t(model.get("orientation_corrections_deg")))
     im = Imaging(t(model["defocus_u_angstrom"]), t(model["defocus_v_angstrom"]), t(model["defocus_angle_deg"]),
                  model["voltage_kv"], model["spherical_aberration_mm"], model["amplitude_contrast"])
     return geom, im
@@ -89,7 +89,6 @@ def test_ts1_particle_orientations_match_warp(warpylib):
     model = warp_model(xml, 0.834)
     assert np.abs(model["orientation_corrections_deg"]).max() > 2.0
     geom, _ = _our_geometry(model, 0.834, xml.volume_angstrom)
-    geom = geom.with_(orientation_corrections_deg=torch.as_tensor(model["orientation_corrections_deg"]))
     rng = np.random.default_rng(1)
     angles = rng.uniform(-180, 180, size=(5, 3))
     point = torch.tensor([[1000.0, 2000.0, 400.0]])

@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SHARED_DATA, repo_state, write_mrc
-from test_warp import _Unusable
+from test_warp import _our_geometry, _Unusable
 from cryopool.cli.main import cli
 from cryopool.engine.records_io import load_item
-from cryopool.engine.tilt_model import TiltGeometry, _image_warp, particle_defocus, particle_positions_in_tilts
+from cryopool.engine.tilt_model import _image_warp, particle_defocus, particle_positions_in_tilts
 from cryopool.repo import CryopoolError, Repository
 from cryopool.repo.importers import import_tilt_series
 from cryopool.repo.population import iter_items
@@ -35,16 +35,6 @@ def warpylib():
 
 def _only_item(repo: Repository, commit):
     return next(iter_items(repo, repo.population(commit)))
-
-
-def _geometry(model: dict, pixel: float, volume_angstrom) -> TiltGeometry:
-    t = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
-    return TiltGeometry(
-        tilt_angles_deg=t(model["tilt_angles_deg"]), tilt_axis_angle_deg=model["tilt_axis_angle_deg"],
-        shifts_angstrom=t(model["shifts_angstrom"]), angle_corrections_deg=t(model["angle_corrections_deg"]),
-        image_size_px=model["image_size_px"], tomogram_size_angstrom=tuple(volume_angstrom), pixel_size_angstrom=pixel,
-        dose_time=torch.zeros(len(model["tilt_angles_deg"]), dtype=torch.float64), image_warp=t(model["image_warp"]),
-        volume_warp=t(model["volume_warp"]))
 
 
 # --------------------------------------------------------------------------- the real tilt series 00254
@@ -116,7 +106,7 @@ def test_imod_alignment_agrees_with_warps_import_of_it(tmp_path):
     ours = load_item(repo, item, with_stack=False).geometry
     warp = warp_model(read_warp_xml(WARP / "imod/00254_imported.xml"), 10.0, image_size_px=ours.image_size_px,
                       tomogram_size_px=SIZE)
-    theirs = _geometry(warp, 10.0, VOLUME)
+    theirs = _our_geometry(warp, 10.0, VOLUME)[0]
     p = np.random.default_rng(1).uniform(-0.4, 0.4, size=(200, 3)) * VOLUME
     xy, z = particle_positions_in_tilts(ours, torch.tensor(p))
     xy_w, z_w = particle_positions_in_tilts(theirs, torch.tensor(p * [1, 1, -1]))
@@ -254,8 +244,8 @@ def test_generated_xml_reads_back_to_the_same_geometry(tmp_path):
     assert back["handedness"] == -1
     volume = np.array(model["tomogram_size_px"]) * 0.834
     p = torch.tensor(rng.uniform(-0.4, 0.4, size=(200, 3)) * volume)
-    a = particle_positions_in_tilts(_geometry(model, 0.834, volume), p)
-    b = particle_positions_in_tilts(_geometry(back, 0.834, volume), p)
+    a = particle_positions_in_tilts(_our_geometry(model, 0.834, volume)[0], p)
+    b = particle_positions_in_tilts(_our_geometry(back, 0.834, volume)[0], p)
     np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), atol=1e-8)
     np.testing.assert_allclose(a[1].numpy(), b[1].numpy(), atol=1e-8)
     for key in ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_deg", "pre_exposure",
@@ -278,6 +268,7 @@ def test_bad_warp_and_imod_input_changes_nothing(tmp_path):
         (edit("<AxisOffsetX>1\n", "<AxisOffsetX>nan\n"), "lab2", "AxisOffsetX"),
         (edit("<Dose>9.0\n", "<Dose>"), "lab2", "Dose"),
         (edit("</TiltSeries>", ""), "lab2", "not well-formed"),
+        (edit('<GridCTF Width="1"', '<GridCTF Width="2"'), "lab2", "vary across the image"),
         (lambda xml: write_mrc(xml.parent / "tiltstack/TS_1/TS_1.st", np.zeros((3, 24, 32), np.float32), 5.0), "lab2",
          "tilt count differs"),
         (lambda xml: (xml.parent / "tiltstack/TS_1/TS_1.st").unlink(), "lab2", "no tilt stack found"),
