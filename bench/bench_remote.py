@@ -76,6 +76,16 @@ def main() -> None:
               f"{second.bytes / 1e6:.2f} MB of {total / 1e6:.1f} MB in the repository "
               f"({100 * second.bytes / total:.1f} %; the first push sent {first.bytes / 1e6:.1f} MB: "
               f"raw tilt images never travel again)")
+        with running_server(central.work_dir, tokens={"t": ["read", "write"]}) as url:
+            t0 = time.perf_counter()
+            partial = clone(url, str(work / "partial"), token="t", partial=True)
+            partial_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            full = clone(url, str(work / "full"), token="t")
+            full_s = time.perf_counter() - t0
+        print(f"partial clone (raw tilt series left on the server): {_objects_bytes(partial) / 1e6:.2f} MB in "
+              f"{partial_s:.2f} s vs full clone {_objects_bytes(full) / 1e6:.1f} MB in {full_s:.2f} s "
+              f"(ratio of bytes {_objects_bytes(partial) / _objects_bytes(full):.3f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -10,7 +10,7 @@ from cryopool.repo.canonical import Ref
 from cryopool.repo.diff import diff_populations
 from cryopool.repo.errors import InvalidInputError, NotFoundError
 from cryopool.repo.hashing import is_object_id
-from cryopool.repo.population import find_item, population_summary
+from cryopool.repo.population import find_item, population_summary, refinement_marks
 from cryopool.repo.records import Commit, DataSource, ParticleTable, Species, TiltSeries
 
 from .common import Context, emit_json, handle_errors, human_bytes, json_option, short, table
@@ -62,6 +62,9 @@ def status(obj: Context, as_json: bool) -> None:
                  "-" if s["resolution_angstrom"] is None else f"{s['resolution_angstrom']:.2f} Å"]
                 for n, s in summary["species"].items()]
         click.echo(table(rows, ["species", "particles", "sym", "box", "resolution"]))
+    marks = refinement_marks(repo.population(head.commit))
+    if marks:
+        click.echo(f"Marked for re-refinement by a merge: {', '.join(marks)} (run 'cryopool refine')")
     for name in state:
         click.echo(f"Unfinished operation: {name} (see 'cryopool resolve')")
 

@@ -28,6 +28,7 @@ def verify(obj: Context, quick: bool, no_reflogs: bool, as_json: bool) -> None:
     if as_json:
         emit_json({"ok": report.ok, "quick": quick, "objects": report.objects, "records": report.records,
                    "commits": report.commits, "bytes_hashed": report.bytes_hashed, "seconds": round(report.seconds, 3),
+                   "deferred": report.deferred,
                    "problems": [{"object": p.object_id, "problem": p.problem, "referrers": list(p.referrers)}
                                 for p in report.problems]})
     else:
@@ -37,7 +38,9 @@ def verify(obj: Context, quick: bool, no_reflogs: bool, as_json: bool) -> None:
         what = "structure checked" if quick else f"{human_bytes(report.bytes_hashed)} re-hashed ({speed:.0f} MiB/s)"
         verdict = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
         click.echo(f"{verdict}: {report.objects} objects ({report.records} records, {report.commits} commits), "
-                   f"{what} in {report.seconds:.2f} s")
+                   f"{what} in {report.seconds:.2f} s"
+                   + (f"; {report.deferred} chunk(s) of raw data still on the remote (partial clone)"
+                      if report.deferred else ""))
     if not report.ok:
         sys.exit(1)
 

@@ -22,7 +22,8 @@ __all__ = ["COMMANDS"]
 @click.option("--factor", default=0.8, show_default=True,
               help="Collision when centres are closer than FACTOR × (sum of the two radii).")
 @click.option("--conflicts", type=click.Choice(CONFLICT_CHOICES), default="fail", show_default=True,
-              help="Items, species or metadata keys changed on both sides: fail, or keep ours or theirs.")
+              help="Items, species fields, particles or metadata keys changed on both sides: fail, keep ours or "
+                   "theirs, or re-refine (keep ours, mark for 'cryopool refine').")
 @click.option("-m", "--message", help="Commit message.")
 @json_option
 @click.pass_obj
@@ -55,7 +56,8 @@ def _finish(action, rev: str, policy: str, as_json: bool) -> None:
         sys.exit(1)
     if as_json:
         emit_json({"merged": True, "commit": report.commit, "fast_forward": report.fast_forward,
-                   "base": report.base, "collisions": [c.as_dict() for c in report.collisions]})
+                   "base": report.base, "collisions": [c.as_dict() for c in report.collisions],
+                   "needs_refinement": report.needs_refinement})
         return
     if report.commit is None:
         click.echo(f"Already up to date: {rev} is contained in this branch.")
@@ -65,6 +67,9 @@ def _finish(action, rev: str, policy: str, as_json: bool) -> None:
         click.echo(f"[{short(report.commit)}] merged {rev}: {len(report.collisions)} collision(s), policy {policy}")
         for c in report.collisions:
             click.echo(f"  {c}; dropped: {({'a': c.species_a, 'b': c.species_b}.get(c.dropped, 'none'))}")
+        marks = report.needs_refinement
+        if marks:
+            click.echo(f"Marked for re-refinement: {', '.join(marks)} (run 'cryopool refine')")
 
 
 def _particle(text: str) -> tuple[str, int]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cryopool.repo import (DataSource, HalfSetModel, item_refs, Metrics, Operation, Population, Ref, Repository, Species,
-                           TiltSeries, software_version, split_item_key)
+                           TiltSeries, software_version, split_item_key, without_marks)
 
 from .ctf import aliasing_free_box
 from .forward import ParticleSet, reconstruct_half_maps
@@ -272,7 +272,8 @@ def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res
         for src, ds_ref in pop.data_sources.items():
             ds = tx.get_record(ds_ref, DataSource)
             data_sources[src] = tx.put_record(replace(ds, items={**ds.items, **sources.get(src, {})}))
-        new_pop = replace(pop, data_sources=data_sources, species={**pop.species, **new_species})
+        new_pop = without_marks(replace(pop, data_sources=data_sources, species={**pop.species, **new_species}),
+                                items=list(item_refs), species=list(new_species))  # a merge's marks, now done
         params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before, "resolution_after": after,
                   "regulariser": "fsc-wiener", "ncc": ncc_history}
         operation = Operation(kind="refine", parameters=params, software=software_version(),

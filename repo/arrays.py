@@ -227,6 +227,10 @@ class StoredArray:
         out = np.zeros([b - a for a, b in zip(starts, stops)], dtype=self.dtype)
         grid = _grid(shape, chunks)
         ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0) for a, b, c in zip(starts, stops, chunks)]
+        prefetch = getattr(self.store, "prefetch", None)
+        if prefetch is not None:  # a partial clone fetches the chunks it deferred in one go
+            prefetch([self.chunk_refs[int(np.ravel_multi_index(i, grid)) if grid else 0].id
+                      for i in itertools.product(*ranges)])
         for index in itertools.product(*ranges):
             flat = int(np.ravel_multi_index(index, grid)) if grid else 0
             block = self._chunk(flat)

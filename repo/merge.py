@@ -2,9 +2,12 @@
 
 From the merge base of two commits: data sources and items are united; an
 item changed on one side only is taken from that side, changed on both is a
-conflict; species added on one side are added, species changed on both
-sides are a conflict unless identical; population metadata merges key by
-key the same way. Then every item of the merged
+conflict; species added on one side are added. A species changed on both
+sides merges field by field (half-maps, mask, metrics… taken from the side
+that changed them; changed on both is a conflict) and its particles merge
+by stable particle id: a particle added, removed or changed on one side
+gets that change; one changed differently on both sides is a per-particle
+conflict. Population metadata merges key by key the same way. Then every item of the merged
 population is checked for **collisions**: two particles (of different
 species, or duplicate picks of one species) whose centres are closer than
 ``factor × (r₁ + r₂)`` (default factor 0.8), where at least one of them is
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -27,7 +30,8 @@ from scipy.spatial import cKDTree
 from .errors import ConflictError, InvalidInputError
 from .fsutil import write_atomic
 from .hashing import ObjectId
-from .population import item_refs
+from .population import NEEDS_REFINEMENT, item_refs, refinement_marks, with_marks
+from .canonical import Ref
 from .records import DataSource, Operation, ParticleTable, Population, Species
 from .repository import Repository, software_version
 
@@ -35,7 +39,9 @@ __all__ = ["POLICIES", "CONFLICT_CHOICES", "Collision", "MergeReport", "merge_ba
            "clear_state"]
 
 POLICIES = ("fail", "ours", "theirs", "score", "keep-both")
-CONFLICT_CHOICES = ("fail", "ours", "theirs")  # items, species and metadata keys changed on both sides
+# items, species and metadata keys changed on both sides; "re-refine" keeps ours and marks the item or species
+# for re-refinement of the merged population (population metadata "needs_refinement"; refine clears it)
+CONFLICT_CHOICES = ("fail", "ours", "theirs", "re-refine")
 
 
 def merge_base(repo: Repository, a: str, b: str) -> ObjectId | None:
@@ -92,6 +98,7 @@ class MergeReport:
     collisions: list[Collision] = field(default_factory=list)
     commit: str | None = None
     fast_forward: bool = False
+    needs_refinement: list[str] = field(default_factory=list)  # the merged population's marks
 
 
 def _three_way(base, ours, theirs, what: str, conflicts: list[str], prefer: str = "fail", taken: list | None = None):
@@ -116,6 +123,97 @@ def _three_way(base, ours, theirs, what: str, conflicts: list[str], prefer: str 
         if value is not None:
             out[key] = value
     return out
+
+
+def _changed_on_both(base: dict, ours: dict, theirs: dict) -> list[str]:
+    """Keys whose three versions all differ (absent counts as a version: added or removed)."""
+    return sorted(k for k in set(ours) | set(theirs) | set(base)
+                  if len({base.get(k), ours.get(k), theirs.get(k)}) == 3)
+
+
+def _pick(key: str, b, o, t, prefer: str, conflicts: list[str], taken: list[str]):
+    """One value from a three-way comparison; both sides changed it differently → ``prefer`` or a conflict."""
+    if o == t or t == b:
+        return o
+    if o == b:
+        return t
+    if prefer in ("ours", "theirs"):
+        taken.append(f"{key}: {prefer}")
+        return o if prefer == "ours" else t
+    conflicts.append(f"{key} changed on both sides")
+    return o
+
+
+def _table_rows(repo: Repository, ref: Ref) -> tuple[ParticleTable, dict[str, np.ndarray], dict[int, tuple]]:
+    """A particle table's columns and, per stable particle id, the row's content (item by name)."""
+    table = repo.get_record(ref, ParticleTable)
+    cols = {k: repo.get_array(v).read() for k, v in table.columns.items()}
+    other = sorted(k for k in cols if k not in ("particle_id", "item_index"))
+    rows = {}
+    for row, pid in enumerate(cols["particle_id"]):
+        rows[int(pid)] = (table.item_names[int(cols["item_index"][row])],
+                          *(cols[k][row].tobytes() for k in other))
+    return table, cols, rows
+
+
+def _merge_particles(repo: Repository, name: str, base: Ref, ours: Ref, theirs: Ref, prefer: str,
+                     conflicts: list[str], taken: list[str]) -> tuple[Ref, dict]:
+    """Particles of one species merged by stable id; returns the new table and a summary for the record."""
+    (tb, _, rb), (to, co, ro), (tt, ct, rt) = (_table_rows(repo, r) for r in (base, ours, theirs))
+    layout = {(t.temporal_samples, tuple(sorted((k, c.dtype.str, c.shape[1:]) for k, c in cols.items())))
+              for t, cols in ((to, co), (tt, ct))}
+    if len(layout) != 1:
+        conflicts.append(f"species {name}: particle tables have different columns or temporal samples")
+        return ours, {}
+    summary = {"from_theirs": 0, "removed_by_theirs": 0, "conflicts": []}
+    chosen: list[tuple[str, int]] = []  # (side, row)
+    row_o = {int(p): i for i, p in enumerate(co["particle_id"])}
+    row_t = {int(p): i for i, p in enumerate(ct["particle_id"])}
+    for pid in list(row_o) + [p for p in row_t if p not in row_o]:
+        b, o, t = rb.get(pid), ro.get(pid), rt.get(pid)
+        if o == t or t == b:
+            side = "ours" if o is not None else None
+        elif o == b:
+            side = "theirs" if t is not None else None
+            summary["from_theirs" if t is not None else "removed_by_theirs"] += 1
+        elif prefer in ("ours", "theirs"):
+            side = prefer if (o if prefer == "ours" else t) is not None else None
+            summary["conflicts"].append({"particle_id": pid, "taken": prefer})
+        else:
+            conflicts.append(f"species {name} particle {pid} changed on both sides")
+            continue
+        if side:
+            chosen.append((side, row_o[pid] if side == "ours" else row_t[pid]))
+    names = list(to.item_names) + [n for n in tt.item_names if n not in to.item_names]
+    index = {n: i for i, n in enumerate(names)}
+    out = {}
+    for key in co:
+        parts = []
+        for side, row in chosen:
+            table, cols = (to, co) if side == "ours" else (tt, ct)
+            value = cols[key][row]
+            parts.append(np.asarray(index[table.item_names[int(value)]], dtype=value.dtype)
+                         if key == "item_index" else value)
+        out[key] = np.stack(parts) if parts else co[key][:0]
+    table = replace(to, count=len(chosen), item_names=names,
+                    columns={k: repo.put_array(np.ascontiguousarray(v)) for k, v in out.items()})
+    if summary["conflicts"]:
+        taken.append(f"species {name}: {len(summary['conflicts'])} particle(s) changed on both sides: {prefer}")
+    return repo.put_record(table), summary
+
+
+def _merge_species(repo: Repository, name: str, base: Ref, ours: Ref, theirs: Ref, prefer: str,
+                   conflicts: list[str], taken: list[str]) -> tuple[Ref, dict]:
+    """A species changed on both sides: field by field, particles by stable id."""
+    sb, so, st = (repo.get_record(r, Species) for r in (base, ours, theirs))
+    values = {}
+    for f in fields(Species):
+        if f.name != "particles":
+            values[f.name] = _pick(f"species {name}.{f.name}", getattr(sb, f.name), getattr(so, f.name),
+                                   getattr(st, f.name), prefer, conflicts, taken)
+    particles, summary = _merge_particles(repo, name, sb.particles, so.particles, st.particles, prefer,
+                                          conflicts, taken)
+    return repo.put_record(replace(so, **values, particles=particles)), summary
 
 
 @dataclass
@@ -217,17 +315,38 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
     po, pt = repo.population(ours_id), repo.population(theirs_id)
     found_conflicts: list[str] = []
     taken: list[str] = []
-    items = _three_way(item_refs(repo, pb), item_refs(repo, po), item_refs(repo, pt), "item", found_conflicts,
-                       conflicts, taken)
-    species = _three_way(pb.species, po.species, pt.species, "species", found_conflicts, conflicts, taken)
-    metadata = _three_way(pb.metadata, po.metadata, pt.metadata, "population metadata key", found_conflicts,
-                          conflicts, taken)
-    if found_conflicts:
-        report.conflicts = found_conflicts
-        raise ConflictError("merge has conflicts: " + "; ".join(found_conflicts),
-                            hint="keep one side's version (--conflicts ours|theirs), re-refine one side on top "
-                                 "of the other, or merge the other way")
+    prefer = "ours" if conflicts == "re-refine" else conflicts
+    items_b, items_o, items_t = item_refs(repo, pb), item_refs(repo, po), item_refs(repo, pt)
+    items = _three_way(items_b, items_o, items_t, "item", found_conflicts, prefer, taken)
+    marks = [f"item {k}" for k in _changed_on_both(items_b, items_o, items_t)] if conflicts == "re-refine" else []
+    kept = [set(refinement_marks(p)) for p in (pb, po, pt)]  # marks merge as sets: one side's clearing wins
+    marks += sorted((kept[1] | kept[2]) - ((kept[0] - kept[1]) | (kept[0] - kept[2])))
+    both = [k for k in _changed_on_both(pb.species, po.species, pt.species)  # merged particle by particle below
+            if k in pb.species and k in po.species and k in pt.species]
+    species = _three_way({k: v for k, v in pb.species.items() if k not in both},
+                         {k: v for k, v in po.species.items() if k not in both},
+                         {k: v for k, v in pt.species.items() if k not in both},
+                         "species", found_conflicts, prefer, taken)
+    marks += [f"species {k}" for k in _changed_on_both(pb.species, po.species, pt.species)
+              if k not in both] if conflicts == "re-refine" else []
+    metadata = _three_way(*({k: v for k, v in p.metadata.items() if k != NEEDS_REFINEMENT} for p in (pb, po, pt)),
+                          "population metadata key", found_conflicts, prefer, taken)
     with repo.transaction() as tx:
+        particle_merges = {}
+        for name in both:
+            settled = len(taken)
+            species[name], particle_merges[name] = _merge_species(tx, name, pb.species[name], po.species[name],
+                                                                  pt.species[name], prefer, found_conflicts, taken)
+            if conflicts == "re-refine" and len(taken) > settled:
+                marks.append(f"species {name}")
+        species = dict(sorted(species.items()))
+        if found_conflicts:
+            report.conflicts = found_conflicts
+            shown = "; ".join(found_conflicts[:8]) + (f" … ({len(found_conflicts)} in all)"
+                                                      if len(found_conflicts) > 8 else "")
+            raise ConflictError("merge has conflicts: " + shown,
+                                hint="keep one side's version (--conflicts ours|theirs), re-refine one side on "
+                                     "top of the other, or merge the other way")
         sources: dict[str, dict] = {}
         for key, ref in items.items():
             s, name = key.split("/", 1)
@@ -237,7 +356,8 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
             old = po.data_sources.get(s) or pt.data_sources.get(s)
             ds = tx.get_record(old, DataSource)
             data_sources[s] = tx.put_record(replace(ds, items=its))
-        merged = replace(po, data_sources=data_sources, species=species, metadata=metadata)
+        merged = with_marks(replace(po, data_sources=data_sources, species=species, metadata=metadata), marks)
+        report.needs_refinement = refinement_marks(merged)
         found = find_collisions(tx, merged, po, factor=factor)
         drops: dict[str, set[int]] = {}
         drop = drop or set()
@@ -274,7 +394,9 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
                                       tx.get_commit(theirs_id).population},
                               parameters={"policy": policy, "factor": factor, "base": base, "theirs": theirs_id,
                                           "collisions": [c.as_dict() for c in report.collisions],
-                                          **({"conflicts": conflicts, "conflicts_taken": taken} if taken else {})})
+                                          **({"conflicts": conflicts, "conflicts_taken": taken} if taken else {}),
+                                          **({"particle_merges": particle_merges} if particle_merges else {}),
+                                          **({"needs_refinement": sorted(set(marks))} if marks else {})})
         msg = message or (f"Merge {theirs_rev}: {len(report.collisions)} collision(s), policy {policy}")
         report.commit = tx.commit(merged, message=msg, operation=operation, branch=branch, retries=0,
                                   extra_parents=[theirs_id])

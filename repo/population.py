@@ -10,7 +10,10 @@ from .errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from .records import DataSource, ParticleTable, Population, Species, TiltSeries, validate_name
 
 __all__ = ["item_key", "export_names", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_species",
-           "empty_population", "population_summary"]
+           "empty_population", "population_summary", "NEEDS_REFINEMENT", "refinement_marks", "with_marks",
+           "without_marks"]
+
+NEEDS_REFINEMENT = "needs_refinement"  # population metadata: ["item SRC/ITEM", "species NAME", ...]
 
 
 def item_key(source: str, item: str) -> str:
@@ -119,3 +122,21 @@ def population_summary(repo, population: Population) -> dict:
         "tilts": sum(ts.n_tilts for _, _, ts in items),
         "species": species,
     }
+
+
+def refinement_marks(population: Population) -> list[str]:
+    """What a merge left for re-refinement ("item SRC/ITEM", "species NAME"); refine clears what it refines."""
+    return list(population.metadata.get(NEEDS_REFINEMENT, []))
+
+
+def with_marks(population: Population, marks: list[str]) -> Population:
+    metadata = {k: v for k, v in population.metadata.items() if k != NEEDS_REFINEMENT}
+    if marks:
+        metadata[NEEDS_REFINEMENT] = sorted(set(marks))
+    return replace(population, metadata=metadata)
+
+
+def without_marks(population: Population, *, items: list[str] = (), species: list[str] = ()) -> Population:
+    """The population with the marks of these items and species cleared (they were just refined)."""
+    done = {f"item {k}" for k in items} | {f"species {n}" for n in species}
+    return with_marks(population, [m for m in refinement_marks(population) if m not in done])

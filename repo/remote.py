@@ -1,77 +1,31 @@
-"""Remotes on a shared filesystem: clone, fetch, push, pull.
+"""Remotes: clone, fetch, push (porcelain over :mod:`transport`).
 
-A remote is another repository, named in the config (``remotes.<name>.url``).
-Transfers walk the object graph from the refs being sent and copy only the
-objects the receiver lacks (an object the receiver has implies its whole
-subgraph: repositories publish objects before any ref can point to them).
-Every object is re-hashed as it is read from the sender and written through
-a staging area on the receiver, so nothing is visible there until all of it
-arrived; only then does a ref move, by compare-and-swap. A push that is not a
-fast-forward is refused unless forced; of two labs pushing at once, one wins
-and the other gets a clear conflict and loses nothing.
+A remote is another repository named in the config (``remotes.<name>``: a
+path, a ``cryopool serve`` URL, or an fsspec URL such as ``s3://…``).
+Transfers walk the object graph from the refs being sent and move only the
+objects the other side lacks (an object a repository has implies its whole
+subgraph: objects are stored children first). The receiver re-hashes every
+object before storing it; a ref moves only when everything it needs is
+there, by compare-and-swap. Interrupted transfers resume: what arrived stays.
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from . import canonical
-from .errors import AlreadyExistsError, ConflictError, IntegrityError, InvalidInputError, NotFoundError
+from .errors import AlreadyExistsError, ConflictError, InvalidInputError, NotFoundError
 from .hashing import Kind, ObjectId
 from .refs import validate_ref_name
 from .repository import Repository, default_author
-from .store import decode_object_file, encode_object_file
+from .transport import (DirTransport, Transport, batches, children_first, children_of, is_url, open_transport,
+                        receive_object)
 
-__all__ = ["TransferStats", "transfer", "add_remote", "remove_remote", "open_remote", "fetch", "push", "clone",
-           "is_ancestor", "HttpRemote"]
-
-
-class HttpRemote:
-    """A repository served by ``cryopool serve`` (see ``server.py``), spoken to with httpx."""
-
-    def __init__(self, url: str, token: str | None = None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=120.0)
-
-    def _check(self, r: httpx.Response) -> httpx.Response:
-        if r.status_code == 409:
-            raise ConflictError(f"the server refused the ref update: {r.json().get('detail', r.text)}",
-                                hint="fetch and merge first (or --force)")
-        if r.status_code >= 400:
-            detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
-            raise InvalidInputError(f"server answered {r.status_code}: {detail}", path=self.url)
-        return r
-
-    def heads(self) -> tuple[dict[str, ObjectId], str | None]:
-        data = self._check(self.client.get("/refs")).json()
-        return {k: ObjectId(v) for k, v in data["refs"].items() if k.startswith("refs/heads/")}, data.get("head")
-
-    def missing(self, ids: list[str]) -> set[str]:
-        out: set[str] = set()
-        for i in range(0, len(ids), 10_000):
-            out |= set(self._check(self.client.post("/objects/missing", json={"ids": ids[i:i + 10_000]})).json()["missing"])
-        return out
-
-    def get(self, oid: str) -> tuple[Kind, bytes]:
-        body = self._check(self.client.get(f"/objects/{oid}")).content
-        return decode_object_file(body, f"object {oid} from {self.url}")
-
-    def put(self, oid: str, kind: Kind, data: bytes) -> None:
-        self._check(self.client.put(f"/objects/{oid}", content=encode_object_file(kind, data, 3)))
-
-    def update_ref(self, name: str, old: str | None, new: str) -> None:
-        self._check(self.client.post(f"/refs/{name}", json={"old": old, "new": new}))
-
-
-def _is_url(text) -> bool:
-    return str(text).startswith(("http://", "https://"))
+__all__ = ["TransferStats", "transfer", "receive", "send", "add_remote", "remove_remote", "open_remote", "fetch",
+           "push", "clone", "is_ancestor", "deferred_objects", "fetch_deferred"]
 
 
 @dataclass
@@ -79,73 +33,139 @@ class TransferStats:
     objects: int = 0
     bytes: int = 0
     skipped: int = 0
+    deferred: int = 0  # raw tilt-series chunks a partial clone leaves on the remote
 
 
-def _receive(dst: Repository, roots: list[str], get: Callable[[str], tuple[Kind, bytes]],
-             progress: Callable[[int], None] | None = None) -> TransferStats:
-    """Copy every object reachable from ``roots`` that ``dst`` lacks, via ``get``; re-hash; publish all at once."""
+def receive(dst: Repository, transport: Transport, roots: list[str], progress: Callable[[int], None] | None = None,
+            *, defer_raw: bool = False) -> TransferStats:
+    """Bring every object reachable from ``roots`` that ``dst`` lacks; resumable.
+
+    The walk goes level by level, one batched request per level. Chunks and
+    blobs (nearly all the bytes) are stored the moment they arrive and
+    re-hash, so an interrupted transfer keeps them and a retry skips them.
+    Records are stored only after everything they refer to, children first,
+    so ``dst`` stays closed under references and the next walk may stop at
+    any record it has. ``defer_raw`` leaves the chunks of tilt-series stacks
+    on the remote (a partial clone fetches them on first use).
+    """
     stats = TransferStats()
-    with dst.transaction() as tx:
-        queue, seen = deque(roots), set()
-        while queue:
-            oid = queue.popleft()
+    pending: dict[str, tuple[bytes, list[str]]] = {}
+    deferred_arrays: set[str] = set()
+    frontier, seen = list(roots), set()
+    while frontier:
+        want = []
+        for oid in frontier:
             if oid in seen:
                 continue
             seen.add(oid)
             if dst.store.has(oid):
                 stats.skipped += 1
-                continue
-            kind, data = get(oid)
-            got = tx.store.put(kind, data)
-            if got != oid:
-                raise IntegrityError("received object does not hash to its id", path=f"object {oid}", found=got)
+            else:
+                want.append(oid)
+        frontier = []
+        for oid, raw in transport.get_many(want):
+            kind, data = receive_object(oid, raw, f"object from {transport.url}")
             stats.objects += 1
             stats.bytes += len(data)
             if progress:
                 progress(len(data))
-            if kind == Kind.RECORD:
-                queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data)) if r.id not in seen)
-        tx.publish()
+            if kind != Kind.RECORD:
+                dst.store.put(kind, data)
+                continue
+            value = canonical.decode(data, where=f"object {oid} from {transport.url}")
+            kids = [r.id for r in canonical.walk_refs(value)]
+            pending[oid] = (data, kids)
+            if defer_raw and isinstance(value, dict) and value.get("_type") == "TiltSeries":
+                deferred_arrays.add(value["stack"].id)
+            if oid in deferred_arrays:
+                stats.deferred += sum(1 for k in kids if not dst.store.has(k))
+                continue
+            frontier.extend(k for k in kids if k not in seen)
+    dst.store.sync()  # the leaves are durable before any record that needs them appears
+    for level in children_first({oid: kids for oid, (_, kids) in pending.items()}):
+        for oid in level:
+            dst.store.put(Kind.RECORD, pending[oid][0])
+        dst.store.sync()
+    return stats
+
+
+def send(src: Repository, transport: Transport, root: str,
+         progress: Callable[[int], None] | None = None) -> TransferStats:
+    """Store on the remote everything reachable from ``root`` that it lacks, children first; resumable.
+
+    Negotiation walks our graph level by level, asking the remote which
+    objects it lacks and stopping at those it has. Everything to send is read
+    and re-hashed here first, so a damaged object stops the push before the
+    remote receives anything; then levels go out in batches, leaves first.
+    """
+    stats = TransferStats()
+    graph: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    frontier, seen = [root], set()
+    while frontier:
+        ask = [o for o in dict.fromkeys(frontier) if o not in seen]
+        seen.update(ask)
+        absent = transport.missing(ask) if ask else set()
+        stats.skipped += len(ask) - len(absent)
+        frontier = []
+        for oid in ask:
+            if oid in absent:
+                kind, data = src.store.get(oid, verify=True)
+                graph[oid] = children_of(kind, data, f"object {oid}")
+                sizes[oid] = len(data)
+                frontier.extend(graph[oid])
+    for level in children_first(graph):
+        for batch in batches(level, sizes.__getitem__):
+            objects = [(oid, *src.store.get(oid)) for oid in batch]
+            transport.put_many([(oid, kind, bytes(data)) for oid, kind, data in objects])
+            stats.objects += len(batch)
+            stats.bytes += sum(sizes[o] for o in batch)
+            if progress:
+                progress(sum(sizes[o] for o in batch))
     return stats
 
 
 def transfer(src: Repository, dst: Repository, roots: list[str],
              progress: Callable[[int], None] | None = None) -> TransferStats:
-    """Copy what ``dst`` lacks from ``src`` (each object verified as it is read: damage names the object)."""
-    return _receive(dst, roots, lambda oid: src.store.get(oid, verify=True), progress)
+    """Copy what ``dst`` lacks from ``src`` (a repository on this machine)."""
+    return receive(dst, DirTransport(src.root), roots, progress)
 
 
 def _remotes(repo: Repository) -> dict:
     return repo.config.setdefault("remotes", {})
 
 
-def add_remote(repo: Repository, name: str, url: str, token: str | None = None) -> None:
-    """Name a remote: a path on a shared filesystem, or the URL of a ``cryopool serve`` (token optional)."""
+def add_remote(repo: Repository, name: str, url: str, token: str | None = None,
+               options: dict | None = None) -> None:
+    """Name a remote: a shared-filesystem path, a ``cryopool serve`` URL (token), or an fsspec URL (options)."""
     validate_ref_name(f"refs/remotes/{name}/x")
     if name in _remotes(repo):
         raise AlreadyExistsError(f"remote '{name}' already exists")
-    _remotes(repo)[name] = {"url": str(url).rstrip("/") if _is_url(url) else str(Path(url).resolve())}
+    _remotes(repo)[name] = {"url": str(url).rstrip("/") if is_url(url) else str(Path(url).resolve())}
     if token:
         _remotes(repo)[name]["token"] = token
+    if options:
+        _remotes(repo)[name]["options"] = dict(options)
     repo.save_config()
 
 
 def remove_remote(repo: Repository, name: str) -> None:
     if name not in _remotes(repo):
         raise NotFoundError(f"no remote named '{name}'")
+    if repo.config.get("partial", {}).get("remote") == name:
+        raise InvalidInputError(f"remote '{name}' still holds data this partial clone has not fetched",
+                                hint=f"cryopool fetch {name} --deferred first")
     del _remotes(repo)[name]
     repo.save_config()
     for ref in repo.refs.list(f"refs/remotes/{name}/"):
         repo.refs.update(ref, None, expected=repo.refs.read(ref), author=default_author(), message="remote removed")
 
 
-def open_remote(repo: Repository, name: str) -> Repository | HttpRemote:
+def open_remote(repo: Repository, name: str) -> Transport:
     if name not in _remotes(repo):
         raise NotFoundError(f"no remote named '{name}'", hint="cryopool remote add NAME PATH-OR-URL")
     cfg = _remotes(repo)[name]
-    if _is_url(cfg["url"]):
-        return HttpRemote(cfg["url"], cfg.get("token") or os.environ.get("CRYOPOOL_TOKEN"))
-    return Repository.open(cfg["url"], search_parents=False)
+    return open_transport(cfg["url"], token=cfg.get("token"), options=cfg.get("options"))
 
 
 def is_ancestor(repo: Repository, ancestor: str, descendant: str) -> bool:
@@ -162,14 +182,14 @@ def is_ancestor(repo: Repository, ancestor: str, descendant: str) -> bool:
 
 
 def fetch(repo: Repository, name: str, progress=None) -> tuple[TransferStats, dict[str, ObjectId]]:
-    """Bring the remote's branches into ``refs/remotes/<name>/*``."""
-    remote = open_remote(repo, name)
-    if isinstance(remote, HttpRemote):
-        heads, _ = remote.heads()
-        stats = _receive(repo, list(heads.values()), remote.get, progress)
-    else:
-        heads = remote.refs.list("refs/heads/")
-        stats = transfer(remote, repo, list(heads.values()), progress)
+    """Bring the remote's branches into ``refs/remotes/<name>/*`` (a partial clone keeps deferring raw data)."""
+    transport = open_remote(repo, name)
+    try:
+        heads, _ = transport.heads()
+        defer = repo.config.get("partial", {}).get("remote") == name
+        stats = receive(repo, transport, list(heads.values()), progress, defer_raw=defer)
+    finally:
+        transport.close()
     updated = {}
     for ref, cid in heads.items():
         local = f"refs/remotes/{name}/{ref.removeprefix('refs/heads/')}"
@@ -180,72 +200,82 @@ def fetch(repo: Repository, name: str, progress=None) -> tuple[TransferStats, di
     return stats, updated
 
 
+def deferred_objects(repo: Repository) -> list[str]:
+    """Chunks of tilt-series stacks reachable from any ref that a partial clone has not fetched yet."""
+    out, seen = [], set()
+    for tip in set(repo.refs.list("refs/").values()):
+        for _, commit in repo.log(tip):
+            population = repo.get_record(commit.population)
+            for source_ref in population.data_sources.values():
+                for item_ref in repo.get_record(source_ref).items.values():
+                    if item_ref.id in seen:
+                        continue
+                    seen.add(item_ref.id)
+                    stack = repo.get_record(item_ref).stack
+                    out.extend(r.id for r in repo.get_record(stack).chunks if not repo.store.has(r.id))
+    return list(dict.fromkeys(out))
+
+
+def fetch_deferred(repo: Repository, progress=None) -> TransferStats:
+    """Fetch everything a partial clone deferred, after which it is a full clone."""
+    partial = repo.config.get("partial")
+    if not partial:
+        return TransferStats()
+    want = deferred_objects(repo)
+    stats = receive(repo, open_remote(repo, partial["remote"]), want, progress)
+    if not deferred_objects(repo):
+        del repo.config["partial"]
+        repo.save_config()
+    return stats
+
+
 def push(repo: Repository, name: str, branch: str | None = None, *, force: bool = False,
          progress=None) -> tuple[TransferStats, ObjectId]:
-    """Send ``branch`` (default: the checked-out one) to the remote's branch of the same name."""
+    """Send ``branch`` (default: the checked-out one) to the remote's branch of the same name.
+
+    Compare-and-swap on the remote ref: refused unless a fast-forward (or
+    ``force``); of two labs pushing at once one wins, the other gets a
+    conflict and loses nothing. An interrupted push resumes where it stopped.
+    """
     branch = branch or repo.head().branch
     if branch is None:
         raise InvalidInputError("HEAD is detached: name the branch to push")
     cid = repo.resolve(f"refs/heads/{branch}")
-    remote = open_remote(repo, name)
     target = f"refs/heads/{branch}"
-    if isinstance(remote, HttpRemote):
-        return _push_http(repo, remote, target, cid, force, name, branch, progress), cid
-    current = remote.refs.read(target)
-    if current is not None and not force:
-        if not repo.store.has(current) or not is_ancestor(repo, current, cid):
+    transport = open_remote(repo, name)
+    try:
+        current = transport.heads()[0].get(target)
+        if current is not None and not force and (not repo.store.has(current) or not is_ancestor(repo, current, cid)):
             raise ConflictError(f"push to {name}/{branch} refused: not a fast-forward",
                                 hint=f"fetch and merge {name}/{branch} first (or --force)")
-    stats = transfer(repo, remote, [cid], progress)
-    remote.refs.update(target, cid, expected=current, author=default_author(), message=f"push from {repo.work_dir}")
-    repo.refs.update(f"refs/remotes/{name}/{branch}", cid, expected=repo.refs.read(f"refs/remotes/{name}/{branch}"),
-                     author=default_author(), message=f"push to {name}")
+        stats = send(repo, transport, cid, progress)
+        transport.update_ref(target, current, cid, author=default_author())
+    finally:
+        transport.close()
+    local = f"refs/remotes/{name}/{branch}"
+    repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(), message=f"push to {name}")
     return stats, cid
 
 
-def _push_http(repo: Repository, remote: HttpRemote, target: str, cid: str, force: bool, name: str,
-               branch: str, progress: Callable[[int], None] | None = None) -> TransferStats:
-    heads, _ = remote.heads()
-    current = heads.get(target)
-    if current is not None and not force and (not repo.store.has(current) or not is_ancestor(repo, current, cid)):
-        raise ConflictError(f"push to {name}/{branch} refused: not a fast-forward",
-                            hint=f"fetch and merge {name}/{branch} first (or --force)")
-    reachable, queue = [], deque([cid])
-    seen: set[str] = set()
-    while queue:  # read and verify everything first: a damaged object stops us before the server sees anything
-        oid = queue.popleft()
-        if oid in seen:
-            continue
-        seen.add(oid)
-        reachable.append(oid)
-        kind, data = repo.store.get(oid, verify=True)
-        if kind == Kind.RECORD:
-            queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data)))
-    stats = TransferStats()
-    absent = remote.missing(reachable)
-    for oid in [o for o in reachable if o in absent]:
-        kind, data = repo.store.get(oid, verify=True)
-        remote.put(oid, kind, data)
-        stats.objects += 1
-        stats.bytes += len(data)
-        if progress:
-            progress(len(data))
-    stats.skipped = len(reachable) - stats.objects
-    remote.update_ref(target, current, cid)
-    local = f"refs/remotes/{name}/{branch}"
-    repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(), message=f"push to {name}")
-    return stats
+def clone(url: str, directory: str, progress=None, token: str | None = None, *, options: dict | None = None,
+          partial: bool = False) -> Repository:
+    """A new repository with ``origin`` = ``url``, its branches fetched and its HEAD branch checked out.
 
-
-def clone(url: str, directory: str, progress=None, token: str | None = None) -> Repository:
-    """A new repository with ``origin`` = ``url``, its branches fetched and its HEAD branch checked out."""
+    ``partial``: leave raw tilt-series chunks on the remote; they are fetched
+    (and re-hashed) the first time something reads them.
+    """
     url = str(url)
-    if _is_url(url):
-        _, head_branch = HttpRemote(url, token or os.environ.get("CRYOPOOL_TOKEN")).heads()
-    else:
-        head_branch = Repository.open(url, search_parents=False).head().branch
+    transport = open_transport(url, token=token, options=options)
+    try:
+        _, head_branch = transport.heads()
+    finally:
+        transport.close()
     repo = Repository.init(directory, initial_branch=head_branch or "main")
-    add_remote(repo, "origin", url, token)
+    add_remote(repo, "origin", url, token, options)
+    if partial:
+        repo.config["partial"] = {"remote": "origin", "deferred": "tilt-series stack chunks"}
+        repo.save_config()
+        repo = Repository.open(repo.work_dir, search_parents=False)
     _, refs = fetch(repo, "origin", progress)
     for ref, cid in refs.items():
         short = ref.removeprefix("refs/remotes/origin/")

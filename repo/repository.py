@@ -39,6 +39,7 @@ from .hashing import Kind, ObjectId, is_object_id
 from .records import ArrayManifest, Commit, Operation, Population, Record, parse_record
 from .refs import ANY, DiskRefStore, MemoryRefStore, RefStore, validate_ref_name
 from .store import DiskObjectStore, MemoryObjectStore, ObjectStore, StagingStore
+from .transport import deferred_fetcher
 from .version import __version__
 
 __all__ = ["Repository", "Head", "REPO_DIR", "software_version", "utc_now"]
@@ -130,6 +131,13 @@ class Repository:
         level = config.get("core", {}).get("compression_level", 3)
         fsync = os.environ.get("CRYOPOOL_FSYNC", "1") != "0"
         store = DiskObjectStore(root / "objects", root / "tmp", compression_level=level, fsync=fsync)
+        partial = config.get("partial")
+        if partial:  # a partial clone: deferred objects come from the remote on first use
+            remote = config.get("remotes", {}).get(partial.get("remote"))
+            if remote is None:
+                raise FormatError("partial clone names a remote the config lacks", path=str(root / "config"),
+                                  field="partial.remote", found=partial.get("remote"))
+            store.fallback = deferred_fetcher(store, remote)
         return cls(store=store, refs=DiskRefStore(root, fsync=fsync), root=root, config=config)
 
     @classmethod

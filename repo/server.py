@@ -2,13 +2,20 @@
 
 Endpoints (all under ``/api/v1``; OpenAPI at ``/openapi.json``):
 
+* ``GET  /info`` → limits and version                                              (read)
 * ``GET  /refs`` → ``{"refs": {name: id}, "head": branch}``                         (read)
 * ``POST /objects/missing`` ``{"ids": [...]}`` → ``{"missing": [...]}``            (read)
+* ``POST /objects/get`` ``{"ids": [...]}`` → a pack of those objects, in order       (read)
 * ``GET  /objects/{id}`` → the object file (format.md §5)                         (read)
+* ``POST /objects`` body: a pack → 201; every object re-hashed, all or nothing      (write)
 * ``PUT  /objects/{id}`` body: the object file → 201; re-hashed, rejected on mismatch (write)
 * ``POST /refs/{name}`` ``{"old": id|null, "new": id}`` → compare-and-swap          (write)
 
-A ref moves only if every object reachable from the new commit is present.
+Packs and the rules are specified in docs/wire.md. A record is accepted only
+if every object it refers to is already stored (or earlier in the same pack),
+so the server's store is always closed under references and an interrupted
+push resumes where it stopped. A ref moves only if every object reachable
+from the new commit is present.
 Tokens come from the server's configuration (``server.tokens``: token → list
 of scopes ``read``/``write``); ``server.anonymous_read`` lets anyone read.
 Ids must be 64 lower-case hex digits, ref names pass ``validate_ref_name``
@@ -26,6 +33,7 @@ from collections import deque
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from . import canonical
@@ -34,10 +42,13 @@ from .hashing import Kind, ObjectId, hash_bytes, is_object_id
 from .refs import validate_ref_name
 from .repository import Repository
 from .store import decode_object_file, encode_object_file
+from .transport import FRAME_HEADER, children_of, encode_frames, iter_frames
 
-__all__ = ["create_app", "serve_in_thread", "MAX_OBJECT_BYTES"]
+__all__ = ["create_app", "serve_in_thread", "MAX_OBJECT_BYTES", "MAX_REQUEST_BYTES"]
 
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
+MAX_REQUEST_BYTES = 512 * 1024 * 1024
+MAX_IDS = 100_000
 API = "/api/v1"
 
 
@@ -73,8 +84,39 @@ def _complete(repo: Repository, root: str) -> list[str]:
     return missing
 
 
+def _checked(object_id: str, raw: bytes, pending: set[str], has) -> tuple[Kind, bytes]:
+    """One uploaded object file: decoded strictly, re-hashed, and its children already stored."""
+    try:
+        kind, data = decode_object_file(raw, f"upload {object_id}")
+        if kind == Kind.RECORD:
+            canonical.decode(data, where=f"upload {object_id}")  # bounded, strict
+    except CryopoolError as exc:
+        raise HTTPException(400, exc.message) from None
+    actual = hash_bytes(kind, data)
+    if actual != object_id:
+        raise HTTPException(400, f"content hashes to {actual}, not {object_id}")
+    absent = [k for k in children_of(kind, data) if k not in pending and not has(k)]
+    if absent:
+        raise HTTPException(400, f"record {object_id} refers to {absent[0]}, which is not stored: "
+                                 "send the objects a record refers to first")
+    return kind, bytes(data)
+
+
+async def _body(request: Request, limit: int, what: str) -> bytes:
+    length = int(request.headers.get("content-length") or 0)
+    if length > limit:
+        raise HTTPException(413, f"{what} larger than {limit} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise HTTPException(413, f"{what} larger than {limit} bytes")
+    return bytes(body)
+
+
 def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
-               anonymous_read: bool | None = None, max_object_bytes: int = MAX_OBJECT_BYTES) -> FastAPI:
+               anonymous_read: bool | None = None, max_object_bytes: int = MAX_OBJECT_BYTES,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """A FastAPI app serving the repository at ``repo_path`` (settings default to its config)."""
     repo = Repository.open(repo_path, search_parents=False)
     cfg = repo.config.get("server", {})
@@ -97,15 +139,51 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
 
     read, write = Depends(scope("read")), Depends(scope("write"))
 
+    @app.get(f"{API}/info", dependencies=[read])
+    def info() -> dict:
+        return {"api": 1, "max_object_bytes": max_object_bytes,
+                "max_request_bytes": max(max_request_bytes, max_object_bytes + FRAME_HEADER.size + 16),
+                "max_ids": MAX_IDS}
+
     @app.get(f"{API}/refs", dependencies=[read])
     def refs() -> dict:
         return {"refs": repo.refs.list("refs/heads/") | repo.refs.list("refs/tags/"), "head": repo.head().branch}
 
     @app.post(f"{API}/objects/missing", dependencies=[read])
     def missing(body: Missing) -> dict:
-        if len(body.ids) > 100_000:
-            raise HTTPException(413, "too many ids in one request (max 100000)")
+        if len(body.ids) > MAX_IDS:
+            raise HTTPException(413, f"too many ids in one request (max {MAX_IDS})")
         return {"missing": [i for i in body.ids if not repo.store.has(_check_id(i))]}
+
+    @app.post(f"{API}/objects/get", dependencies=[read])
+    def get_objects(body: Missing) -> StreamingResponse:
+        if len(body.ids) > MAX_IDS:
+            raise HTTPException(413, f"too many ids in one request (max {MAX_IDS})")
+        absent = [i for i in body.ids if not repo.store.has(_check_id(i))]
+        if absent:
+            raise HTTPException(404, f"object {absent[0]} not found ({len(absent)} missing)")
+
+        def frames():
+            for oid in body.ids:
+                kind, data = repo.store.get(oid, verify=True)  # never serve a damaged object
+                yield from encode_frames([(oid, kind, data)])
+        return StreamingResponse(frames(), media_type="application/x-cryopool-pack")
+
+    @app.post(f"{API}/objects", status_code=201, dependencies=[write])
+    async def put_pack(request: Request) -> dict:
+        body = await _body(request, max(max_request_bytes, max_object_bytes + FRAME_HEADER.size + 16), "pack")
+        checked, pending = [], set()
+        try:
+            for oid, raw in iter_frames([body], "uploaded pack", max_object_bytes):
+                kind, data = _checked(oid, raw, pending, repo.store.has)
+                checked.append((kind, data))
+                pending.add(oid)
+        except CryopoolError as exc:
+            raise HTTPException(413 if "larger than" in exc.message else 400, str(exc)) from None
+        for kind, data in checked:  # nothing is written unless the whole pack is sound; children come first
+            repo.store.put(kind, data)
+        repo.store.sync()
+        return {"stored": len(checked)}
 
     @app.get(f"{API}/objects/{{object_id}}", dependencies=[read])
     def get_object(object_id: str) -> Response:
@@ -119,21 +197,8 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
     @app.put(f"{API}/objects/{{object_id}}", status_code=201, dependencies=[write])
     async def put_object(object_id: str, request: Request) -> dict:
         _check_id(object_id)
-        length = int(request.headers.get("content-length") or 0)
-        if length > max_object_bytes:
-            raise HTTPException(413, f"object larger than {max_object_bytes} bytes")
-        body = await request.body()
-        if len(body) > max_object_bytes:
-            raise HTTPException(413, f"object larger than {max_object_bytes} bytes")
-        try:
-            kind, data = decode_object_file(body, f"upload {object_id}")
-            if kind == Kind.RECORD:
-                canonical.decode(data, where=f"upload {object_id}")  # bounded, strict
-        except CryopoolError as exc:
-            raise HTTPException(400, exc.message) from None
-        actual = hash_bytes(kind, data)
-        if actual != object_id:
-            raise HTTPException(400, f"content hashes to {actual}, not {object_id}")
+        body = await _body(request, max_object_bytes + 16, "object")
+        kind, data = _checked(object_id, body, set(), repo.store.has)
         repo.store.put(kind, data)
         return {"id": object_id}
 

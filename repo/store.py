@@ -22,12 +22,13 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
+from . import canonical
 from .errors import IntegrityError, NotFoundError
 from .fsutil import fsync_dir as _fsync_dir, touch as _touch
 from .hashing import Kind, ObjectId, hash_bytes
@@ -42,6 +43,7 @@ __all__ = [
     "encode_object_parts",
     "decode_object_file",
     "HEADER_SIZE",
+    "children_first",
 ]
 
 MAGIC = b"CPOB"
@@ -183,6 +185,8 @@ class DiskObjectStore(ObjectStore):
         self.fsync = fsync
         self._dirty_dirs: set[Path] = set()
         self._lock = threading.Lock()
+        # A partial clone's way to fetch objects it deferred (stores them here, re-hashed); None otherwise.
+        self.fallback: Callable[[list[str]], None] | None = None
 
     def path(self, object_id: str) -> Path:
         return self.root / object_id[:2] / object_id[2:]
@@ -194,7 +198,20 @@ class DiskObjectStore(ObjectStore):
         try:
             return self.path(object_id).read_bytes()
         except FileNotFoundError:
-            raise NotFoundError(f"object {object_id} not found") from None
+            if self.fallback is None:
+                raise NotFoundError(f"object {object_id} not found") from None
+        self.fallback([object_id])
+        try:
+            return self.path(object_id).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"object {object_id} not found, here or on the remote") from None
+
+    def prefetch(self, object_ids: list[str]) -> None:
+        """Fetch, in one go, those of ``object_ids`` a partial clone deferred (reads would fetch one by one)."""
+        if self.fallback is not None:
+            absent = [o for o in object_ids if not self.has(o)]
+            if absent:
+                self.fallback(absent)
 
     def get(self, object_id: str, *, verify: bool = False) -> tuple[Kind, bytes | memoryview]:
         kind, data = decode_object_file(self.read_file(object_id), f"object {object_id}")
@@ -390,21 +407,57 @@ class StagingStore(ObjectStore):
         return sorted(self._staged)
 
     def publish(self) -> int:
-        """Move staged objects into the base store and make them durable."""
-        n = 0
-        for object_id in self.staged:
-            if self._disk is not None:
-                self.base.adopt(object_id, self._disk.path(object_id))
-            else:
-                kind, data = self._mem.get(object_id)
-                self.base.put(kind, data)
-            n += 1
-        self.base.sync()
+        """Move staged objects into the base store, children before the records that refer to them.
+
+        Each level is made durable before the next appears, so the base store
+        stays closed under references even if the process dies midway.
+        """
+        staged = self.staged
+        records = [o for o in staged if self._staged[o] == Kind.RECORD]
+        order = [[o for o in staged if self._staged[o] != Kind.RECORD]]
+        order += children_first({o: self._record_children(o) for o in records})
+        for level in order:
+            for object_id in level:
+                if self._disk is not None:
+                    self.base.adopt(object_id, self._disk.path(object_id))
+                else:
+                    kind, data = self._mem.get(object_id)
+                    self.base.put(kind, data)
+            self.base.sync()
         self.discard()
-        return n
+        return len(staged)
+
+    def _record_children(self, object_id: str) -> list[str]:
+        _, data = self._inner.get(object_id)
+        return [r.id for r in canonical.walk_refs(canonical.decode(data, check_canonical=False))]
 
     def discard(self) -> None:
         with self._lock:
             self._staged.clear()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def children_first(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Objects of ``graph`` (id → ids it refers to) in levels, each referring only to earlier levels or outside."""
+    level: dict[str, int] = {}
+
+    def depth(oid: str) -> int:
+        stack = [oid]
+        while stack:
+            top = stack[-1]
+            pending = [k for k in graph[top] if k in graph and k not in level]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            level[top] = 1 + max((level[k] for k in graph[top] if k in graph), default=-1)
+        return level[oid]
+
+    out: list[list[str]] = []
+    for oid in graph:
+        d = depth(oid)
+        out.extend([] for _ in range(d + 1 - len(out)))
+    for oid, d in level.items():
+        out[d].append(oid)
+    return [sorted(x) for x in out]

@@ -16,7 +16,7 @@ from cryopool.repo.errors import ConflictError
 from cryopool.repo.importers import import_species, import_tilt_series
 from cryopool.repo.gc import reachable
 from cryopool.repo.merge import load_state, merge, merge_base
-from cryopool.repo.population import item_refs
+from cryopool.repo.population import item_refs, refinement_marks
 from cryopool.repo.records import Operation, ParticleTable, Species
 from cryopool.repo.verify import verify
 
@@ -185,3 +185,124 @@ def test_resolve_abort_and_gc_keeps_the_pending_merge(labs):
     assert theirs in reachable(labs, include_reflogs=False)  # the stored merge keeps their commit alive
     out = CliRunner().invoke(cli, ["-C", str(labs.work_dir), "resolve", "--abort"])
     assert out.exit_code == 0 and load_state(labs) is None
+
+
+def _edit_particles(repo, species, edit, message):
+    """Commit an edit of one species' particle columns (a dict of numpy arrays, edited in place or replaced)."""
+    def update(pop):
+        sp = repo.get_record(pop.species[species], Species)
+        table = repo.get_record(sp.particles, ParticleTable)
+        cols = {k: repo.get_array(v).read().copy() for k, v in table.columns.items()}
+        cols = edit(cols)
+        n = len(cols["particle_id"])
+        new = dataclasses.replace(table, count=n, columns={k: repo.put_array(v) for k, v in cols.items()})
+        return dataclasses.replace(pop, species={**pop.species, species: repo.put_record(
+            dataclasses.replace(sp, particles=repo.put_record(new)))})
+    repo.commit(update, message=message, operation=Operation(kind="edit", parameters={}, software="t"))
+
+
+def _by_id(repo, species, rev="HEAD"):
+    sp = repo.get_record(repo.population(rev).species[species], Species)
+    table = repo.get_record(sp.particles, ParticleTable)
+    cols = {k: repo.get_array(v).read() for k, v in table.columns.items()}
+    return {int(p): {k: cols[k][i] for k in cols} | {"item": table.item_names[int(cols["item_index"][i])]}
+            for i, p in enumerate(cols["particle_id"])}
+
+
+def _keep(cols, mask):
+    return {k: v[mask] for k, v in cols.items()}
+
+
+def test_one_species_changed_on_both_sides_merges_particle_by_particle(labs):
+    base = _by_id(labs, "S1")
+    p0, p1, p2 = list(base)  # TS_01 (0,0,0), TS_01 (400,0,0), TS_02 (0,0,0)
+    labs.checkout("lab-b")  # lab B: drops p0 as junk, refines p1's position
+    _edit_particles(labs, "S1", lambda c: _keep(c, c["particle_id"] != p0), "drop junk")
+
+    def shift(c):
+        c["position_angstrom"][c["particle_id"] == p1] += 5.0
+        return c
+    _edit_particles(labs, "S1", shift, "refine p1")
+    labs.checkout("main")  # lab A: re-scores p2 and adds a far-away pick (a copy of p2 at a new place)
+
+    def rescore_and_add(c):
+        c["score"][c["particle_id"] == p2] = 0.123
+        extra = _keep(c, c["particle_id"] == p2)
+        extra["particle_id"] = extra["particle_id"] + 1
+        extra["position_angstrom"] = extra["position_angstrom"] + 2000.0
+        return {k: np.concatenate([c[k], extra[k]]) for k in c}
+    _edit_particles(labs, "S1", rescore_and_add, "rescore and add")
+    report = merge(labs, "lab-b", policy="keep-both")  # (lab B's S2 brings collisions of its own)
+    merged, ours, theirs = _by_id(labs, "S1"), _by_id(labs, "S1", report.ours), _by_id(labs, "S1", report.theirs)
+    assert sorted(merged) == sorted([p1, p2, p2 + 1])  # p0 removed by them, p2+1 added by us
+    assert np.array_equal(merged[p1]["position_angstrom"], theirs[p1]["position_angstrom"])  # their refinement
+    assert merged[p2]["score"] == ours[p2]["score"] == 0.123  # our re-score
+    assert merged[p2 + 1]["item"] == ours[p2 + 1]["item"] == "lab_a/TS_02"
+    params = labs.get_commit(report.commit).operation.parameters
+    assert params["particle_merges"]["S1"] == {"from_theirs": 1, "removed_by_theirs": 1, "conflicts": []}
+    sp = {r: labs.get_record(labs.population(r).species["S1"], Species) for r in ("HEAD", report.ours)}
+    assert sp["HEAD"].half_map_1 == sp[report.ours].half_map_1  # maps changed on neither side
+    assert verify(labs).ok
+
+
+def test_a_particle_changed_differently_on_both_sides_is_a_conflict(labs):
+    pid = list(_by_id(labs, "S1"))[1]
+
+    def move(delta):
+        def edit(c):
+            c["position_angstrom"][c["particle_id"] == pid] += delta
+            return c
+        return edit
+    labs.checkout("lab-b")
+    _edit_particles(labs, "S1", move(5.0), "b moves it")
+    labs.checkout("main")
+    _edit_particles(labs, "S1", move(-5.0), "a moves it")
+    before = labs.resolve("main")
+    with pytest.raises(ConflictError, match=f"species S1 particle {pid} changed on both sides"):
+        merge(labs, "lab-b", policy="keep-both")
+    assert labs.resolve("main") == before
+    report = merge(labs, "lab-b", policy="keep-both", conflicts="theirs")
+    assert np.array_equal(_by_id(labs, "S1")[pid]["position_angstrom"],
+                          _by_id(labs, "S1", report.theirs)[pid]["position_angstrom"])
+    params = labs.get_commit(report.commit).operation.parameters
+    assert params["particle_merges"]["S1"]["conflicts"] == [{"particle_id": pid, "taken": "theirs"}]
+
+
+def test_half_maps_changed_on_both_sides_are_a_conflict(labs, tmp_path):
+    def new_maps(repo, seed):
+        vol = repo.put_array(np.random.default_rng(seed).normal(size=(16, 16, 16)).astype(np.float32))
+
+        def update(pop):
+            sp = repo.get_record(pop.species["S1"], Species)
+            return dataclasses.replace(pop, species={**pop.species, "S1": repo.put_record(
+                dataclasses.replace(sp, half_map_1=vol, half_map_2=vol))})
+        repo.commit(update, message="maps", operation=Operation(kind="edit", parameters={}, software="t"))
+    labs.checkout("lab-b")
+    new_maps(labs, 1)
+    labs.checkout("main")
+    new_maps(labs, 2)
+    with pytest.raises(ConflictError, match="species S1.half_map_1 changed on both sides"):
+        merge(labs, "lab-b", policy="keep-both")
+    report = merge(labs, "lab-b", policy="keep-both", conflicts="ours")
+    assert labs.get_record(labs.population().species["S1"], Species).half_map_1 == \
+        labs.get_record(labs.population(report.ours).species["S1"], Species).half_map_1
+
+
+def test_re_refine_keeps_ours_and_marks_what_needs_refinement(labs, inputs):
+    labs.checkout("lab-b")
+    import_tilt_series(labs, inputs["ts1"], source="lab_c", **TILT_ARGS)
+    labs.checkout("main")
+    import_tilt_series(labs, inputs["ts2"], source="lab_c", name="TS_01", **TILT_ARGS)
+    ours = item_refs(labs, labs.population("main"))["lab_c/TS_01"]
+    runner = CliRunner()
+    done = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b", "--policy", "keep-both",
+                               "--conflicts", "re-refine"])
+    assert done.exit_code == 0, done.output
+    assert "Marked for re-refinement: item lab_c/TS_01" in done.output
+    pop = labs.population("main")
+    assert item_refs(labs, pop)["lab_c/TS_01"] == ours and refinement_marks(pop) == ["item lab_c/TS_01"]
+    params = labs.get_commit(labs.resolve("main")).operation.parameters
+    assert params["conflicts"] == "re-refine" and params["needs_refinement"] == ["item lab_c/TS_01"]
+    assert "Marked for re-refinement by a merge: item lab_c/TS_01" in \
+        runner.invoke(cli, ["-C", str(labs.work_dir), "status"]).output
+    assert verify(labs).ok

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from cryopool.cli.main import cli
 from cryopool.engine.refine import RefineOptions, refine_population, resume_point
 from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate, write_simulation
-from cryopool.repo import Operation, Repository, Species, iter_items, software_version
+from cryopool.repo import (Operation, Repository, Species, iter_items, refinement_marks, software_version,
+                           with_marks)
 from cryopool.repo.verify import verify
 
 FAST = dict(groups=("shifts", "poses"), lbfgs_iterations=4, rounds=1, image_warp_grid=(2, 2))
@@ -34,8 +35,12 @@ def repo(tmp_path, small_sim):
 
 
 def test_refine_commits_with_full_provenance(repo):
-    before = repo.resolve("HEAD")
+    key = next(iter_items(repo, repo.population()))[0]
+    marks = [f"item {key}", "species a", "item elsewhere/TS_9"]  # as a merge with --conflicts re-refine leaves them
+    before = repo.commit(with_marks(repo.population(), marks), message="marks",
+                         operation=Operation(kind="edit", parameters={}, software="test"))
     (report,) = refine_population(repo, RefineOptions(iterations=1, **FAST))
+    assert refinement_marks(repo.population()) == ["item elsewhere/TS_9"]  # what it refined is no longer marked
     commit = repo.get_commit(report.commit)
     assert commit.parents[0].id == before and commit.operation.kind == "refine"
     params = commit.operation.parameters
