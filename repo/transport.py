@@ -42,7 +42,7 @@ __all__ = ["Transport", "DirTransport", "HttpTransport", "FsspecTransport", "ope
 
 FRAME_HEADER = struct.Struct(">64sQ")  # object id (ASCII hex) | length of the object file that follows
 BATCH_OBJECTS = 1024
-BATCH_BYTES = 64 * 1024 * 1024
+BATCH_BYTES = 16 * 1024 * 1024  # per pack: big enough to amortise a request, small enough to overlap
 
 Obj = tuple[str, Kind, bytes]
 
@@ -59,14 +59,17 @@ def encode_frames(objects: Iterable[Obj]) -> Iterator[bytes]:
 def iter_frames(chunks: Iterable[bytes], where: str, max_object_bytes: int) -> Iterator[tuple[str, bytes]]:
     """Split a pack arriving in arbitrary pieces into (id, object file); strict about every length."""
     buf = bytearray()
+    pos = 0  # parse position in buf (compacted once per piece, never per frame: packs hold thousands)
     need: tuple[str, int] | None = None
     for piece in chunks:
+        del buf[:pos]
+        pos = 0
         buf += piece
         while True:
             if need is None:
-                if len(buf) < FRAME_HEADER.size:
+                if len(buf) - pos < FRAME_HEADER.size:
                     break
-                raw_id, length = FRAME_HEADER.unpack_from(buf)
+                raw_id, length = FRAME_HEADER.unpack_from(buf, pos)
                 oid = raw_id.decode("ascii", errors="replace")
                 if not is_object_id(oid):
                     raise FormatError("pack frame does not start with an object id", path=where,
@@ -74,15 +77,15 @@ def iter_frames(chunks: Iterable[bytes], where: str, max_object_bytes: int) -> I
                 if length > max_object_bytes:
                     raise FormatError(f"pack frame larger than {max_object_bytes} bytes", path=f"{where} {oid}",
                                       found=length)
-                del buf[:FRAME_HEADER.size]
+                pos += FRAME_HEADER.size
                 need = (oid, length)
             oid, length = need
-            if len(buf) < length:
+            if len(buf) - pos < length:
                 break
-            yield oid, bytes(buf[:length])
-            del buf[:length]
+            yield oid, bytes(buf[pos:pos + length])
+            pos += length
             need = None
-    if need is not None or buf:
+    if need is not None or len(buf) > pos:
         raise FormatError("pack ends in the middle of a frame", path=where)
 
 
