@@ -38,7 +38,7 @@ from .store import DiskObjectStore, children_first, decode_object_file, encode_o
 
 __all__ = ["Transport", "DirTransport", "HttpTransport", "FsspecTransport", "open_transport", "is_url",
            "encode_frames", "iter_frames", "children_of", "children_first", "receive_object", "FRAME_HEADER",
-           "deferred_fetcher"]
+           "deferred_fetcher", "batches"]
 
 FRAME_HEADER = struct.Struct(">64sQ")  # object id (ASCII hex) | length of the object file that follows
 BATCH_OBJECTS = 1024
@@ -125,7 +125,6 @@ class Transport(ABC):
     """What push, fetch and clone need from the other side."""
 
     url: str
-    max_object_bytes: int = 1 << 40
 
     @abstractmethod
     def heads(self) -> tuple[dict[str, ObjectId], str | None]:
@@ -217,10 +216,6 @@ class HttpTransport(Transport):
         if self._limits is None:
             self._limits = self._check(self.client.get("/info")).json()
         return self._limits
-
-    @property
-    def max_object_bytes(self) -> int:  # type: ignore[override]
-        return int(self.limits["max_object_bytes"])
 
     def heads(self) -> tuple[dict[str, ObjectId], str | None]:
         data = self._check(self.client.get("/refs")).json()
