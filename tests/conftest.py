@@ -13,6 +13,7 @@ import pytest
 import starfile
 
 from cryopool.repo import Repository
+from cryopool.repo.importers import import_species, import_tilt_series
 from cryopool.repo.server import serve_in_thread
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -87,6 +88,25 @@ def inputs(tmp_path) -> dict[str, Path]:
 
 
 TILT_ARGS = dict(tilt_angles="-12:12:3", dose_per_tilt=3.0, defocus_um=3.0)
+
+
+def lab_population(path: Path, inputs: dict[str, Path]) -> Repository:
+    """A lab's repository: tilt series TS_01 and TS_02 from lab_a and species S1 (100 Å)."""
+    repo = Repository.init(path)
+    import_tilt_series(repo, inputs["ts1"], source="lab_a", **TILT_ARGS)
+    import_tilt_series(repo, inputs["ts2"], source="lab_a", **TILT_ARGS)
+    import_species(repo, "S1", half_map_1=inputs["half1"], half_map_2=inputs["half2"], particles=inputs["particles"],
+                   diameter_angstrom=100)
+    return repo
+
+
+def add_species_s2(repo: Repository, tmp_path: Path, inputs: dict[str, Path]) -> set[str]:
+    """Another lab's contribution: species S2 (60 Å) on the checked-out branch; returns the new object ids."""
+    before = set(repo.store.ids())
+    star = write_particles(tmp_path / "s2.star", particle_rows(["TS_01", "TS_02"], 3, seed=9))
+    import_species(repo, "S2", half_map_1=inputs["half1"], half_map_2=inputs["half1"], particles=star,
+                   diameter_angstrom=60)
+    return set(repo.store.ids()) - before
 
 
 def repo_state(repo: Repository) -> dict[str, str]:

@@ -100,11 +100,16 @@ def test_fast_forward_when_ours_has_not_moved(labs):
     assert report.fast_forward and labs.resolve("main") == labs.resolve("lab-b")
 
 
-def test_items_changed_on_both_sides_conflict(labs, inputs):
+def _item_changed_on_both_sides(labs, inputs):
+    """Lab B and lab A each import a different lab_c/TS_01."""
     labs.checkout("lab-b")
     import_tilt_series(labs, inputs["ts1"], source="lab_c", **TILT_ARGS)
     labs.checkout("main")
     import_tilt_series(labs, inputs["ts2"], source="lab_c", name="TS_01", **TILT_ARGS)
+
+
+def test_items_changed_on_both_sides_conflict(labs, inputs):
+    _item_changed_on_both_sides(labs, inputs)
     before = labs.resolve("main")
     with pytest.raises(ConflictError, match="item lab_c/TS_01 changed on both sides"):
         merge(labs, "lab-b", policy="keep-both")
@@ -120,10 +125,7 @@ def test_items_changed_on_both_sides_conflict(labs, inputs):
 
 
 def test_conflicts_ours_keeps_our_version_through_the_cli(labs, inputs):
-    labs.checkout("lab-b")
-    import_tilt_series(labs, inputs["ts1"], source="lab_c", **TILT_ARGS)
-    labs.checkout("main")
-    import_tilt_series(labs, inputs["ts2"], source="lab_c", name="TS_01", **TILT_ARGS)
+    _item_changed_on_both_sides(labs, inputs)
     ours = item_refs(labs, labs.population("main"))["lab_c/TS_01"]
     runner = CliRunner()
     done = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b", "--policy", "keep-both",
@@ -289,10 +291,7 @@ def test_half_maps_changed_on_both_sides_are_a_conflict(labs, tmp_path):
 
 
 def test_re_refine_keeps_ours_and_marks_what_needs_refinement(labs, inputs):
-    labs.checkout("lab-b")
-    import_tilt_series(labs, inputs["ts1"], source="lab_c", **TILT_ARGS)
-    labs.checkout("main")
-    import_tilt_series(labs, inputs["ts2"], source="lab_c", name="TS_01", **TILT_ARGS)
+    _item_changed_on_both_sides(labs, inputs)
     ours = item_refs(labs, labs.population("main"))["lab_c/TS_01"]
     runner = CliRunner()
     done = runner.invoke(cli, ["-C", str(labs.work_dir), "merge", "lab-b", "--policy", "keep-both",

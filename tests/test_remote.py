@@ -10,11 +10,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import TILT_ARGS, particle_rows, repo_state, write_particles
+from conftest import add_species_s2, lab_population, repo_state
 from cryopool.cli.main import cli
 from cryopool.repo import Repository
 from cryopool.repo.errors import ConflictError, IntegrityError
-from cryopool.repo.importers import import_species, import_tilt_series
 from cryopool.repo.merge import merge
 from cryopool.repo.records import Operation
 from cryopool.repo.remote import add_remote, clone, fetch, push
@@ -27,11 +26,7 @@ EDIT = Operation(kind="edit", parameters={}, software="test")
 def world(tmp_path, inputs):
     """Lab A has a population and pushes it to a central repository; lab B clones it."""
     central = Repository.init(tmp_path / "central")
-    lab_a = Repository.init(tmp_path / "lab_a")
-    import_tilt_series(lab_a, inputs["ts1"], source="lab_a", **TILT_ARGS)
-    import_tilt_series(lab_a, inputs["ts2"], source="lab_a", **TILT_ARGS)
-    import_species(lab_a, "S1", half_map_1=inputs["half1"], half_map_2=inputs["half2"], particles=inputs["particles"],
-                   diameter_angstrom=100)
+    lab_a = lab_population(tmp_path / "lab_a", inputs)
     add_remote(lab_a, "central", central.work_dir)
     stats, _ = push(lab_a, "central")
     assert stats.objects == len(list(lab_a.store.ids()))  # a first push sends everything
@@ -51,11 +46,7 @@ def test_incremental_push_sends_only_new_objects_and_pull_merges(world, tmp_path
     central, lab_a, lab_b = world
     lab_b.create_branch("lab-b")
     lab_b.checkout("lab-b")
-    before = set(lab_b.store.ids())
-    star = write_particles(tmp_path / "s2.star", particle_rows(["TS_01", "TS_02"], 3, seed=9))
-    import_species(lab_b, "S2", half_map_1=inputs["half1"], half_map_2=inputs["half1"], particles=star,
-                   diameter_angstrom=60)
-    new = set(lab_b.store.ids()) - before
+    new = add_species_s2(lab_b, tmp_path, inputs)
     stats, _ = push(lab_b, "origin", "lab-b")
     assert stats.objects == len(new)  # only what lab B made travels
     # lab A moves on, then fetches lab B's branch and merges it

@@ -8,12 +8,11 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from conftest import TILT_ARGS, particle_rows, write_particles
+from conftest import add_species_s2, lab_population
 from cryopool.cli.main import cli
 from cryopool.repo import Repository
 from cryopool.repo.errors import ConflictError, IntegrityError
 from cryopool.repo.hashing import Kind
-from cryopool.repo.importers import import_species, import_tilt_series
 from cryopool.repo.merge import merge
 from cryopool.repo.records import Operation
 from cryopool.repo.remote import add_remote, clone, deferred_objects, fetch, push
@@ -50,12 +49,7 @@ def bucket(s3_endpoint, monkeypatch, request):
 
 @pytest.fixture
 def lab_a(tmp_path, inputs):
-    repo = Repository.init(tmp_path / "lab_a")
-    import_tilt_series(repo, inputs["ts1"], source="lab_a", **TILT_ARGS)
-    import_tilt_series(repo, inputs["ts2"], source="lab_a", **TILT_ARGS)
-    import_species(repo, "S1", half_map_1=inputs["half1"], half_map_2=inputs["half2"], particles=inputs["particles"],
-                   diameter_angstrom=100)
-    return repo
+    return lab_population(tmp_path / "lab_a", inputs)
 
 
 def test_push_clone_fetch_merge_through_s3(bucket, lab_a, tmp_path, inputs):
@@ -70,12 +64,9 @@ def test_push_clone_fetch_merge_through_s3(bucket, lab_a, tmp_path, inputs):
     # lab B adds a species on a branch; only its new objects travel
     lab_b.create_branch("lab-b")
     lab_b.checkout("lab-b")
-    before = set(lab_b.store.ids())
-    star = write_particles(tmp_path / "s2.star", particle_rows(["TS_01", "TS_02"], 3, seed=9))
-    import_species(lab_b, "S2", half_map_1=inputs["half1"], half_map_2=inputs["half1"], particles=star,
-                   diameter_angstrom=60)
+    new = add_species_s2(lab_b, tmp_path, inputs)
     stats, _ = push(lab_b, "origin", "lab-b")
-    assert stats.objects == len(set(lab_b.store.ids()) - before)
+    assert stats.objects == len(new)
     # lab A fetches, merges and pushes; a stale lab B push is refused
     lab_a.commit(lambda p: dataclasses.replace(p, metadata={"a": 1}), message="a", operation=EDIT)
     _, refs = fetch(lab_a, "s3")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import TILT_ARGS, repo_state, running_server
+from conftest import TILT_ARGS, lab_population, repo_state, running_server
 from cryopool.cli.main import cli
 from cryopool.repo import Repository
 from cryopool.repo.canonical import decode, walk_refs
 from cryopool.repo.errors import FormatError, InvalidInputError
 from cryopool.repo.hashing import Kind, hash_bytes
-from cryopool.repo.importers import import_species, import_tilt_series
+from cryopool.repo.importers import import_tilt_series
 from cryopool.repo.population import iter_items
 from cryopool.repo.remote import add_remote, clone, deferred_objects, fetch_deferred, push, receive, remove_remote
 from cryopool.repo.store import children_first
@@ -34,12 +34,7 @@ def _closed(repo: Repository) -> bool:
 
 @pytest.fixture
 def source(tmp_path, inputs):
-    repo = Repository.init(tmp_path / "source")
-    import_tilt_series(repo, inputs["ts1"], source="lab_a", **TILT_ARGS)
-    import_tilt_series(repo, inputs["ts2"], source="lab_a", **TILT_ARGS)
-    import_species(repo, "S1", half_map_1=inputs["half1"], half_map_2=inputs["half2"], particles=inputs["particles"],
-                   diameter_angstrom=100)
-    return repo
+    return lab_population(tmp_path / "source", inputs)
 
 
 def test_children_first_levels_on_random_dags():
