@@ -94,7 +94,8 @@ def clone(url: str, directory: str, token: str | None, options: tuple[str, ...],
 
 @click.command()
 @click.argument("name", default="origin")
-@click.option("--deferred", is_flag=True, help="Also fetch all raw data this partial clone left on its remote (the one it was cloned from).")
+@click.option("--deferred", is_flag=True,
+              help="Also fetch all raw data this partial clone left on its remote (the one it was cloned from).")
 @json_option
 @click.pass_obj
 @handle_errors
