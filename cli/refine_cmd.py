@@ -40,18 +40,20 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--memory-budget", "memory_gb", default=2.0, show_default=True, help="GiB for particle batches.")
 @click.option("--warp-regularisation", default=1e-4, show_default=True, help="L2 weight per Å² of warp grids.")
+@click.option("--temporal-samples", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="Control points of each particle's pose trajectory over the exposure (M: 1–3).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run at the branch tip.")
 @click.option("-b", "--branch", help="Refine this branch [default: the checked-out one].")
 @json_option
 @click.pass_obj
 @handle_errors
 def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, device,
-           memory_gb, warp_regularisation, resume, branch, as_json) -> None:
+           memory_gb, warp_regularisation, temporal_samples, resume, branch, as_json) -> None:
     """Refine all species jointly in every tilt series and commit each iteration.
 
     For each item, all particles of all species form one system: per-tilt
-    stage angles and shifts, warp grids, particle poses and per-tilt defocus
-    are refined by L-BFGS on exact gradients of the normalised
+    stage angles and shifts, warp grids, particle poses (or pose trajectories
+    over the exposure, --temporal-samples) and per-tilt defocus are refined by L-BFGS on exact gradients of the normalised
     cross-correlation with each particle's own half-map (half-sets never
     mix); the half-maps are then reconstructed from the original tilt images
     and their FSC recorded. Each iteration is a commit; --resume continues an
@@ -65,7 +67,7 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
     options = RefineOptions(iterations=iterations, groups=chosen, image_warp_grid=_grid(image_warp, 2),
                             volume_warp_grid=_grid(volume_warp, 4), start_resolution_angstrom=start_resolution,
                             lbfgs_iterations=lbfgs_iterations, device=device, memory_budget_gb=memory_gb,
-                            warp_regularisation=warp_regularisation)
+                            warp_regularisation=warp_regularisation, temporal_samples=temporal_samples)
     if resume and resume_point(repo, branch) is None:
         raise click.UsageError("nothing to resume: the branch tip is not an unfinished refine run")
     started = time.perf_counter()

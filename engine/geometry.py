@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "rotation_x", "rotation_y", "rotation_z", "euler_zyz_to_matrix", "matrix_to_euler_zyz", "tilt_rotations",
     "project_to_tilts", "particle_orientations_in_tilts", "degrees_between", "rotvec_to_matrix",
+    "matrix_to_rotvec",
 ]
 
 
@@ -135,6 +136,18 @@ def rotvec_to_matrix(rotvec_deg: torch.Tensor) -> torch.Tensor:
                      torch.stack([-v[..., 1], v[..., 0], zero], -1)], -2)
     eye = torch.eye(3, dtype=v.dtype, device=v.device).expand_as(k)
     return eye + a * k + b * (k @ k)
+
+
+def matrix_to_rotvec(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotvec_to_matrix` for rotations below 180°: ``(..., 3, 3)`` → ``(..., 3)`` degrees."""
+    m = matrices
+    v = torch.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1)
+    sin = torch.linalg.vector_norm(v, dim=-1) / 2
+    cos = (m.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    theta = torch.atan2(sin, cos)
+    small = sin < 1e-8
+    factor = torch.where(small, 0.5 + theta**2 / 12, theta / (2 * torch.where(small, torch.ones_like(sin), sin)))
+    return torch.rad2deg(factor[..., None] * v)
 
 
 def degrees_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryopool.repo import (DeformationModel, Grid, ImagingModel, ParticleTable, Repository, Species, TiltSeries)
+from cryopool.repo import (dose_times, DeformationModel, Grid, ImagingModel, ParticleTable, Repository, Species, TiltSeries)
 
 from .geometry import euler_zyz_to_matrix, matrix_to_euler_zyz
 from .tilt_model import Imaging, TiltGeometry
@@ -45,7 +45,6 @@ def load_item(repo: Repository, item: TiltSeries, *, with_stack: bool = True) ->
     t = item.n_tilts
     pre = torch.tensor(item.pre_exposure_e_per_angstrom2, dtype=torch.float64)
     exposure = torch.tensor(item.exposure_e_per_angstrom2, dtype=torch.float64)
-    total = (pre + exposure).max().clamp(min=1e-9)
     stack_array = repo.get_array(item.stack)
     h, w = stack_array.shape[1:]
     px = item.pixel_size_angstrom
@@ -56,7 +55,7 @@ def load_item(repo: Repository, item: TiltSeries, *, with_stack: bool = True) ->
         angle_corrections_deg=_array(repo, deformation.tilt_angle_corrections_deg).reshape(t, 3),
         image_size_px=(h, w), pixel_size_angstrom=px,
         tomogram_size_angstrom=tuple(float(s) * px for s in item.tomogram_size_px),
-        dose_time=(pre + 0.5 * exposure) / total,
+        dose_time=torch.from_numpy(dose_times(pre.numpy(), exposure.numpy())),
         image_warp=_grid(repo, deformation.image_warp), volume_warp=_grid(repo, deformation.volume_warp),
         orientation_corrections_deg=None if deformation.orientation_corrections_deg is None
         else _array(repo, deformation.orientation_corrections_deg).reshape(t, 3))
@@ -87,13 +86,13 @@ def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> 
 
 @dataclass
 class ParticleColumns:
-    """A particle table as tensors (one temporal sample: the first is used)."""
+    """A particle table as tensors; poses are trajectories of ``T`` temporal samples (``trajectories``)."""
 
     ids: np.ndarray  # (n,) uint64
     item_names: list[str]
     item_index: torch.Tensor  # (n,) long
-    positions: torch.Tensor  # (n, 3) Å
-    orientations: torch.Tensor  # (n, 3, 3)
+    positions: torch.Tensor  # (n, T, 3) Å
+    orientations: torch.Tensor  # (n, T, 3, 3)
     half_sets: torch.Tensor  # (n,) long
     scores: torch.Tensor  # (n,)
 
@@ -108,28 +107,29 @@ def load_particles(repo: Repository, table_ref) -> ParticleColumns:
     table = repo.get_record(table_ref, ParticleTable)
     n = table.count
     col = {k: repo.get_array(v).read() for k, v in table.columns.items()}
-    angles = torch.from_numpy(col["orientation_deg"].reshape(n, -1, 3)[:, 0].astype(np.float64))
+    t = table.temporal_samples
+    angles = torch.from_numpy(col["orientation_deg"].reshape(n, t, 3).astype(np.float64))
     return ParticleColumns(
         ids=col["particle_id"].astype(np.uint64), item_names=list(table.item_names),
         item_index=torch.from_numpy(col["item_index"].astype(np.int64)),
-        positions=torch.from_numpy(col["position_angstrom"].reshape(n, -1, 3)[:, 0].astype(np.float64)),
+        positions=torch.from_numpy(col["position_angstrom"].reshape(n, t, 3).astype(np.float64)),
         orientations=euler_zyz_to_matrix(angles), half_sets=torch.from_numpy(col["half_set"].astype(np.int64)),
         scores=torch.from_numpy(col["score"].astype(np.float64)))
 
 
 def particle_table_record(repo: Repository, columns: ParticleColumns) -> ParticleTable:
     """A ParticleTable record (arrays written to ``repo``) from tensors."""
-    n = len(columns.ids)
+    n, t = columns.positions.shape[:2]
     angles = matrix_to_euler_zyz(columns.orientations.double()).numpy()
     cols = {
         "particle_id": repo.put_array(np.asarray(columns.ids, dtype=np.uint64)),
         "item_index": repo.put_array(columns.item_index.numpy().astype(np.int32)),
-        "position_angstrom": repo.put_array(columns.positions.double().numpy().reshape(n, 1, 3)),
-        "orientation_deg": repo.put_array(angles.reshape(n, 1, 3)),
+        "position_angstrom": repo.put_array(columns.positions.double().numpy().reshape(n, t, 3)),
+        "orientation_deg": repo.put_array(angles.reshape(n, t, 3)),
         "half_set": repo.put_array(columns.half_sets.numpy().astype(np.uint8)),
         "score": repo.put_array(columns.scores.numpy().astype(np.float32)),
     }
-    return ParticleTable(count=n, temporal_samples=1, item_names=list(columns.item_names), columns=cols)
+    return ParticleTable(count=n, temporal_samples=t, item_names=list(columns.item_names), columns=cols)
 
 
 def load_map(repo: Repository, species: Species, which: str = "half_map_1") -> torch.Tensor:

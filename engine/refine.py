@@ -41,6 +41,7 @@ from .refine_item import GROUPS, RefineSettings, SpeciesInput, refine_item_half
 from .regularise import FSCWienerFilter, Regulariser, working_resolution
 from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
+from .trajectories import MAX_TEMPORAL_SAMPLES, resample_orientations, resample_positions
 
 __all__ = ["RefineOptions", "refine_population", "IterationReport", "resume_point", "pick_device"]
 
@@ -60,11 +61,14 @@ class RefineOptions:
     memory_budget_gb: float = 2.0
     wiener_constant: float = 1e-3
     warp_regularisation: float = 1e-4  # L2 per Å² of warp, so global parameters explain what they can
+    temporal_samples: int = 1  # control points of each particle's pose trajectory over the exposure (1–3)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.groups) - set(GROUPS))
         if unknown:
             raise ValueError(f"unknown parameter groups {unknown}; choose from {list(GROUPS)}")
+        if not 1 <= self.temporal_samples <= MAX_TEMPORAL_SAMPLES:
+            raise ValueError(f"temporal samples must be 1 to {MAX_TEMPORAL_SAMPLES}, not {self.temporal_samples}")
 
 
 @dataclass
@@ -183,7 +187,9 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
     accs = {name: None for name in species}
     new_items: dict[str, tuple[TiltSeries, dict]] = {}
-    poses = {name: (s.columns.positions.clone(), s.columns.orientations.clone()) for name, s in species.items()}
+    samples = opts.temporal_samples  # stored trajectories are resampled to it (exactly, when adding samples)
+    poses = {name: (resample_positions(s.columns.positions, samples).clone(),
+                    resample_orientations(s.columns.orientations, samples).clone()) for name, s in species.items()}
     ncc_history = {}
     for n_item, (key, _, item) in enumerate(items):
         if progress:

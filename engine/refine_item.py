@@ -19,7 +19,8 @@ and weights both sides by the dose weight, and by Cauchy–Schwarz such a
 target prefers CTF shapes that emphasise high-SNR frequencies, which biases
 the defocus (measured here: hundreds of Å at 6 Å/px). Parameters (per enabled group):
 per-tilt shifts and stage-angle corrections, image-warp and volume-warp
-grids, per-particle position and orientation offsets, per-tilt defocus and
+grids, per-particle position and orientation offsets at each of the
+trajectory's temporal samples (``trajectories``), per-tilt defocus and
 astigmatism. Gradients are exact (autograd); the optimiser is L-BFGS after
 M's exhaustive defocus search.
 
@@ -42,6 +43,7 @@ from .fourier import rfft_frequencies_2d
 from .geometry import rotvec_to_matrix
 from .projection import VolumeTransform, extract_slices
 from .tilt_model import Imaging, TiltGeometry, particle_positions_in_tilts
+from .trajectories import orientations_at, positions_at
 from .weighting import dose_tilt_weights
 
 __all__ = ["GROUPS", "RefineSettings", "SpeciesInput", "ItemState", "refine_item_half", "ncc", "ctf_zeros_in_band"]
@@ -71,8 +73,8 @@ class SpeciesInput:
     reference: VolumeTransform  # this half-set's regularised half-map
     box: int
     diameter_angstrom: float
-    positions: torch.Tensor  # (n, 3) Å, this half-set's particles in this item
-    orientations: torch.Tensor  # (n, 3, 3)
+    positions: torch.Tensor  # (n, T, 3) Å trajectories of this half-set's particles in this item
+    orientations: torch.Tensor  # (n, T, 3, 3)
 
 
 @dataclass
@@ -111,10 +113,25 @@ class _Model:
                             and geom.volume_warp.shape[1:] == settings.volume_warp_grid
                             else z(3, *settings.volume_warp_grid)),
         }
+        self.orientations_in_tilts = []  # the starting orientations at each tilt's dose time, (n, t, 3, 3)
         for k, s in enumerate(species):
-            self.p[f"pos{k}"] = z(len(s.positions), 3)
-            self.p[f"rot{k}"] = z(len(s.positions), 3)
+            self.p[f"pos{k}"] = z(*s.positions.shape)
+            self.p[f"rot{k}"] = z(*s.positions.shape)
+            self.orientations_in_tilts.append(orientations_at(s.orientations, geom.dose_time))
         self.species = species
+        self.static = False  # True: every temporal sample moves together (a static pose offset)
+
+    def _offsets(self, name: str) -> torch.Tensor:
+        p = self.p[name]
+        return p[:, :1].expand_as(p) if self.static else p
+
+    def release(self) -> None:
+        """From static offsets to trajectories: every sample starts at the static offset."""
+        with torch.no_grad():
+            for name, p in self.p.items():
+                if name.startswith(("pos", "rot")):
+                    p.copy_(p[:, :1].expand_as(p))
+        self.static = False
 
     def trainable(self, groups: tuple[str, ...]) -> list[torch.Tensor]:
         names = [g for g in groups if g != "poses"]
@@ -141,8 +158,20 @@ class _Model:
                        defocus_v_angstrom=im.defocus_v_angstrom + self.p["defocus"] - self.p["astigmatism"])
 
     def poses(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The refined trajectories' control points: positions ``(n, T, 3)``, orientations ``(n, T, 3, 3)``."""
         s = self.species[k]
-        return s.positions + self.p[f"pos{k}"], rotvec_to_matrix(self.p[f"rot{k}"]) @ s.orientations
+        return s.positions + self._offsets(f"pos{k}"), rotvec_to_matrix(self._offsets(f"rot{k}")) @ s.orientations
+
+    def poses_in_tilts(self, k: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position control points ``(m, T, 3)`` and orientations at each tilt ``(m, t, 3, 3)``.
+
+        The orientation offsets are interpolated as rotation vectors on top of the starting
+        trajectory (equal to :meth:`poses` at the control points, to first order between them).
+        """
+        s = self.species[k]
+        offsets = positions_at(self._offsets(f"rot{k}")[rows], self.base_geom.dose_time)
+        return (s.positions[rows] + self._offsets(f"pos{k}")[rows],
+                rotvec_to_matrix(offsets) @ self.orientations_in_tilts[k][rows])
 
 
 @dataclass
@@ -163,10 +192,9 @@ class _Fixed:
 
 def _fixed(model: _Model, k: int, stack: torch.Tensor, rows: slice, geometry: TiltGeometry, big: int) -> _Fixed:
     s = model.species[k]
-    pos, ori = model.poses(k)
-    pos, ori = pos[rows], ori[rows]
+    pos, ori = model.poses_in_tilts(k, rows)
     xy, z = particle_positions_in_tilts(geometry, pos)
-    rot = geometry.orientation_rotations() @ ori.unsqueeze(-3)  # (n, t, 3, 3)
+    rot = geometry.orientation_rotations() @ ori  # (n, t, 3, 3)
     px = angstrom_to_pixel(xy, geometry.pixel_size_angstrom, geometry.image_size_px)
     boxes = extract_boxes(stack, px.to(stack.dtype), big)
     return _Fixed(boxes, z, extract_slices(s.reference, rot.to(stack.dtype)))
@@ -348,7 +376,11 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
                 model.p["defocus"].copy_(before)
             after = history[-1]
         history.append(after)
-    for _ in range(settings.rounds):
+    # trajectories start as static poses: fitting 3 samples per particle from a pose ~1 px off finds
+    # worse local optima (measured: 7.2 vs 5.4 Å per-tilt error on particles drifting ~20 Å)
+    trajectories = "poses" in settings.groups and any(s.positions.shape[1] > 1 for s in species)
+    for stage in (["static"] if trajectories else []) + ["full"] * settings.rounds:
+        model.static = stage == "static"
         params = model.trainable(settings.groups)
         if not params:
             break
@@ -360,6 +392,8 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
             return obj.loss_and_backward()
 
         opt.step(closure)
+        if model.static:
+            model.release()
         history.append(obj.value())
     with torch.no_grad():
         geom, im = model.geometry(), model.imaging()

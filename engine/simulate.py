@@ -2,7 +2,8 @@
 
 ``simulate(config)`` builds, per data source and item: particles of every
 species at random non-overlapping positions in a slab with random
-orientations; the true tilt geometry (nominal tilts plus stage-angle errors,
+orientations, optionally moving under the beam (pose trajectories over the
+exposure); the true tilt geometry (nominal tilts plus stage-angle errors,
 per-tilt shifts, a smooth per-tilt image warp, optionally a volume warp) and
 imaging (per-tilt defocus with astigmatism; per-particle height enters the
 defocus); noise-free tilt images by ``forward.render_tilt_series`` (CTF and
@@ -25,18 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopool.repo import (DataSource, Metrics, Operation, Population, Ref, Repository, Species, TiltSeries,
+from cryopool.repo import (dose_times, DataSource, Metrics, Operation, Population, Ref, Repository, Species, TiltSeries,
                            software_version)
 
 from .ctf import aliasing_free_box
 from .forward import ParticleSet, reconstruct_half_maps, render_tilt_series
-from .geometry import euler_zyz_to_matrix, rotation_x, rotation_y, rotation_z
+from .geometry import euler_zyz_to_matrix, rotation_x, rotation_y, rotation_z, rotvec_to_matrix
 from .phantoms import atomic_model_from_pdb, pseudo_atomic_model, render_map
 from .projection import prepare_volume
 from .records_io import ParticleColumns, item_records, particle_table_record
 from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
-from .weighting import mid_exposure
 
 __all__ = ["SpeciesSpec", "SimulationConfig", "PRESETS", "simulate", "write_simulation", "SimulatedItem",
            "Simulation", "soft_sphere_mask"]
@@ -80,6 +80,10 @@ class SimulationConfig:
     volume_warp_grid: tuple[int, int, int, int] | None = None  # (time, z, y, x)
     volume_warp_angstrom: float = 0.0
     defocus_jitter_angstrom: float = 150.0  # per tilt
+    # beam-induced particle motion: a quadratic trajectory over the exposure through the mid-exposure pose,
+    # displaced at the start and the end by N(0, σ²) per axis (Å) and rotated by N(0, σ²) per axis (°)
+    particle_motion_angstrom: float = 0.0
+    particle_rotation_deg: float = 0.0
     # how far the initial (upstream) state is from the truth
     initial_shift_error_angstrom: float = 6.0
     initial_position_error_angstrom: float = 8.0
@@ -201,6 +205,18 @@ def _species_maps(cfg: SimulationConfig, rng) -> tuple[dict[str, torch.Tensor], 
     return maps, boxes
 
 
+def _motion(rng, cfg: SimulationConfig, pos: torch.Tensor, ori: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trajectories (3 temporal samples) through the mid-exposure pose, or the static pose without motion."""
+    if cfg.particle_motion_angstrom <= 0 and cfg.particle_rotation_deg <= 0:
+        return pos, ori
+    n = pos.shape[0]
+    ends = torch.tensor(rng.normal(0, 1, (n, 2, 2, 3)))  # (n, start/end, shift/rotation, xyz)
+    zero = torch.zeros(n, 1, 3, dtype=torch.float64)
+    shifts = torch.cat([ends[:, :1, 0], zero, ends[:, 1:, 0]], 1) * cfg.particle_motion_angstrom
+    turns = torch.cat([ends[:, :1, 1], zero, ends[:, 1:, 1]], 1) * cfg.particle_rotation_deg
+    return pos[:, None] + shifts, rotvec_to_matrix(turns) @ ori[:, None]
+
+
 def _item(cfg: SimulationConfig, rng, source: str, name: str, maps, boxes) -> SimulatedItem:
     tilts = torch.tensor(cfg.tilt_angles)
     t = len(tilts)
@@ -210,7 +226,7 @@ def _item(cfg: SimulationConfig, rng, source: str, name: str, maps, boxes) -> Si
     exposure = torch.full((t,), cfg.dose_per_tilt, dtype=torch.float64)
     pre = torch.zeros(t, dtype=torch.float64)
     pre[torch.tensor(order)] = torch.arange(t, dtype=torch.float64) * cfg.dose_per_tilt
-    time = mid_exposure(pre, exposure) / (pre + exposure).max()
+    time = torch.from_numpy(dose_times(pre.numpy(), exposure.numpy()))
     tomo = (w * px, h * px, cfg.slab_thickness_angstrom * 1.5)
     sigma = torch.tensor(cfg.stage_angle_error_deg)
     true_geom = TiltGeometry(
@@ -238,7 +254,7 @@ def _item(cfg: SimulationConfig, rng, source: str, name: str, maps, boxes) -> Si
         k += n
         ori = _random_rotations(rng, n)
         halves = torch.tensor(rng.permutation(np.arange(n) % 2 + 1))
-        true_p[spec.name] = ParticleSet(pos, ori, halves)
+        true_p[spec.name] = ParticleSet(*_motion(rng, cfg, pos, ori), halves)
         init_p[spec.name] = ParticleSet(
             pos + torch.tensor(rng.normal(0, cfg.initial_position_error_angstrom, (n, 3))),
             _small_rotations(rng, n, cfg.initial_angle_error_deg) @ ori, halves)
@@ -307,7 +323,8 @@ def _columns(sim: Simulation, name: str, truth: bool) -> ParticleColumns:
     return ParticleColumns(
         ids=np.concatenate([sim.ids[name][k] for k in keys]), item_names=keys,
         item_index=torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(parts)]),
-        positions=torch.cat([p.positions for p in parts]), orientations=torch.cat([p.orientations for p in parts]),
+        positions=torch.cat([p.positions.reshape(len(p), -1, 3) for p in parts]),
+        orientations=torch.cat([p.orientations.reshape(len(p), -1, 3, 3) for p in parts]),
         half_sets=torch.cat([p.half_sets for p in parts]),
         scores=torch.full((sum(len(p) for p in parts),), float("nan"), dtype=torch.float64))
 

@@ -8,6 +8,9 @@ pure function of tensors, differentiable in every parameter:
     z_i  = (R_i r_i)_z                                 height → defocus_i + z_i
     A_i  = R_i · A_p                                   particle orientation in the tilt
 
+A particle's ``r`` and ``A_p`` are either fixed or trajectories over the
+accumulated exposure (``trajectories``), sampled at each tilt's dose time.
+
 ``R_i`` comes from ``geometry.tilt_rotations`` (stage tilt, stage-angle
 corrections, tilt axis). The warps are cubic B-spline grids
 (``splines``): the image warp ``W`` has 2 channels (dx, dy in Å) over
@@ -25,6 +28,7 @@ import torch
 from .geometry import (particle_orientations_in_tilts, project_to_tilts, rotation_x, rotation_y, rotation_z,
                        tilt_rotations)
 from .splines import interpolate_bspline_grid
+from .trajectories import orientations_at, positions_at
 
 __all__ = ["TiltGeometry", "Imaging", "particle_positions_in_tilts", "particle_rotations_in_tilts",
            "particle_defocus"]
@@ -79,17 +83,23 @@ class Imaging:
     handedness: float = 1.0  # RELION's rlnTomoHand: defocus = tilt defocus + handedness × height
 
 
+def _per_tilt(geom: TiltGeometry, positions: torch.Tensor) -> torch.Tensor:
+    """Positions ``(n, 3)`` or trajectories ``(n, T, 3)`` → each particle's position in each tilt ``(n, t, 3)``."""
+    if positions.dim() == 3:
+        return positions_at(positions, geom.dose_time.to(positions.device))
+    return positions[:, None, :].expand(positions.shape[0], geom.n_tilts, 3)
+
+
 def _volume_warp(geom: TiltGeometry, positions: torch.Tensor) -> torch.Tensor:
-    """Positions ``(n, 3)`` → per-tilt warped positions ``(n, t, 3)``."""
-    n, t = positions.shape[0], geom.n_tilts
-    base = positions[:, None, :].expand(n, t, 3)
+    """Per-tilt positions ``(n, t, 3)`` → warped by the volume warp at their own place and dose time."""
     if geom.volume_warp is None:
-        return base
+        return positions
+    n, t = positions.shape[:2]
     size = torch.tensor(geom.tomogram_size_angstrom, dtype=positions.dtype, device=positions.device)
-    u_xyz = (positions / size + 0.5).clamp(0, 1)  # (n, 3) x, y, z in [0, 1]
+    u_xyz = (positions / size + 0.5).clamp(0, 1)  # (n, t, 3) x, y, z in [0, 1]
     u = torch.cat([geom.dose_time.to(positions.dtype)[None, :, None].expand(n, t, 1),
-                   u_xyz.flip(-1)[:, None, :].expand(n, t, 3)], dim=-1)  # (n, t, 4): time, z, y, x
-    return base + interpolate_bspline_grid(geom.volume_warp, u)
+                   u_xyz.flip(-1)], dim=-1)  # (n, t, 4): time, z, y, x
+    return positions + interpolate_bspline_grid(geom.volume_warp, u)
 
 
 def _image_warp(geom: TiltGeometry, xy: torch.Tensor) -> torch.Tensor:
@@ -106,14 +116,19 @@ def _image_warp(geom: TiltGeometry, xy: torch.Tensor) -> torch.Tensor:
 
 
 def particle_positions_in_tilts(geom: TiltGeometry, positions_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(n, 3)`` specimen positions (Å from the tomogram centre) → image ``xy`` ``(n, t, 2)`` Å, heights ``(n, t)``."""
-    warped = _volume_warp(geom, positions_angstrom)
+    """Specimen positions (Å from the tomogram centre) → image ``xy`` ``(n, t, 2)`` Å, heights ``(n, t)``.
+
+    ``positions_angstrom`` is ``(n, 3)`` or a trajectory ``(n, T, 3)`` over dose (``trajectories``).
+    """
+    warped = _volume_warp(geom, _per_tilt(geom, positions_angstrom))
     xy, z = project_to_tilts(warped, geom.rotations(), geom.shifts_angstrom)
     return xy + _image_warp(geom, xy), z
 
 
 def particle_rotations_in_tilts(geom: TiltGeometry, orientations: torch.Tensor) -> torch.Tensor:
-    """``(n, 3, 3)`` particle matrices → ``(n, t, 3, 3)`` map → image rotations."""
+    """``(n, 3, 3)`` particle matrices (or trajectories ``(n, T, 3, 3)``) → ``(n, t, 3, 3)`` map → image rotations."""
+    if orientations.dim() == 4:
+        return geom.orientation_rotations() @ orientations_at(orientations, geom.dose_time.to(orientations.device))
     return particle_orientations_in_tilts(orientations, geom.orientation_rotations())
 
 

@@ -41,6 +41,7 @@ from .records import (DeformationModel, ImagingModel, Metrics, Operation, Partic
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
 from .star_particles import read_star_particles, same_pixel
+from .trajectory import dose_times, trajectory_weights
 
 __all__ = ["import_relion", "export_relion"]
 
@@ -548,23 +549,50 @@ def export_relion(repo: Repository, rev: str, out: str | Path, *, species: list[
     return {"folder": str(out), "tilt_series": [tomo[k] for k in sorted(items)], "species": names, "notes": notes}
 
 
+def _trajectories_for_relion(positions: np.ndarray, keys: list[str], items: dict, samples: int):
+    """RELION's form of pose trajectories: the position in the chronologically first tilt, plus per-tilt offsets.
+
+    Returns that position ``(n, 3)``, the offsets ``[(tilts, 3)]`` in each item's stack order (None
+    without trajectories) and, per particle, the temporal sample nearest the first tilt's dose time.
+    """
+    n = positions.shape[0]
+    control = positions.reshape(n, samples, 3).astype(np.float64)
+    if samples == 1:
+        return control[:, 0], None, np.zeros(n, dtype=int)
+    per_item = {}
+    for key in set(keys):
+        item = items[key][1]
+        times = dose_times(item.pre_exposure_e_per_angstrom2, item.exposure_e_per_angstrom2)
+        first = int(np.argmin(item.pre_exposure_e_per_angstrom2))
+        per_item[key] = (trajectory_weights(times, samples), first,
+                         int(np.argmin(np.abs(np.linspace(0, 1, samples) - times[first]))))
+    stored, motion, sample = np.empty((n, 3)), [], np.empty(n, dtype=int)
+    for p, key in enumerate(keys):
+        w, first, sample[p] = per_item[key]
+        path = w @ control[p]  # (tilts, 3)
+        stored[p] = path[first]
+        motion.append(path - path[first])
+    return stored, motion, sample
+
+
 def _export_species(repo: Repository, population: Population, name: str, items: dict, tomo: dict[str, str],
                     root: Path, notes: list[str]) -> None:
     sp = repo.get_record(population.species[name], Species)
     table = repo.get_record(sp.particles, ParticleTable)
     n = table.count
     cols = {k: repo.get_array(v).read() for k, v in table.columns.items()}
-    if table.temporal_samples > 1:
-        notes.append(f"{name}: particle trajectories ({table.temporal_samples} samples) are written as their "
-                     "first sample; RELION's motion trajectories file is not written")
     keys = [table.item_names[i] for i in cols["item_index"].astype(int)]
-    stored = cols["position_angstrom"].reshape(n, -1, 3)[:, 0].astype(np.float64)
+    stored, motion, sample = _trajectories_for_relion(cols["position_angstrom"], keys, items, table.temporal_samples)
+    if motion is not None:
+        notes.append(f"{name}: particle trajectories ({table.temporal_samples} samples) are written to motion.star "
+                     "(positions per tilt); RELION has no orientation trajectories, so each particle's orientation "
+                     "is its sample nearest the first tilt's exposure")
     offset = np.array([_centre_offset(items[k][1].tomogram_size_px, items[k][1].pixel_size_angstrom)
                        for k in keys]).reshape(n, 3)
     centred = stored - offset
     # import computes (centred + offset) − origin; this origin is the rounding residual, so that is exact
     origin = (centred + offset) - stored
-    angles = cols["orientation_deg"].reshape(n, -1, 3)[:, 0].astype(np.float64)
+    angles = cols["orientation_deg"].reshape(n, -1, 3)[np.arange(n), sample].astype(np.float64)
     pixels = sorted({items[k][1].pixel_size_angstrom for k in keys})
     group = {p: i + 1 for i, p in enumerate(pixels)}
     sp_item = {k: items[k][1] for k in set(keys)}
@@ -592,6 +620,11 @@ def _export_species(repo: Repository, population: Population, name: str, items: 
     folder.mkdir()
     write_star(folder / "particles.star", {"general": {"rlnTomoSubTomosAre2DStacks": 0},
                                             "optics": optics, "particles": particles})
+    if motion is not None:
+        blocks: dict = {"general": {"rlnParticleNumber": n}}
+        for name_p, offsets in zip(particles["rlnTomoParticleName"], motion):
+            blocks[name_p] = pd.DataFrame({f"rlnOrigin{a}Angst": offsets[:, k] for k, a in enumerate("XYZ")})
+        write_star(folder / "motion.star", blocks)
     for label, ref in (("half_map_1", sp.half_map_1), ("half_map_2", sp.half_map_2), ("mask", sp.mask)):
         if ref is not None:
             write_mrc(folder / f"{label}.mrc", repo.get_array(ref).read(), sp.pixel_size_angstrom)
@@ -599,6 +632,7 @@ def _export_species(repo: Repository, population: Population, name: str, items: 
               "rlnTomoReferenceMap1File": f"{name}/half_map_1.mrc",
               "rlnTomoReferenceMap2File": f"{name}/half_map_2.mrc",
               **({"rlnTomoReferenceMaskFile": f"{name}/mask.mrc"} if sp.mask is not None else {}),
+              **({"rlnTomoTrajectoriesFile": f"{name}/motion.star"} if motion is not None else {}),
               "cryopoolSpecies": name, "cryopoolDiameterAngst": sp.diameter_angstrom,
               "cryopoolSymmetry": sp.symmetry}
     write_star(folder / "optimisation_set.star", {"optimisation_set": values})

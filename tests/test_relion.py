@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mrcfile
@@ -13,10 +14,10 @@ import pytest
 import starfile
 import torch
 
-from cryopool.engine.geometry import euler_zyz_to_matrix
-from cryopool.engine.records_io import load_item, load_particles
+from cryopool.engine.geometry import euler_zyz_to_matrix, rotvec_to_matrix
+from cryopool.engine.records_io import load_item, load_particles, particle_table_record
 from cryopool.engine.tilt_model import particle_defocus, particle_positions_in_tilts
-from cryopool.repo import CryopoolError, Repository, Species
+from cryopool.repo import CryopoolError, Operation, Repository, Species, software_version, with_species
 from cryopool.repo.relion import export_relion, import_relion
 
 from conftest import repo_state, write_mrc
@@ -180,7 +181,58 @@ def test_geometry_matches_relions_projection_matrices(project, disk_repo):
                 if "rlnTomoSubtomogramRot" in prow:
                     a = euler_zyz_to_matrix(torch.tensor([prow.rlnTomoSubtomogramRot, prow.rlnTomoSubtomogramTilt,
                                                           prow.rlnTomoSubtomogramPsi], dtype=torch.float64)).numpy() @ a
-                np.testing.assert_allclose(parts.orientations[sel][p].numpy(), a, atol=1e-9)
+                np.testing.assert_allclose(parts.orientations[sel][p, 0].numpy(), a, atol=1e-9)
+
+
+def test_trajectories_export_as_relion_motion(tmp_path, project, disk_repo):
+    """Particles moving over the exposure: RELION's position + motion.star offset lands, in every tilt, where ours does."""
+    import_project(disk_repo, project)
+    pop = disk_repo.population("HEAD")
+    sp = disk_repo.get_record(pop.species["ribosome"], Species)
+    parts = load_particles(disk_repo, sp.particles)
+    rng = np.random.default_rng(3)
+    drift = torch.tensor(rng.normal(0, 8.0, (len(parts.ids), 3, 3)))
+    turn = rotvec_to_matrix(torch.tensor(rng.normal(0, 2.0, (len(parts.ids), 3, 3))))
+    moving = replace(parts, positions=parts.positions + drift, orientations=turn @ parts.orientations)
+    with disk_repo.transaction() as tx:
+        ref = tx.put_record(replace(sp, particles=tx.put_record(particle_table_record(tx, moving))))
+        tx.commit(with_species(tx, pop, ref, replace_existing=True), message="moving particles",
+                  operation=Operation(kind="edit", parameters={}, software=software_version()), retries=0)
+    out = tmp_path / "export"
+    summary = export_relion(disk_repo, "HEAD", out, species=["ribosome"])
+    assert any("motion.star" in n for n in summary["notes"])
+    assert starfile.read(out / "ribosome/optimisation_set.star")["rlnTomoTrajectoriesFile"] == "ribosome/motion.star"
+    motion = starfile.read(out / "ribosome/motion.star", always_dict=True)
+    star = starfile.read(out / "ribosome/particles.star")["particles"]
+    assert int(motion["general"]["rlnParticleNumber"]) == len(star) == len(parts.ids)
+    tomograms = starfile.read(out / "tomograms.star")
+    pop = disk_repo.population("HEAD")
+    for key in parts.item_names:
+        source, item_name = key.split("/")
+        model = load_item(disk_repo, disk_repo.get_record(disk_repo.get_record(pop.data_sources[source]).items[item_name]),
+                          with_stack=False)
+        sel = parts.select(key)
+        xy, _ = particle_positions_in_tilts(model.geometry, moving.positions[sel])  # ours, from the trajectory
+        row = tomograms[tomograms.rlnTomoName == item_name].iloc[0]
+        size = (int(row.rlnTomoSizeX), int(row.rlnTomoSizeY), int(row.rlnTomoSizeZ))
+        tilts = starfile.read(out / row.rlnTomoTiltSeriesStarFile)
+        h, w = SIZES[item_name][1], SIZES[item_name][0]
+        first = int(np.argmin(tilts.rlnMicrographPreExposure))
+        rows_here = star[star.rlnTomoName == item_name]
+        assert len(rows_here) == int(sel.sum())
+        for p, (_, prow) in enumerate(rows_here.iterrows()):
+            offsets = motion[prow.rlnTomoParticleName][[f"rlnOrigin{a}Angst" for a in "XYZ"]].to_numpy()
+            assert offsets.shape == (len(tilts), 3) and np.abs(offsets[first]).max() == 0  # relative to the first
+            centred = np.array([prow[f"rlnCenteredCoordinate{a}Angst"] for a in "XYZ"], float)
+            if "rlnOriginXAngst" in prow:
+                centred = centred - np.array([prow[f"rlnOrigin{a}Angst"] for a in "XYZ"], float)
+            for f, (_, trow) in enumerate(tilts.iterrows()):
+                # Trajectory::getShiftsInPix: position in frame f = position + shifts_Ang[f] / pixel
+                decentred = (centred + offsets[f]) / PIXEL + np.array(size, float) / 2
+                m = relion_projection(size, (h, w), trow.rlnTomoXTilt, trow.rlnTomoYTilt, trow.rlnTomoZRot,
+                                      trow.rlnTomoXShiftAngst, trow.rlnTomoYShiftAngst, PIXEL)
+                img = (m @ np.r_[decentred, 1])[:2]
+                np.testing.assert_allclose(xy[p, f].numpy() / PIXEL + np.array([w // 2, h // 2]), img, atol=1e-6)
 
 
 def test_conversions_by_hand(tmp_path, disk_repo):
@@ -194,7 +246,7 @@ def test_conversions_by_hand(tmp_path, disk_repo):
     pop = disk_repo.population("HEAD")
     parts = load_particles(disk_repo, disk_repo.get_record(pop.species["r"], Species).particles)
     # RELION projects it about floor(size/2) = 31, 23, 15 while size/2 = 31.5, 23.5, 15.5: +0.5 px = +1 Å
-    np.testing.assert_allclose(parts.positions[0].numpy(), [11.0, -19.0, 31.0])
+    np.testing.assert_allclose(parts.positions[0, 0].numpy(), [11.0, -19.0, 31.0])
     item = disk_repo.get_record(disk_repo.get_record(pop.data_sources["s"]).items["TS_B"])
     model = load_item(disk_repo, item, with_stack=False)
     # tilt 3: nominal 30, xtilt 0.3, ytilt 30.15, zrot 85.6, axis 85 → ωx 0.3, ωy 0.15, ωz 0.6

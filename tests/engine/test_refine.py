@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from cryopool.cli.main import cli
 from cryopool.engine.refine import RefineOptions, refine_population, resume_point
 from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate, write_simulation
-from cryopool.repo import (Operation, Repository, Species, iter_items, refinement_marks, software_version,
+from cryopool.repo import (Operation, ParticleTable, Repository, Species, iter_items, refinement_marks, software_version,
                            with_marks)
 from cryopool.repo.verify import verify
 
@@ -108,14 +108,26 @@ def test_interrupted_run_resumes_after_its_last_iteration(repo):
 def test_refine_command(repo):
     runner = CliRunner()
     result = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "-n", "1", "--groups", "shifts,poses",
-                                 "--lbfgs-iterations", "3", "--image-warp", "2x2", "--json"], catch_exceptions=False)
+                                 "--lbfgs-iterations", "3", "--image-warp", "2x2", "--temporal-samples", "2",
+                                 "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     (it,) = data["iterations"]
     assert set(it["resolution_after"]) == {"a", "b"} and it["particles"] == {"a": 4, "b": 4}
+
+    def tables():
+        pop = repo.population()
+        return [repo.get_record(repo.get_record(pop.species[n], Species).particles, ParticleTable) for n in "ab"]
+    for table in tables():  # pose trajectories with 2 samples, stored as (n, 2, 3)
+        assert table.temporal_samples == 2
+        assert repo.get_array(table.columns["position_angstrom"]).shape == (4, 2, 3)
+    assert verify(repo).ok
     human = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "-n", "1", "--groups", "shifts",
                                 "--lbfgs-iterations", "2"], catch_exceptions=False)
     assert human.exit_code == 0 and "resolution before" in human.output
+    assert [t.temporal_samples for t in tables()] == [1, 1]  # back to one pose: the mid-exposure one
+    too_many = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "--temporal-samples", "4"])
+    assert too_many.exit_code == 2 and "temporal-samples" in too_many.output
     bad = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "--groups", "wobble"])
     assert bad.exit_code == 2 and "wobble" in bad.output
     nothing = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "--resume"])
