@@ -11,7 +11,11 @@ where P is the central slice of the particle's own half-map reference at
 modelled position, CTF ⊙ X the CTF-premultiplied data computed in an
 aliasing-free box and cropped (M's rule), CTF² the matching band-limited CTF²,
 D the exposure attenuation of the tilt (B = 4 Å² per e⁻/Å²), w = cos(tilt) on
-the working resolution band. The model of a particle image is D·CTF·P; this
+the tilt's band: from the particle diameter to the working resolution or, if
+lower, the frequency where the tilt's exposure weight falls below 0.25 (M's
+exposure-dependent cropping; tilts that share a band edge share the
+aliasing-free box that edge needs, so late, high-exposure tilts are
+processed in smaller boxes). The model of a particle image is D·CTF·P; this
 is the normalised correlation of model and data, the maximum-likelihood form
 under white noise, maximal at the true CTF and geometry. It differs from M's
 formula on purpose: M normalises by the premultiplied data (Σ W² CTF²|X|²)
@@ -44,7 +48,7 @@ from .geometry import rotvec_to_matrix
 from .projection import VolumeTransform, extract_slices
 from .tilt_model import Imaging, TiltGeometry, particle_positions_in_tilts
 from .trajectories import orientations_at, positions_at
-from .weighting import dose_tilt_weights
+from .weighting import dose_tilt_weights, exposure_crop_frequency, mid_exposure
 
 __all__ = ["GROUPS", "RefineSettings", "SpeciesInput", "ItemState", "refine_item_half", "ncc", "ctf_zeros_in_band"]
 
@@ -65,6 +69,7 @@ class RefineSettings:
     low_resolution_angstrom: float | None = None  # band's lower edge (default: the particle diameter)
     memory_budget_bytes: int = 2 * 1024**3
     warp_regularisation: float = 1e-4  # per Å² of warp, relative to the NCC
+    exposure_crop_weight: float | None = 0.25  # a tilt's band ends where its exposure weight falls below this
 
 
 @dataclass
@@ -182,35 +187,53 @@ class _Terms:
 
 
 @dataclass
+class _TiltGroup:
+    """Tilts of one species' box that share a working band edge and hence an aliasing-free box size.
+
+    M's memory rule (``weighting.exposure_crop_frequency``): a tilt's images carry nothing useful
+    beyond the frequency where its exposure weight falls below 0.25, so its band ends there (or at
+    the working resolution, if lower) and its CTF is applied in the box that band needs.
+    """
+
+    tilts: torch.Tensor  # (g,) indices into the tilt series
+    big: int  # aliasing-free box for this group's band
+    attenuation: torch.Tensor  # (g, d, d/2+1) exposure attenuation
+    weight: torch.Tensor  # (g, d, d/2+1) cos(tilt) on each tilt's band, 0 elsewhere
+
+
+@dataclass
 class _Fixed:
-    """What does not depend on the CTF: extracted boxes, heights, weighted reference slices, the mask."""
+    """What does not depend on the CTF: extracted boxes, heights, weighted reference slices."""
 
-    boxes: torch.Tensor  # (n, t, B, B/2+1)
-    z: torch.Tensor  # (n, t)
-    ref: torch.Tensor  # (n, t, d, d/2+1)
+    group: _TiltGroup
+    boxes: torch.Tensor  # (n, g, B, B/2+1)
+    z: torch.Tensor  # (n, g)
+    ref: torch.Tensor  # (n, g, d, d/2+1)
 
 
-def _fixed(model: _Model, k: int, stack: torch.Tensor, rows: slice, geometry: TiltGeometry, big: int) -> _Fixed:
+def _fixed(model: _Model, k: int, stack: torch.Tensor, rows: slice, geometry: TiltGeometry,
+           group: _TiltGroup) -> _Fixed:
     s = model.species[k]
+    tilts = group.tilts
     pos, ori = model.poses_in_tilts(k, rows)
     xy, z = particle_positions_in_tilts(geometry, pos)
-    rot = geometry.orientation_rotations() @ ori  # (n, t, 3, 3)
-    px = angstrom_to_pixel(xy, geometry.pixel_size_angstrom, geometry.image_size_px)
-    boxes = extract_boxes(stack, px.to(stack.dtype), big)
-    return _Fixed(boxes, z, extract_slices(s.reference, rot.to(stack.dtype)))
+    rot = geometry.orientation_rotations()[tilts] @ ori[:, tilts]  # (n, g, 3, 3)
+    px = angstrom_to_pixel(xy[:, tilts], geometry.pixel_size_angstrom, geometry.image_size_px)
+    boxes = extract_boxes(stack[tilts], px.to(stack.dtype), group.big)
+    return _Fixed(group, boxes, z[:, tilts], extract_slices(s.reference, rot.to(stack.dtype)))
 
 
-def _ctf_terms(model: _Model, k: int, fixed: _Fixed, weights: tuple[torch.Tensor, torch.Tensor], band: torch.Tensor,
-               geometry: TiltGeometry, imaging: Imaging, big: int,
+def _ctf_terms(model: _Model, k: int, fixed: _Fixed, geometry: TiltGeometry, imaging: Imaging,
                defocus_offset: torch.Tensor | None = None) -> _Terms:
-    """Per-tilt sums of the target for one batch, given its CTF-independent part."""
-    s = model.species[k]
+    """Per-tilt sums ``(t,)`` of the target for one batch and tilt group, given its CTF-independent part."""
+    s, group = model.species[k], fixed.group
+    tilts, big = group.tilts, group.big
     dtype = fixed.boxes.real.dtype
-    du = imaging.defocus_u_angstrom + imaging.handedness * fixed.z
-    dv = imaging.defocus_v_angstrom + imaging.handedness * fixed.z
+    du = imaging.defocus_u_angstrom[tilts] + imaging.handedness * fixed.z
+    dv = imaging.defocus_v_angstrom[tilts] + imaging.handedness * fixed.z
     if defocus_offset is not None:
-        du, dv = du + defocus_offset, dv + defocus_offset
-    ctf = ctf_2d(du.to(dtype), dv.to(dtype), imaging.defocus_angle_deg.expand_as(du).to(dtype),
+        du, dv = du + defocus_offset[tilts], dv + defocus_offset[tilts]
+    ctf = ctf_2d(du.to(dtype), dv.to(dtype), imaging.defocus_angle_deg[tilts].expand_as(du).to(dtype),
                  voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm,
                  amplitude_contrast=imaging.amplitude_contrast, pixel_size_angstrom=geometry.pixel_size_angstrom,
                  size=big)
@@ -222,59 +245,69 @@ def _ctf_terms(model: _Model, k: int, fixed: _Fixed, weights: tuple[torch.Tensor
     data_ctf = masked(premultiply_and_crop(fixed.boxes, ctf, s.box))
     data = masked(premultiply_and_crop(fixed.boxes, torch.ones_like(ctf), s.box))
     ctf2 = band_limited_ctf2(ctf, s.box)
-    attenuation, tilt_weight = weights
-    w = tilt_weight * band
-    return _Terms(num=(w * attenuation * (fixed.ref.conj() * data_ctf).real).sum(dim=(0, 2, 3)),
-                  d1=(w * attenuation**2 * ctf2 * fixed.ref.abs() ** 2).sum(dim=(0, 2, 3)),
-                  d2=(w * data.abs() ** 2).sum(dim=(0, 2, 3)))
+    w, attenuation = group.weight, group.attenuation
+    n_tilts = imaging.defocus_u_angstrom.shape[0]
+
+    def per_tilt(x):
+        sums = x.sum(dim=(0, 2, 3))
+        return sums.new_zeros(n_tilts).index_add(0, tilts, sums)
+    return _Terms(num=per_tilt(w * attenuation * (fixed.ref.conj() * data_ctf).real),
+                  d1=per_tilt(w * attenuation**2 * ctf2 * fixed.ref.abs() ** 2),
+                  d2=per_tilt(w * data.abs() ** 2))
 
 
-def _species_terms(model: _Model, k: int, stack: torch.Tensor, weights: dict[int, torch.Tensor],
-                   band: dict[int, torch.Tensor], rows: slice, geometry: TiltGeometry, imaging: Imaging,
-                   big: int, defocus_offset: torch.Tensor | None = None) -> _Terms:
-    box = model.species[k].box
-    return _ctf_terms(model, k, _fixed(model, k, stack, rows, geometry, big), weights[box], band[box], geometry,
-                      imaging, big, defocus_offset)
+def _tilt_groups(settings: RefineSettings, species: SpeciesInput, geom: TiltGeometry, imaging: Imaging,
+                 pre: torch.Tensor, exposure: torch.Tensor, low_angstrom: float, dtype) -> list[_TiltGroup]:
+    px = geom.pixel_size_angstrom
+    device = pre.device
+    attenuation = dose_tilt_weights(pre, exposure, geom.tilt_angles_deg, size=species.box,
+                                    pixel_size_angstrom=px, cos_tilt=False).to(dtype)
+    tilt_weight = torch.cos(torch.deg2rad(geom.tilt_angles_deg)).clamp(min=0).to(dtype)[:, None, None]
+    ky, kx = rfft_frequencies_2d(species.box, px, device=device, dtype=dtype)
+    k = torch.sqrt(kx**2 + ky**2)
+    max_def = float(imaging.defocus_u_angstrom.abs().max() + settings.defocus_search_angstrom
+                    + geom.tomogram_size_angstrom[2])
+    edges = []  # each tilt's band edge (1/Å)
+    for dose in mid_exposure(pre, exposure).tolist():
+        edge = 1.0 / settings.resolution_angstrom
+        if settings.exposure_crop_weight is not None:
+            edge = min(edge, exposure_crop_frequency(dose, weight=settings.exposure_crop_weight))
+        edges.append(edge)
+    bigs = [max(species.box, 8 * math.ceil(aliasing_free_box(  # multiples of 8: few groups, fast FFT sizes
+        max_def, 1.0 / e, px, voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm) / 8))
+        for e in edges]
+    band = torch.stack([((k <= e) & (k >= 1.0 / low_angstrom)).to(dtype) for e in edges])
+    groups = []
+    for big in sorted(set(bigs), reverse=True):
+        tilts = torch.tensor([i for i, b in enumerate(bigs) if b == big], dtype=torch.long, device=device)
+        groups.append(_TiltGroup(tilts, big, attenuation[tilts], tilt_weight[tilts] * band[tilts]))
+    return groups
 
 
 class _Objective:
     def __init__(self, model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure: torch.Tensor,
                  settings: RefineSettings):
         self.model, self.stack, self.settings = model, stack, settings
-        geom = model.base_geom
-        px = geom.pixel_size_angstrom
-        self.weights, self.band = {}, {}
-        hi = 1.0 / settings.resolution_angstrom
-        for s in model.species:
-            if s.box in self.weights:
-                continue
-            attenuation = dose_tilt_weights(pre, exposure, geom.tilt_angles_deg, size=s.box,
-                                            pixel_size_angstrom=px, cos_tilt=False).to(stack.dtype)
-            tilt = torch.cos(torch.deg2rad(geom.tilt_angles_deg)).clamp(min=0).to(stack.dtype)[:, None, None]
-            self.weights[s.box] = (attenuation, tilt)
-            ky, kx = rfft_frequencies_2d(s.box, px, device=stack.device, dtype=stack.dtype)
-            k = torch.sqrt(kx**2 + ky**2)
-            lo = 1.0 / (settings.low_resolution_angstrom or max(sp.diameter_angstrom for sp in model.species))
-            self.band[s.box] = ((k <= hi) & (k >= lo)).to(stack.dtype)
-        max_def = float((model.base_imaging.defocus_u_angstrom.abs().max()
-                         + settings.defocus_search_angstrom + geom.tomogram_size_angstrom[2]))
-        alias = aliasing_free_box(max_def, settings.resolution_angstrom, px, voltage_kv=model.base_imaging.voltage_kv,
-                                  spherical_aberration_mm=model.base_imaging.spherical_aberration_mm)
-        self.big = {s.box: max(alias, s.box) for s in model.species}
-        self.batches = []
+        low = settings.low_resolution_angstrom or max(sp.diameter_angstrom for sp in model.species)
+        groups: dict[int, list[_TiltGroup]] = {}
+        self.batches: list[tuple[int, slice, _TiltGroup]] = []
         for k, s in enumerate(model.species):
-            per_particle = geom.n_tilts * self.big[s.box] ** 2 * stack.element_size() * 24  # FFT work buffers
-            size = max(1, int(settings.memory_budget_bytes // per_particle))
-            n = len(s.positions)
-            self.batches += [(k, slice(i, min(i + size, n))) for i in range(0, n, size)]
+            if s.box not in groups:
+                groups[s.box] = _tilt_groups(settings, s, model.base_geom, model.base_imaging, pre, exposure, low,
+                                             stack.dtype)
+            for group in groups[s.box]:
+                per_particle = len(group.tilts) * group.big ** 2 * stack.element_size() * 24  # FFT work buffers
+                size = max(1, int(settings.memory_budget_bytes // per_particle))
+                n = len(s.positions)
+                self.batches += [(k, slice(i, min(i + size, n)), group) for i in range(0, n, size)]
 
     def terms(self, defocus_offset=None, *, grad: bool) -> list[_Terms]:
         geometry, imaging = self.model.geometry(), self.model.imaging()
         out = []
         with torch.set_grad_enabled(grad):
-            for k, rows in self.batches:
-                out.append(_species_terms(self.model, k, self.stack, self.weights, self.band, rows, geometry,
-                                          imaging, self.big[self.model.species[k].box], defocus_offset))
+            for k, rows, group in self.batches:
+                fixed = _fixed(self.model, k, self.stack, rows, geometry, group)
+                out.append(_ctf_terms(self.model, k, fixed, geometry, imaging, defocus_offset))
         return out
 
     def value(self) -> float:
@@ -296,10 +329,9 @@ class _Objective:
             num = sum(x.num.sum() for x in t)
             d1, d2 = sum(x.d1.sum() for x in t), sum(x.d2.sum() for x in t)
             m = ncc(num, d1, d2)
-        for k, rows in self.batches:
+        for k, rows, group in self.batches:
             geometry, imaging = self.model.geometry(), self.model.imaging()  # a fresh graph per batch
-            x = _species_terms(self.model, k, self.stack, self.weights, self.band, rows, geometry, imaging,
-                               self.big[self.model.species[k].box])
+            x = _ctf_terms(self.model, k, _fixed(self.model, k, self.stack, rows, geometry, group), geometry, imaging)
             part = x.num.sum() / torch.sqrt(d1 * d2) - 0.5 * m * (x.d1.sum() / d1 + x.d2.sum() / d2)
             (-part).backward()
         reg = self._regulariser()
@@ -322,15 +354,12 @@ def _defocus_search(obj: _Objective, settings: RefineSettings) -> None:
     model = obj.model
     with torch.no_grad():
         geometry, imaging = model.geometry(), model.imaging()
-        fixed = [(k, _fixed(model, k, obj.stack, rows, geometry, obj.big[model.species[k].box]))
-                 for k, rows in obj.batches]
+        fixed = [(k, _fixed(model, k, obj.stack, rows, geometry, group)) for k, rows, group in obj.batches]
     for level in range(settings.defocus_halvings + 1):
         scores = torch.empty(offsets.shape, dtype=dtype)
         for j in range(offsets.shape[1]):
             with torch.no_grad():
-                terms = [_ctf_terms(model, k, f, obj.weights[model.species[k].box], obj.band[model.species[k].box],
-                                    geometry, imaging, obj.big[model.species[k].box], offsets[:, j].to(f.z.device))
-                         for k, f in fixed]
+                terms = [_ctf_terms(model, k, f, geometry, imaging, offsets[:, j].to(f.z.device)) for k, f in fixed]
             num = sum(x.num for x in terms)
             d1, d2 = sum(x.d1 for x in terms), sum(x.d2 for x in terms)
             scores[:, j] = ncc(num, d1, d2).cpu()
