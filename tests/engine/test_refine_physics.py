@@ -3,7 +3,7 @@
 Measured in the same configuration (docs/physics.md §8): 3 iterations take the projected-position RMS
 error from ~14 Å to ~7 Å and both species' maps closer to the truth. The bars asserted here are what this
 scale reliably gives; the issue's full bars (70 % position, defocus, stage angles, multi-species benefit)
-are tracked on the issue, with the measurements.
+are tracked on the issue, with the measurements; the multi-species benefit is asserted below.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from cryopool.engine.assess import compare_with_truth
 from cryopool.engine.fsc import fsc, resolution_at
 from cryopool.engine.refine import RefineOptions, refine_population
-from cryopool.engine.simulate import PRESETS, reconstruct_species, simulate, write_simulation
-from cryopool.repo import Population, Repository
+from cryopool.engine.simulate import PRESETS, SpeciesSpec, reconstruct_species, simulate, write_simulation
+from cryopool.repo import Operation, Population, Repository
 from cryopool.repo.verify import verify
 
 
@@ -82,3 +82,30 @@ def test_issue_bars_for_positions_and_maps(tmp_path):
         b = before["species"][spec.name]["fsc_vs_truth_0.5_angstrom"]
         a = after["species"][spec.name]["fsc_vs_truth_0.5_angstrom"]
         assert (b - a) >= 0.8 * (b - ceiling), (spec.name, b, a, ceiling)
+
+
+def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
+    """M's 5 %/95 % experiment: the same data and iterations, the rare species refined alone or with an abundant one.
+
+    Co-refinement constrains the shared per-tilt geometry with the abundant species' signal. Measured
+    (seed 0, 5 iterations): rare species FSC-0.5 against its true map 42.2 Å at the start, 33.7 Å
+    refined alone, 26.0 Å co-refined (stage-angle RMS error 0.63° alone, 0.26° co-refined).
+    """
+    cfg = replace(PRESETS["test"], species=[SpeciesSpec("abundant", 250.0, 16), SpeciesSpec("rare", 150.0, 6)],
+                  tilt_step_deg=4.0, snr=2.0, seed=0)
+    sim = simulate(cfg)
+    found = {}
+    for mode in ("alone", "co-refined"):
+        repo = Repository.init(tmp_path / mode)
+        start = write_simulation(repo, sim)
+        truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
+        if mode == "alone":  # the abundant species' particles stay in the images, but not in the population
+            pop = repo.population(start)
+            repo.commit(replace(pop, species={"rare": pop.species["rare"]}), message="the rare species only",
+                        operation=Operation(kind="edit", parameters={}, software="test"))
+        reports = refine_population(repo, RefineOptions(iterations=5, groups=("tilt_angles", "shifts", "image_warp",
+                                                                              "poses"),
+                                                        image_warp_grid=(2, 2), lbfgs_iterations=20, rounds=1))
+        after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
+        found[mode] = after["species"]["rare"]["fsc_vs_truth_0.5_angstrom"]
+    assert found["co-refined"] < 0.9 * found["alone"], found
