@@ -36,6 +36,8 @@ def temporal_weights(times: torch.Tensor, samples: int) -> torch.Tensor:
 
 def positions_at(control: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
     """Positions ``(n, T, 3)`` → positions at each dose time ``(n, t, 3)``."""
+    if control.shape[1] == 1:  # static: no weights to compute (and no host round trip on the hot path)
+        return control.expand(control.shape[0], times.shape[0], control.shape[2])
     w = temporal_weights(times.to(control.dtype), control.shape[-2])
     return torch.einsum("tj,njc->ntc", w, control)
 
