@@ -4,7 +4,8 @@ Every measure is invariant to the gauge freedoms of the model (a global
 rotation or translation of the specimen traded against per-tilt angles and
 shifts): projected particle positions in every tilt (what the images
 constrain), per-tilt defocus, and tilt-angle corrections after removing
-their mean.
+their mean, with the in-plane rotation an image warp carries added to the
+correction about the beam axis (the data see only their sum).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from cryopool.repo import Population, Repository, Species, TiltSeries, iter_item
 
 from .fsc import fsc, resolution_at
 from .records_io import load_item, load_map, load_particles
-from .tilt_model import particle_positions_in_tilts
+from .tilt_model import image_warp_rotation_deg, particle_positions_in_tilts
 
 __all__ = ["compare_with_truth"]
 
@@ -29,6 +30,12 @@ def _item_models(repo: Repository, item: TiltSeries) -> dict[int, object]:
         rec = item if hm is None else replace(item, deformation=hm.deformation, imaging=hm.imaging)
         out[half] = load_item(repo, rec, with_stack=False)
     return out
+
+
+def _stage_angles(geometry) -> torch.Tensor:
+    angles = geometry.angle_corrections_deg.clone()
+    angles[:, 2] += image_warp_rotation_deg(geometry)
+    return angles
 
 
 def compare_with_truth(repo: Repository, population: Population, truth: Population) -> dict:
@@ -54,7 +61,7 @@ def compare_with_truth(repo: Repository, population: Population, truth: Populati
         for half in (1, 2):
             m = models[half]
             sq_def.append((m.imaging.defocus_u_angstrom - truth_model.imaging.defocus_u_angstrom) ** 2)
-            a, t = m.geometry.angle_corrections_deg, truth_model.geometry.angle_corrections_deg
+            a, t = _stage_angles(m.geometry), _stage_angles(truth_model.geometry)
             sq_ang.append(((a - a.mean(0)) - (t - t.mean(0))) ** 2)  # (t, 3): about x, y (the tilt), z
     out = {"position_rms_angstrom": float(torch.sqrt(torch.cat(sq_pos).mean())),
            "defocus_rms_angstrom": float(torch.sqrt(torch.cat(sq_def).mean())),

@@ -181,8 +181,9 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         work_res[name] = res
         refs[name] = tuple(prepare_volume(regulariser(h, s.curve, pixel_size_angstrom=s.record.pixel_size_angstrom,
                                                       resolution_angstrom=res)) for h in s.halves)
-    resolution = max(work_res.values())  # the band every species supports
-    settings = replace(settings_base, resolution_angstrom=resolution)
+    # each species is compared within its own band (M): a species with a poor map cannot narrow the band
+    # of the others, and its particles add little where its reference is weak
+    settings = replace(settings_base, resolution_angstrom=min(work_res.values()))
     # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
     accs = {name: None for name in species}
@@ -204,7 +205,8 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
                 if len(sel) == 0:
                     continue
                 inputs.append(SpeciesInput(name, refs[name][half - 1], s.box, s.record.diameter_angstrom,
-                                           poses[name][0][sel].to(device), poses[name][1][sel].to(device)))
+                                           poses[name][0][sel].to(device), poses[name][1][sel].to(device),
+                                           resolution_angstrom=work_res[name]))
                 rows.append((name, sel))
             if not inputs:
                 half_models[half] = (start.geometry, start.imaging)

@@ -31,7 +31,7 @@ from .splines import interpolate_bspline_grid
 from .trajectories import orientations_at, positions_at
 
 __all__ = ["TiltGeometry", "Imaging", "particle_positions_in_tilts", "particle_rotations_in_tilts",
-           "particle_defocus"]
+           "particle_defocus", "image_warp_rotation_deg"]
 
 
 @dataclass
@@ -113,6 +113,27 @@ def _image_warp(geom: TiltGeometry, xy: torch.Tensor) -> torch.Tensor:
     ti = torch.arange(t, dtype=xy.dtype, device=xy.device) / max(t - 1, 1)
     u = torch.cat([ti[None, :, None].expand(xy.shape[0], t, 1), uv.flip(-1)], dim=-1)  # (tilt, y, x)
     return interpolate_bspline_grid(geom.image_warp, u)
+
+
+def image_warp_rotation_deg(geom: TiltGeometry, samples: int = 9) -> torch.Tensor:
+    """The in-plane rotation ``(t,)`` (degrees, like ωz) that each tilt's image warp carries, least squares.
+
+    A rotation of a whole tilt image moves every particle alike whatever their heights, so the data
+    cannot tell the stage-angle correction about the beam axis (ωz) from the same rotation held by
+    the warp grid: only their sum is measurable, and comparisons with a truth use the sum.
+    """
+    t = geom.n_tilts
+    if geom.image_warp is None:
+        return geom.angle_corrections_deg.new_zeros(t)
+    h, w = geom.image_size_px
+    dt = geom.image_warp.dtype
+    gx = (torch.linspace(-0.5, 0.5, samples, dtype=dt, device=geom.image_warp.device) * w * geom.pixel_size_angstrom)
+    gy = (torch.linspace(-0.5, 0.5, samples, dtype=dt, device=geom.image_warp.device) * h * geom.pixel_size_angstrom)
+    xy = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1).reshape(-1, 1, 2).expand(-1, t, 2)
+    d = _image_warp(geom, xy)  # (n, t, 2)
+    x, y = xy.unbind(-1)
+    omega = ((x * d[..., 1] - y * d[..., 0]).sum(0) / (x**2 + y**2).sum(0))  # rad: d = ω (−y, x)
+    return torch.rad2deg(omega)
 
 
 def particle_positions_in_tilts(geom: TiltGeometry, positions_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,3 +103,33 @@ def test_rotvec_matches_scipy_and_is_smooth_at_zero():
     z = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
     rotvec_to_matrix(z)[0, 0, 1].backward()
     assert torch.isfinite(z.grad).all() and z.grad[0, 2].item() == pytest.approx(-math.pi / 180)
+
+
+def test_an_image_warp_that_rotates_the_image_reads_as_a_rotation_about_the_beam_axis():
+    """A warp grid holding a rigid in-plane rotation by δ moves particles as ωz = δ does (to first order in δ),
+    and ``image_warp_rotation_deg`` reads δ back: the quantity the truth comparison adds to ωz."""
+    from dataclasses import replace
+
+    from cryopool.engine.tilt_model import TiltGeometry, image_warp_rotation_deg, particle_positions_in_tilts
+
+    t, delta = 5, 0.05
+    geom = TiltGeometry(tilt_angles_deg=torch.linspace(-40, 40, t, dtype=torch.float64), tilt_axis_angle_deg=80.0,
+                        shifts_angstrom=torch.zeros(t, 2, dtype=torch.float64),
+                        angle_corrections_deg=torch.zeros(t, 3, dtype=torch.float64), image_size_px=(100, 120),
+                        tomogram_size_angstrom=(1200.0, 1000.0, 400.0), pixel_size_angstrom=10.0,
+                        dose_time=torch.linspace(0, 1, t, dtype=torch.float64))
+    # control point j of a dimension with n points sits at u = j / (n − 1) across the image
+    gx = (torch.linspace(0, 1, 4, dtype=torch.float64) - 0.5) * 1200.0
+    gy = (torch.linspace(0, 1, 3, dtype=torch.float64) - 0.5) * 1000.0
+    y, x = torch.meshgrid(gy, gx, indexing="ij")
+    w = math.radians(delta)
+    field = torch.stack([-w * y, w * x])  # (2, gy, gx): the displacement of a rotation by δ
+    warped = replace(geom, image_warp=field[:, None].expand(2, t, 3, 4).clone())
+    assert torch.allclose(image_warp_rotation_deg(warped), torch.full((t,), delta, dtype=torch.float64), atol=1e-9)
+    rotated = replace(geom, angle_corrections_deg=torch.tensor([[0.0, 0.0, delta]] * t, dtype=torch.float64))
+    pts = torch.tensor(np.random.default_rng(0).uniform(-300, 300, (30, 3)), dtype=torch.float64)
+    a, _ = particle_positions_in_tilts(warped, pts)
+    b, _ = particle_positions_in_tilts(rotated, pts)
+    moved = (b - particle_positions_in_tilts(geom, pts)[0]).norm(dim=-1).max()
+    assert moved > 0.3 and (a - b).norm(dim=-1).max() < 0.01 * moved  # inside the image; the δ² remainder is tiny
+    assert torch.equal(image_warp_rotation_deg(geom), torch.zeros(t, dtype=torch.float64))

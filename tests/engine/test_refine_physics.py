@@ -109,3 +109,26 @@ def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
         after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
         found[mode] = after["species"]["rare"]["fsc_vs_truth_0.5_angstrom"]
     assert found["co-refined"] < 0.9 * found["alone"], found
+
+
+def test_stage_angles_are_recovered_in_a_lamella_thick_enough_to_show_parallax(tmp_path):
+    """Per-tilt stage-angle corrections within 0.2° of the simulated errors (RMS over tilts and axes).
+
+    A stage-angle error moves particles partly as an image warp would (x scaling, shear, in-plane
+    rotation) and partly by parallax, in proportion to each particle's height; only the parallax tells
+    the two apart, so the specimen is a 150 nm lamella (the test preset's 30 nm slab shows ~1 Å of
+    parallax per 0.4°). A rotation about the beam axis has no parallax at all: it is compared together
+    with the in-plane rotation the image warp holds (``assess``). Measured, 4 iterations, seeds 0 / 1:
+    RMS 0.25° → 0.15° / 0.24° → 0.13°, about the tilt axis 0.40° → 0.12° / 0.39° → 0.11°; the worst
+    single tilt ends 0.55° / 0.61° off.
+    """
+    repo = Repository.init(tmp_path / "pop")
+    cfg = replace(PRESETS["test"], slab_thickness_angstrom=1500.0, tilt_step_deg=4.0, seed=0)
+    start = write_simulation(repo, simulate(cfg))
+    truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
+    reports = refine_population(repo, RefineOptions(iterations=4, image_warp_grid=(2, 2), lbfgs_iterations=20,
+                                                    rounds=1))
+    before = compare_with_truth(repo, repo.population(start), truth)
+    after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
+    assert before["tilt_angle_y_rms_deg"] > 0.3  # the simulated errors: σ 0.4° about the tilt axis, 0.1° otherwise
+    assert after["tilt_angle_rms_deg"] < 0.2 and after["tilt_angle_y_rms_deg"] < 0.2, (before, after)
