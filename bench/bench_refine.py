@@ -24,7 +24,7 @@ from cryopool.engine.tilt_model import Imaging, TiltGeometry
 PIXEL = 8.0
 
 
-def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu"):
+def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu", budget_gib: float = 8.0):
     rng = np.random.default_rng(0)
     size = 384 if box <= 64 else 640  # fixed field of view: only the particle count changes
     t = torch.linspace(-60, 60, tilts, dtype=torch.float64)
@@ -44,7 +44,7 @@ def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu"):
                                     ori.to(device)))
     stack = torch.randn(tilts, size, size, device=device)
     pre = torch.arange(tilts, dtype=torch.float64, device=device) * 3
-    settings = RefineSettings(resolution_angstrom=2 * PIXEL, memory_budget_bytes=8 * 1024**3)
+    settings = RefineSettings(resolution_angstrom=2 * PIXEL, memory_budget_bytes=int(budget_gib * 1024**3))
     model = _Model(geom, im, species, settings)
     model.trainable(settings.groups)
     obj = _Objective(model, stack, pre, torch.full((tilts,), 3.0, dtype=torch.float64, device=device), settings)
@@ -71,17 +71,21 @@ def _high_water_kib() -> int:
     return 0
 
 
-def peak_report(box: int, n: int) -> None:
+def peak_report(box: int, n: int, budget_gib: float = 8.0) -> None:
     """Run in a fresh process: print the peak RSS growth of building the system and one value+gradient."""
     r0 = _high_water_kib()
-    obj, images = _system(box, n, 1)
+    obj, images = _system(box, n, 1, budget_gib=budget_gib)
+    t0 = time.perf_counter()
     obj.loss_and_backward()
+    seconds = time.perf_counter() - t0
     r2 = _high_water_kib()
-    print(json.dumps({"box": box, "particles": n, "peak_kib": r2 - r0, "stack_bytes": images * box * box * 4}))
+    print(json.dumps({"box": box, "particles": n, "peak_kib": r2 - r0, "stack_bytes": images * box * box * 4,
+                      "batches": len(obj.batches), "seconds": seconds}))
 
 
-def _memory_point(box: int, n: int) -> dict:
-    code = f"import sys; sys.path.insert(0, 'bench'); import bench_refine as b; b.peak_report({box}, {n})"
+def _memory_point(box: int, n: int, budget_gib: float = 8.0) -> dict:
+    code = (f"import sys; sys.path.insert(0, 'bench'); import bench_refine as b; "
+            f"b.peak_report({box}, {n}, {budget_gib})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -102,10 +106,11 @@ def main() -> None:
         lines.append(f"{r['box']:4d} {r['particles']:9d} {r['species']:7d} {r['images']:7d} {r['seconds']:9.2f} "
                      f"{r['images_per_s']:9.0f}")
     lines.append(f"     species 3 vs 1, same particle count: time ratio {sp[2]['seconds'] / sp[0]['seconds']:.2f}")
-    for box, n in ((64, 16), (64, 32), (128, 8)):
-        m = _memory_point(box, n)
-        lines.append(f"memory box {box} particles {n}: peak growth {m['peak_kib'] / 1024:.0f} MiB (tilt images, maps and "
-                     f"one value+gradient) for a {m['stack_bytes'] / 2**20:.0f} MiB particle stack "
+    for box, n, budget in ((64, 16, 8.0), (64, 32, 8.0), (128, 8, 8.0), (64, 32, 0.125), (128, 8, 0.125)):
+        m = _memory_point(box, n, budget)
+        lines.append(f"memory box {box} particles {n} budget {budget:g} GiB ({m['batches']} batches, "
+                     f"{m['seconds']:.2f} s): peak growth {m['peak_kib'] / 1024:.0f} MiB (tilt images, maps and one "
+                     f"value+gradient) for a {m['stack_bytes'] / 2**20:.0f} MiB particle stack "
                      f"(ratio {m['peak_kib'] * 1024 / m['stack_bytes']:.1f})")
     if torch.cuda.is_available():
         g = evaluate(64, 32, device="cuda")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import torch
 
 from cryopool.engine.projection import prepare_volume
 from cryopool.engine.refine_item import MIN_CTF_ZEROS_FOR_DEFOCUS, RefineSettings, SpeciesInput, ctf_zeros_in_band, \
