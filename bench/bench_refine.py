@@ -40,8 +40,8 @@ def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu", bud
                                      rng.uniform(-100, 100, per)], 1))
         ori = euler_zyz_to_matrix(torch.tensor(rng.uniform(0, 180, (per, 3))))
         vol = torch.randn(box, box, box)
-        species.append(SpeciesInput(f"s{s}", prepare_volume(vol.to(device)), box, box * PIXEL / 2, pos.to(device),
-                                    ori.to(device)))
+        species.append(SpeciesInput(f"s{s}", prepare_volume(vol.to(device)), box, box * PIXEL / 2,
+                                    pos[:, None].to(device), ori[:, None].to(device)))  # static poses: T = 1
     stack = torch.randn(tilts, size, size, device=device)
     pre = torch.arange(tilts, dtype=torch.float64, device=device) * 3
     settings = RefineSettings(resolution_angstrom=2 * PIXEL, memory_budget_bytes=int(budget_gib * 1024**3))
