@@ -22,17 +22,22 @@ from cryopool.repo import Operation, Population, Repository
 from cryopool.repo.verify import verify
 
 
-@pytest.fixture(scope="module")
-def refined(tmp_path_factory):
-    repo = Repository.init(tmp_path_factory.mktemp("refine") / "pop")
-    cfg = replace(PRESETS["test"], tilt_step_deg=4.0, seed=0)
-    start = write_simulation(repo, simulate(cfg))
+def _refine_against_truth(path, sim, opts: RefineOptions):
+    """Refine a simulated population; its comparison with the truth before and after."""
+    repo = Repository.init(path)
+    start = write_simulation(repo, sim)
     truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
-    reports = refine_population(repo, RefineOptions(iterations=3, image_warp_grid=(2, 2), lbfgs_iterations=20,
-                                                    rounds=1))
+    reports = refine_population(repo, opts)
     before = compare_with_truth(repo, repo.population(start), truth)
     after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
     return repo, before, after, reports
+
+
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory):
+    return _refine_against_truth(tmp_path_factory.mktemp("refine") / "pop",
+                                 simulate(replace(PRESETS["test"], tilt_step_deg=4.0, seed=0)),
+                                 RefineOptions(iterations=3, image_warp_grid=(2, 2), lbfgs_iterations=20, rounds=1))
 
 
 def test_projected_positions_approach_the_truth(refined):
@@ -66,15 +71,10 @@ def test_repository_verifies_after_refinement(refined):
 @pytest.mark.timeout(3600)
 def test_issue_bars_for_positions_and_maps(tmp_path):
     """The issue's bars at the full test-preset scale: positions −70 %, ≥ 80 % of the available map gain."""
-    repo = Repository.init(tmp_path / "pop")
     cfg = replace(PRESETS["test"], seed=0)
     sim = simulate(cfg)
-    start = write_simulation(repo, sim)
-    truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
-    reports = refine_population(repo, RefineOptions(iterations=4, image_warp_grid=(2, 2), lbfgs_iterations=25,
-                                                    rounds=2))
-    before = compare_with_truth(repo, repo.population(start), truth)
-    after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
+    _, before, after, _ = _refine_against_truth(tmp_path / "pop", sim, RefineOptions(
+        iterations=4, image_warp_grid=(2, 2), lbfgs_iterations=25, rounds=2))
     assert after["position_rms_angstrom"] <= 0.3 * before["position_rms_angstrom"], (before, after)
     for spec in cfg.species:
         t1, t2 = reconstruct_species(sim.items, spec.name, sim.boxes[spec.name], spec.symmetry, truth=True,
@@ -124,13 +124,8 @@ def test_stage_angles_are_recovered_in_a_lamella_thick_enough_to_show_parallax(t
     RMS 0.25° → 0.15° / 0.24° → 0.13°, about the tilt axis 0.40° → 0.12° / 0.39° → 0.11°; the worst
     single tilt ends 0.55° / 0.61° off.
     """
-    repo = Repository.init(tmp_path / "pop")
-    cfg = replace(PRESETS["test"], slab_thickness_angstrom=1500.0, tilt_step_deg=4.0, seed=0)
-    start = write_simulation(repo, simulate(cfg))
-    truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
-    reports = refine_population(repo, RefineOptions(iterations=4, image_warp_grid=(2, 2), lbfgs_iterations=20,
-                                                    rounds=1))
-    before = compare_with_truth(repo, repo.population(start), truth)
-    after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
+    _, before, after, _ = _refine_against_truth(
+        tmp_path / "pop", simulate(replace(PRESETS["test"], slab_thickness_angstrom=1500.0, tilt_step_deg=4.0, seed=0)),
+        RefineOptions(iterations=4, image_warp_grid=(2, 2), lbfgs_iterations=20, rounds=1))
     assert before["tilt_angle_y_rms_deg"] > 0.3  # the simulated errors: σ 0.4° about the tilt axis, 0.1° otherwise
     assert after["tilt_angle_rms_deg"] < 0.2 and after["tilt_angle_y_rms_deg"] < 0.2, (before, after)
