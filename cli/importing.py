@@ -14,6 +14,14 @@ from .common import Context, emit_json, handle_errors, human_bytes, json_option,
 __all__ = ["COMMANDS"]
 
 
+def commit_options(fn):
+    """What every import shares: the branch and message of its commit, --json, the context, clear errors."""
+    for decorate in (handle_errors, click.pass_obj, json_option, click.option("-m", "--message", help="Commit message."),
+                     click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")):
+        fn = decorate(fn)
+    return fn
+
+
 @click.group("import")
 def import_group() -> None:
     """Import data into the current branch (one commit per import)."""
@@ -41,11 +49,7 @@ def import_group() -> None:
               help="IMOD .xf alignment: per-tilt tilt-axis angle and shift (instead of --tilt-axis).")
 @click.option("--handedness", type=click.Choice(["-1", "1"]), default="-1", show_default=True,
               help="Defocus handedness (RELION's rlnTomoHand); -1 is IMOD's convention for SerialEM/IMOD angles.")
-@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
-@click.option("-m", "--message", help="Commit message.")
-@json_option
-@click.pass_obj
-@handle_errors
+@commit_options
 def tilt_series(obj: Context, stack, source, name, tilt_angles, tlt, mdoc, dose_per_tilt, order, group_size,
                 pixel_size, voltage, cs_mm, amplitude_contrast, tilt_axis, defocus_um, tomogram_size, xf, handedness,
                 branch, message, as_json) -> None:
@@ -81,11 +85,7 @@ def tilt_series(obj: Context, stack, source, name, tilt_angles, tlt, mdoc, dose_
 @click.option("--symmetry", default="C1", show_default=True)
 @click.option("--diameter", "diameter_angstrom", required=True, type=float, help="Particle diameter in Å.")
 @click.option("--pixel-size", type=float, help="Map pixel size in Å [default: MRC header].")
-@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
-@click.option("-m", "--message", help="Commit message.")
-@json_option
-@click.pass_obj
-@handle_errors
+@commit_options
 def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetry, diameter_angstrom, pixel_size,
             branch, message, as_json) -> None:
     """Import species NAME from two half-maps, a mask and a particle table."""
@@ -110,11 +110,7 @@ def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetr
 @click.option("--half1", type=click.Path(dir_okay=False), help="Half-map 1 [default: _rlnTomoReferenceMap1File].")
 @click.option("--half2", type=click.Path(dir_okay=False), help="Half-map 2 [default: _rlnTomoReferenceMap2File].")
 @click.option("--mask", type=click.Path(dir_okay=False), help="Mask [default: _rlnTomoReferenceMaskFile].")
-@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
-@click.option("-m", "--message", help="Commit message.")
-@json_option
-@click.pass_obj
-@handle_errors
+@commit_options
 def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetry, half1, half2, mask, branch,
            message, as_json) -> None:
     """Import a RELION 5 tomography project: optimisation sets (tilt series + one species each) or tomograms.star files.
@@ -149,11 +145,7 @@ def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetr
               help="Tomogram size in pixels [default: VolumeDimensionsAngstrom, else the image size].")
 @click.option("--defocus-um", type=float, help="Nominal defocus in µm (for a tomostar without its XML).")
 @click.option("--voltage", type=float, help="kV (for a tomostar without its XML) [default: 300].")
-@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
-@click.option("-m", "--message", help="Commit message.")
-@json_option
-@click.pass_obj
-@handle_errors
+@commit_options
 def warp(obj: Context, files, source, stacks, pixel_size, tomogram_size, defocus_um, voltage, branch, message,
          as_json) -> None:
     """Import Warp/WarpTools tilt series: NAME.xml and/or NAME.tomostar files, with their tilt stacks.

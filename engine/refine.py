@@ -181,8 +181,8 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         work_res[name] = res
         refs[name] = tuple(prepare_volume(regulariser(h, s.curve, pixel_size_angstrom=s.record.pixel_size_angstrom,
                                                       resolution_angstrom=res)) for h in s.halves)
-    # each species is compared within its own band (M): a species with a poor map cannot narrow the band
-    # of the others, and its particles add little where its reference is weak
+    # each species is compared within its own band (SpeciesInput.resolution_angstrom, as M does): a species
+    # with a poor map cannot narrow the others' bands; the settings keep the finest as the default
     settings = replace(settings_base, resolution_angstrom=min(work_res.values()))
     # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
