@@ -7,17 +7,19 @@ enough for the CTF not to alias (M's rule), shifted to its sub-pixel position
 and added into the tilt image.
 
 Inverse (M's reconstruction, digest §2.11): from the original tilt images,
-each particle box is extracted at the aliasing-free size, multiplied by its
-CTF there, cropped to the map box, weighted by exposure and tilt, and
-inserted at ``R_i A_p`` into the accumulator of its half-set (and species);
-the weights are the band-limited CTF² built the same way.
+each particle box is extracted, multiplied by its CTF, weighted by exposure
+and tilt, and inserted at ``R_i A_p`` into the accumulator of its half-set
+(and species), with CTF² as weights. Unlike M, nothing is cropped between
+premultiplication and division: the box is ``ctf.reconstruction_box`` (the
+particle plus its CTF delocalisation on each side), in which data / weights
+is exact; the finalised map is cropped to the species box.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .ctf import band_limited_ctf2, ctf_2d, premultiply_and_crop
+from .ctf import ctf_2d, reconstruction_box
 from .extraction import angstrom_to_pixel, extract_boxes
 from .fourier import fourier_shift_2d, pad_center
 from .projection import FourierAccumulator, VolumeTransform, extract_slices
@@ -25,7 +27,8 @@ from .tilt_model import Imaging, TiltGeometry, particle_defocus, particle_positi
     particle_rotations_in_tilts
 from .weighting import dose_tilt_weights
 
-__all__ = ["render_particles", "render_tilt_series", "reconstruct_half_maps", "ParticleSet"]
+__all__ = ["render_particles", "render_tilt_series", "reconstruct_half_maps", "species_reconstruction_box",
+           "ParticleSet"]
 
 
 class ParticleSet:
@@ -106,14 +109,33 @@ def _tilt(imaging: Imaging, i: int) -> Imaging:
                    imaging.handedness)
 
 
+def species_reconstruction_box(diameter_angstrom: float, species_box: int, pixel_size_angstrom: float,
+                               max_defocus_angstrom: float, *, voltage_kv: float, spherical_aberration_mm: float,
+                               max_bytes: float | None = None) -> int:
+    """The box a species is reconstructed in (up to Nyquist): ``ctf.reconstruction_box``, at least the species box.
+
+    With ``max_bytes``, capped so that one pair of half-map accumulators (padded 2×, complex data
+    and real weights) fits; the map is then only as exact as that box allows.
+    """
+    box = max(species_box, reconstruction_box(diameter_angstrom, max_defocus_angstrom, 2 * pixel_size_angstrom,
+                                              pixel_size_angstrom, voltage_kv=voltage_kv,
+                                              spherical_aberration_mm=spherical_aberration_mm))
+    if max_bytes is not None:
+        fits = int((max_bytes / (2 * 12)) ** (1 / 3) / 2)  # 2 accumulators × (2B)³ × (8 + 4) bytes
+        box = max(species_box, min(box, fits - fits % 2))
+    return box
+
+
 def reconstruct_half_maps(stack: torch.Tensor, geom: TiltGeometry, imaging: Imaging, particles: ParticleSet,
-                          pre_exposure: torch.Tensor, exposure: torch.Tensor, *, box: int, big_box: int,
+                          pre_exposure: torch.Tensor, exposure: torch.Tensor, *, box: int,
                           symmetry: torch.Tensor | None = None,
                           accumulators: tuple[FourierAccumulator, FourierAccumulator] | None = None,
                           ) -> tuple[FourierAccumulator, FourierAccumulator]:
     """Insert every particle-tilt of one species in one item into its half-set's accumulator.
 
-    Returns the (possibly given) two accumulators; add those of all items, then ``finalise``.
+    ``box`` must hold each particle's whole delocalised image (``ctf.reconstruction_box``).
+    Returns the (possibly given) two accumulators; add those of all items, then
+    ``finalise(size=species box)``.
     """
     pixel = geom.pixel_size_angstrom
     dtype = stack.dtype
@@ -130,11 +152,11 @@ def reconstruct_half_maps(stack: torch.Tensor, geom: TiltGeometry, imaging: Imag
     attenuation = dose_tilt_weights(pre_exposure.to(dtype), exposure.to(dtype), geom.tilt_angles_deg.to(dtype),
                                     size=box, pixel_size_angstrom=pixel, cos_tilt=False)
     for i in range(geom.n_tilts):
-        boxes = extract_boxes(stack[i:i + 1], px[:, i:i + 1], big_box)[:, 0]  # (n, B, B/2+1)
+        boxes = extract_boxes(stack[i:i + 1], px[:, i:i + 1], box)[:, 0]  # (n, B, B/2+1)
         u, v, a = particle_defocus(_tilt(imaging, i), z[:, i])
-        ctf = _ctf(imaging, u, v, a, pixel, big_box)
-        data = premultiply_and_crop(boxes, ctf, box) * weights[i]
-        ctf2 = band_limited_ctf2(ctf, box) * weights[i] * attenuation[i]
+        ctf = _ctf(imaging, u, v, a, pixel, box)
+        data = boxes * ctf * weights[i]
+        ctf2 = ctf**2 * weights[i] * attenuation[i]
         for half, acc in zip((1, 2), accs):
             sel = particles.half_sets == half
             if sel.any():

@@ -140,8 +140,9 @@ class FourierAccumulator:
         self.data += other.data
         self.weights += other.weights
 
-    def finalise(self, wiener_constant: float = 1e-3) -> torch.Tensor:
-        """The map ``(d, d, d)``: Friedel-symmetrised data / (weights + c · mean weight), gridding-corrected."""
+    def finalise(self, wiener_constant: float = 1e-3, size: int | None = None) -> torch.Tensor:
+        """The map, cropped to ``size`` (default: the box): Friedel-symmetrised data / (weights + c · mean
+        weight), gridding-corrected."""
         data = self.data + _friedel(self.data).conj()
         weights = self.weights + _friedel(self.weights)
         nz = weights[weights > 0]
@@ -150,8 +151,9 @@ class FourierAccumulator:
         D = self.box * self.pad
         real = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
                                   dim=(-3, -2, -1)).real
-        vol = crop_center(real, self.box, dims=3)
-        return vol / gridding_correction(self.box, D, device=vol.device, dtype=vol.dtype)
+        size = size or self.box
+        vol = crop_center(real, size, dims=3)
+        return vol / gridding_correction(size, D, device=vol.device, dtype=vol.dtype)
 
 
 def _friedel(grid: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,7 @@ import torch
 from cryopool.repo import (DataSource, HalfSetModel, item_refs, Metrics, Operation, Population, Ref, Repository, Species,
                            TiltSeries, software_version, split_item_key, without_marks)
 
-from .ctf import aliasing_free_box
-from .forward import ParticleSet, reconstruct_half_maps
+from .forward import ParticleSet, reconstruct_half_maps, species_reconstruction_box
 from .fsc import masked_fsc, resolution_at
 from .projection import FourierAccumulator, prepare_volume
 from .records_io import ItemModel, item_records, load_item, load_map, load_particles, particle_table_record
@@ -164,6 +163,24 @@ def _half_model(repo: Repository, item: TiltSeries, half: int, device) -> ItemMo
     return _to(load_item(repo, alt, with_stack=False), device)
 
 
+def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: RefineOptions) -> dict[str, int]:
+    """Per species, the box that holds every particle's delocalised image in every item (up to Nyquist).
+
+    The defocus may move by the search range during refinement, and particles sit up to half the
+    tomogram's thickness off the tilt's defocus. The accumulators of all species together stay
+    within half the memory budget.
+    """
+    max_def = 0.0
+    for _, _, item in items:
+        m = load_item(repo, item, with_stack=False)
+        max_def = max(max_def, float(m.imaging.defocus_u_angstrom.abs().max()) + RefineSettings.defocus_search_angstrom
+                      + m.geometry.tomogram_size_angstrom[2] / 2)
+        optics = dict(voltage_kv=m.imaging.voltage_kv, spherical_aberration_mm=m.imaging.spherical_aberration_mm)
+    return {name: species_reconstruction_box(s.record.diameter_angstrom, s.box, s.record.pixel_size_angstrom, max_def,
+                                             max_bytes=opts.memory_budget_gb * 1024**3 / (2 * len(species)), **optics)
+            for name, s in species.items()}
+
+
 def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, device,
                regulariser: Regulariser, progress: ProgressFn | None) -> IterationReport:
     pop = repo.population(tip)
@@ -187,6 +204,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
     accs = {name: None for name in species}
+    rec_box = _reconstruction_boxes(repo, items, species, opts)
     new_items: dict[str, tuple[TiltSeries, dict]] = {}
     samples = opts.temporal_samples  # stored trajectories are resampled to it (exactly, when adding samples)
     poses = {name: (resample_positions(s.columns.positions, samples).clone(),
@@ -223,14 +241,10 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
                 parts = ParticleSet(poses[name][0][sel].to(device), poses[name][1][sel].to(device),
                                     torch.full((len(sel),), half, dtype=torch.long, device=device))
                 geom, im = half_models[half]
-                big = max(aliasing_free_box(float(im.defocus_u_angstrom.abs().max()) + 500.0,
-                                            2 * s.record.pixel_size_angstrom, s.record.pixel_size_angstrom,
-                                            voltage_kv=im.voltage_kv, spherical_aberration_mm=im.spherical_aberration_mm),
-                          s.box)
-                pair = accs[name] or (FourierAccumulator(s.box, device=device),
-                                       FourierAccumulator(s.box, device=device))
+                pair = accs[name] or (FourierAccumulator(rec_box[name], device=device),
+                                       FourierAccumulator(rec_box[name], device=device))
                 accs[name] = reconstruct_half_maps(base.stack, geom, im, parts, base.pre_exposure, base.exposure,
-                                                   box=s.box, big_box=big,
+                                                   box=rec_box[name],
                                                    symmetry=symmetry_operators(s.record.symmetry, device=device),
                                                    accumulators=pair)
         new_items[key] = (item, half_models)
@@ -255,7 +269,7 @@ def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res
             item_refs[key] = tx.put_record(record)
         new_species, before, after, counts = {}, {}, {}, {}
         for name, s in species.items():
-            h1, h2 = (acc.finalise(opts.wiener_constant).cpu() for acc in accs[name])
+            h1, h2 = (acc.finalise(opts.wiener_constant, size=s.box).cpu() for acc in accs[name])
             mask = s.mask.cpu() if s.mask is not None else torch.ones_like(h1)
             curve = masked_fsc(h1, h2, mask)["corrected"]
             res = resolution_at(curve, s.record.pixel_size_angstrom, 0.143)

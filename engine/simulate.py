@@ -29,8 +29,8 @@ import torch
 from cryopool.repo import (dose_times, DataSource, Metrics, Operation, Population, Ref, Repository, Species, TiltSeries,
                            software_version)
 
-from .ctf import aliasing_free_box
-from .forward import ParticleSet, reconstruct_half_maps, render_tilt_series
+from .ctf import aliasing_free_box, reconstruction_box
+from .forward import ParticleSet, reconstruct_half_maps, render_tilt_series, species_reconstruction_box
 from .geometry import euler_zyz_to_matrix, rotation_x, rotation_y, rotation_z, rotvec_to_matrix
 from .phantoms import atomic_model_from_pdb, pseudo_atomic_model, render_map
 from .projection import prepare_volume
@@ -259,8 +259,9 @@ def _item(cfg: SimulationConfig, rng, source: str, name: str, maps, boxes) -> Si
             pos + torch.tensor(rng.normal(0, cfg.initial_position_error_angstrom, (n, 3))),
             _small_rotations(rng, n, cfg.initial_angle_error_deg) @ ori, halves)
     max_def = float(true_im.defocus_u_angstrom.max()) + cfg.slab_thickness_angstrom
-    big = max(aliasing_free_box(max_def, 2 * px, px, voltage_kv=cfg.voltage_kv,
-                                spherical_aberration_mm=cfg.spherical_aberration_mm), 2 * max(boxes.values()))
+    optics = dict(voltage_kv=cfg.voltage_kv, spherical_aberration_mm=cfg.spherical_aberration_mm)
+    big = max(aliasing_free_box(max_def, 2 * px, px, **optics), 2 * max(boxes.values()),  # holds every delocalised image
+              *(reconstruction_box(sp.diameter_angstrom, max_def, 2 * px, px, **optics) for sp in cfg.species))
     clean = render_tilt_series([(prepare_volume(maps[s.name]), true_p[s.name]) for s in cfg.species], true_geom,
                                true_im, pre, exposure, big)
     noise = clean.std() / np.sqrt(cfg.snr)
@@ -276,19 +277,21 @@ def _item(cfg: SimulationConfig, rng, source: str, name: str, maps, boxes) -> Si
                          init_p)
 
 
-def reconstruct_species(items: list[SimulatedItem], name: str, box: int, symmetry: str, *, truth: bool,
+def reconstruct_species(items: list[SimulatedItem], spec: SpeciesSpec, box: int, *, truth: bool,
                         pixel: float, voltage_kv: float, cs_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half-maps of one species from all items, at the true or the initial state."""
+    """Half-maps ``(box³)`` of one species from all items, at the true or the initial state."""
     accs = None
-    ops = symmetry_operators(symmetry)
-    for it in items:
-        geom, im = (it.true_geometry, it.true_imaging) if truth else (it.initial_geometry, it.initial_imaging)
-        parts = (it.true_particles if truth else it.initial_particles)[name]
-        big = max(aliasing_free_box(float(im.defocus_u_angstrom.max()) + 500.0, 2 * pixel, pixel,
-                                    voltage_kv=voltage_kv, spherical_aberration_mm=cs_mm), box)
-        accs = reconstruct_half_maps(it.stack, geom, im, parts, it.pre_exposure, it.exposure, box=box, big_box=big,
+    ops = symmetry_operators(spec.symmetry)
+    states = [(it.true_geometry, it.true_imaging) if truth else (it.initial_geometry, it.initial_imaging)
+              for it in items]
+    max_def = max(float(im.defocus_u_angstrom.abs().max()) + g.tomogram_size_angstrom[2] / 2 for g, im in states)
+    rec_box = species_reconstruction_box(spec.diameter_angstrom, box, pixel, max_def, voltage_kv=voltage_kv,
+                                         spherical_aberration_mm=cs_mm)
+    for it, (geom, im) in zip(items, states):
+        parts = (it.true_particles if truth else it.initial_particles)[spec.name]
+        accs = reconstruct_half_maps(it.stack, geom, im, parts, it.pre_exposure, it.exposure, box=rec_box,
                                      symmetry=ops, accumulators=accs)
-    return accs[0].finalise(), accs[1].finalise()
+    return accs[0].finalise(size=box), accs[1].finalise(size=box)
 
 
 def simulate(config: SimulationConfig, progress=None) -> Simulation:
@@ -309,7 +312,7 @@ def simulate(config: SimulationConfig, progress=None) -> Simulation:
     sim = Simulation(config, maps, boxes, items, ids)
     for spec in config.species:
         sim.initial_maps[spec.name] = reconstruct_species(
-            items, spec.name, boxes[spec.name], spec.symmetry, truth=False, pixel=config.pixel_size_angstrom,
+            items, spec, boxes[spec.name], truth=False, pixel=config.pixel_size_angstrom,
             voltage_kv=config.voltage_kv, cs_mm=config.spherical_aberration_mm)
         done += 1
         if progress:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch_ctf import calculate_ctf_2d
 
-from cryopool.engine.ctf import (aliasing_free_box, band_limited_ctf2, ctf_2d, electron_wavelength_angstrom,
-                                 premultiply_and_crop)
+from cryopool.engine.ctf import (aliasing_free_box, band_limited_ctf2, ctf_2d, delocalisation_angstrom,
+                                 electron_wavelength_angstrom, premultiply_and_crop, reconstruction_box)
 from cryopool.engine.fourier import crop_center, rfft_frequencies_2d
 
 
@@ -100,3 +100,23 @@ def test_premultiplied_extraction_and_band_limited_ctf2():
     naive = ctf_2d(torch.tensor(30000.0), torch.tensor(30000.0), torch.tensor(0.0), voltage_kv=300,
                    spherical_aberration_mm=2.7, amplitude_contrast=0.07, pixel_size_angstrom=2.0, size=small) ** 2
     assert abs(naive[ring].mean().item() - 0.5) > abs(c2[ring].mean().item() - 0.5)  # naive CTF² aliases
+
+
+@pytest.mark.parametrize("defocus,res,pixel", [(50000, 10.0, 5.0), (30000, 4.0, 2.0)])
+def test_delocalisation_is_where_the_point_spread_function_ends(defocus, res, pixel):
+    """A point filtered by the band-limited CTF, in a box far larger than its image: its energy lies within the
+    predicted radius and reaches close to it (brute force, not the formula)."""
+    n = 512
+    ctf = ctf_2d(torch.tensor(float(defocus)), torch.tensor(float(defocus)), torch.tensor(0.0), voltage_kv=300,
+                 spherical_aberration_mm=2.7, amplitude_contrast=0.07, pixel_size_angstrom=pixel, size=n).double()
+    ky, kx = rfft_frequencies_2d(n, pixel, dtype=torch.float64)
+    band = torch.sqrt(kx**2 + ky**2) <= 1 / res
+    ctf = ctf - 0.07 * (ky == 0) * (kx == 0)  # the delta part of amplitude contrast at k = 0 only
+    psf = torch.fft.fftshift(torch.fft.irfft2(ctf * band, s=(n, n))) ** 2
+    g = (torch.arange(n, dtype=torch.float64) - n // 2) * pixel
+    r = torch.sqrt(g[:, None] ** 2 + g[None] ** 2)
+    spread = delocalisation_angstrom(defocus, res, voltage_kv=300, spherical_aberration_mm=2.7)
+    assert psf[r > spread + 3 * res].sum() / psf.sum() < 0.03  # what is left: the band edge's ringing
+    assert psf[r > 0.8 * spread].sum() / psf.sum() > 0.2
+    box = reconstruction_box(100.0, defocus, res, pixel, voltage_kv=300, spherical_aberration_mm=2.7)
+    assert box % 2 == 0 and (box - 2) * pixel < 100.0 + 2 * spread <= box * pixel

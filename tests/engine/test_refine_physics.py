@@ -77,7 +77,7 @@ def test_issue_bars_for_positions_and_maps(tmp_path):
         iterations=4, image_warp_grid=(2, 2), lbfgs_iterations=25, rounds=2))
     assert after["position_rms_angstrom"] <= 0.3 * before["position_rms_angstrom"], (before, after)
     for spec in cfg.species:
-        t1, t2 = reconstruct_species(sim.items, spec.name, sim.boxes[spec.name], spec.symmetry, truth=True,
+        t1, t2 = reconstruct_species(sim.items, spec, sim.boxes[spec.name], truth=True,
                                      pixel=cfg.pixel_size_angstrom, voltage_kv=cfg.voltage_kv,
                                      cs_mm=cfg.spherical_aberration_mm)
         ceiling = resolution_at(fsc(0.5 * (t1 + t2), sim.maps[spec.name]), cfg.pixel_size_angstrom, 0.5)
