@@ -9,7 +9,8 @@ particles and tilts,
 where P is the central slice of the particle's own half-map reference at
 ``R_i A_p``, X the particle's tilt image extracted (and masked) at its
 modelled position, CTF ⊙ X the CTF-premultiplied data computed in an
-aliasing-free box and cropped (M's rule), CTF² the matching band-limited CTF²,
+aliasing-free box (M's rule) that also holds the masked particle's
+delocalised image, then cropped, CTF² the matching band-limited CTF²,
 D the exposure attenuation of the tilt (B = 4 Å² per e⁻/Å²), w = cos(tilt) on
 the tilt's band: from the particle diameter to the species' own working
 resolution (M crops each species to its resolution) or, if
@@ -42,7 +43,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .ctf import aliasing_free_box, band_limited_ctf2, ctf_2d, electron_wavelength_angstrom, premultiply_and_crop
+from .ctf import aliasing_free_box, band_limited_ctf2, ctf_2d, electron_wavelength_angstrom, premultiply_and_crop, \
+    reconstruction_box
 from .extraction import angstrom_to_pixel, extract_boxes
 from .fourier import rfft_frequencies_2d
 from .geometry import rotvec_to_matrix
@@ -213,6 +215,9 @@ class _Fixed:
     ref: torch.Tensor  # (n, g, d, d/2+1)
 
 
+MASK_RADIUS = 0.55  # the particle images' circular mask, in particle diameters
+
+
 def _fixed(model: _Model, k: int, stack: torch.Tensor, rows: slice, geometry: TiltGeometry,
            group: _TiltGroup) -> _Fixed:
     s = model.species[k]
@@ -239,7 +244,7 @@ def _ctf_terms(model: _Model, k: int, fixed: _Fixed, geometry: TiltGeometry, ima
                  voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm,
                  amplitude_contrast=imaging.amplitude_contrast, pixel_size_angstrom=geometry.pixel_size_angstrom,
                  size=big)
-    mask = _mask_2d(s.box, 0.55 * s.diameter_angstrom / geometry.pixel_size_angstrom, fixed.boxes.device, dtype)
+    mask = _mask_2d(s.box, MASK_RADIUS * s.diameter_angstrom / geometry.pixel_size_angstrom, fixed.boxes.device, dtype)
 
     def masked(ft):
         real = torch.fft.fftshift(torch.fft.irfft2(ft, s=(s.box, s.box)), dim=(-2, -1)) * mask
@@ -275,9 +280,11 @@ def _tilt_groups(settings: RefineSettings, species: SpeciesInput, geom: TiltGeom
         if settings.exposure_crop_weight is not None:
             edge = min(edge, exposure_crop_frequency(dose, weight=settings.exposure_crop_weight))
         edges.append(edge)
-    bigs = [max(species.box, 8 * math.ceil(aliasing_free_box(  # multiples of 8: few groups, fast FFT sizes
-        max_def, 1.0 / e, px, voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm) / 8))
-        for e in edges]
+    optics = dict(voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm)
+    # the box must sample the CTF (M's rule) and hold the masked particle's delocalised model image, which
+    # would otherwise wrap around in it; multiples of 8: few groups, fast FFT sizes
+    bigs = [max(species.box, 8 * math.ceil(max(aliasing_free_box(max_def, 1.0 / e, px, **optics), reconstruction_box(
+        2 * MASK_RADIUS * species.diameter_angstrom, max_def, 1.0 / e, px, **optics)) / 8)) for e in edges]
     band = torch.stack([((k <= e) & (k >= 1.0 / low_angstrom)).to(dtype) for e in edges])
     groups = []
     for big in sorted(set(bigs), reverse=True):
