@@ -86,6 +86,35 @@ def test_issue_bars_for_positions_and_maps(tmp_path):
         assert (b - a) >= 0.8 * (b - ceiling), (spec.name, b, a, ceiling)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
+    """5 Å/px, 5 µm: a 100 Å species' image spreads as far as its box is wide (ctf.reconstruction_box).
+
+    Before reconstructions held the delocalisation, this species' map stayed at 62–98 Å. The per-tilt
+    defocus fit engages once its band holds 5 CTF zeros (iteration 5 here); in the pipeline it moves the
+    error only a little (see docs/physics.md §8), so only "no worse" is asserted.
+    """
+    cfg = replace(PRESETS["test"], pixel_size_angstrom=5.0, image_size_px=(384, 384), seed=0)
+    sim = simulate(cfg)
+    _, before, after, _ = _refine_against_truth(tmp_path / "pop", sim, RefineOptions(
+        iterations=7, image_warp_grid=(2, 2), lbfgs_iterations=20, rounds=1))
+    gains = {}
+    for spec in cfg.species:
+        t1, t2 = reconstruct_species(sim.items, spec, sim.boxes[spec.name], truth=True,
+                                     pixel=cfg.pixel_size_angstrom, voltage_kv=cfg.voltage_kv,
+                                     cs_mm=cfg.spherical_aberration_mm)
+        ceiling = resolution_at(fsc(0.5 * (t1 + t2), sim.maps[spec.name]), cfg.pixel_size_angstrom, 0.5)
+        b = before["species"][spec.name]["fsc_vs_truth_0.5_angstrom"]
+        a = after["species"][spec.name]["fsc_vs_truth_0.5_angstrom"]
+        gains[spec.name] = (b, a, ceiling, (b - a) / (b - ceiling))
+    print("positions", before["position_rms_angstrom"], after["position_rms_angstrom"], "defocus",
+          before["defocus_rms_angstrom"], after["defocus_rms_angstrom"], "maps", gains)
+    assert after["position_rms_angstrom"] <= 0.5 * before["position_rms_angstrom"], (before, after)
+    assert gains["small"][3] >= 0.75 and gains["large"][3] >= 0.7, gains
+    assert after["defocus_rms_angstrom"] <= before["defocus_rms_angstrom"], (before, after)
+
+
 def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
     """M's 5 %/95 % experiment: the same data and iterations, the rare species refined alone or with an abundant one.
 
