@@ -5,7 +5,7 @@ error from 14.4 Å to 7.0 Å and both species' maps closer to the truth (40 → 
 full position and map bars are asserted by the slow test at the preset's full scale; the stage-angle bar in
 a lamella thick enough to determine the angles, and the multi-species benefit, below. Per-tilt defocus needs
 a band with ≥ 5 CTF zeros, which this 10 Å/px scale never reaches (tests/engine/test_defocus.py tests the
-fit where it does).
+fit where it does; the slow 5 Å/px test runs the pipeline where it engages).
 """
 
 from __future__ import annotations
