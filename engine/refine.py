@@ -170,6 +170,8 @@ def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: Re
     tomogram's thickness off the tilt's defocus. The accumulators of all species together stay
     within half the memory budget.
     """
+    if not items:
+        return {name: s.box for name, s in species.items()}
     max_def = 0.0
     for _, _, item in items:
         m = load_item(repo, item, with_stack=False)
@@ -250,10 +252,10 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         new_items[key] = (item, half_models)
     if progress:
         progress("reconstructing", len(items), len(items))
-    return _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history)
+    return _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box)
 
 
-def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history):
+def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box):
     with repo.transaction() as tx:
         species_refs_used = [s.ref for s in species.values()]
         item_refs: dict[str, Ref] = {}
@@ -297,7 +299,7 @@ def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res
         new_pop = without_marks(replace(pop, data_sources=data_sources, species={**pop.species, **new_species}),
                                 items=list(item_refs), species=list(new_species))  # a merge's marks, now done
         params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before, "resolution_after": after,
-                  "regulariser": "fsc-wiener", "ncc": ncc_history}
+                  "regulariser": "fsc-wiener", "ncc": ncc_history, "reconstruction_box": rec_box}
         operation = Operation(kind="refine", parameters=params, software=software_version(),
                               inputs={"population": repo.get_commit(tip).population})
         summary = ", ".join(f"{n} {before[n]:.1f}→{after[n]:.1f} Å" for n in species)

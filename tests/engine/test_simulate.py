@@ -10,6 +10,7 @@ import torch
 from torch_ctf import calculate_ctf_2d
 from torch_fourier_slice import project_3d_to_2d
 
+from cryopool.engine.forward import species_reconstruction_box
 from cryopool.engine.fsc import fsc
 from cryopool.engine.geometry import degrees_between
 from cryopool.engine.records_io import load_item, load_particles
@@ -92,6 +93,15 @@ def test_small_particle_far_from_focus_reconstructs_exactly_from_noise_free_data
     curve = fsc(0.5 * (h1 + h2), sim.maps["small"])
     at = int(0.9 * (len(curve) - 1))
     assert curve[1:at + 1].min() > 0.97, curve.tolist()
+
+
+def test_reconstruction_box_fits_the_memory_it_is_given():
+    optics = dict(voltage_kv=300.0, spherical_aberration_mm=2.7)
+    full = species_reconstruction_box(100.0, 40, 5.0, 5.5e4, **optics)
+    assert full == 64  # (100 Å + 2 × λ·Δf / (2 × 5 Å) = 317 Å) / 5 Å, rounded up to even
+    cap = 2 * 12 * (2 * 50.5) ** 3  # two accumulators of a 50 px box, padded 2×, and a little more
+    assert species_reconstruction_box(100.0, 40, 5.0, 5.5e4, max_bytes=cap, **optics) == 50
+    assert species_reconstruction_box(100.0, 40, 5.0, 5.5e4, max_bytes=1.0, **optics) == 40  # never below the map
 
 
 def test_simulation_is_deterministic():
