@@ -111,7 +111,7 @@ def test_delocalisation_is_where_the_point_spread_function_ends(defocus, res, pi
                  spherical_aberration_mm=2.7, amplitude_contrast=0.07, pixel_size_angstrom=pixel, size=n).double()
     ky, kx = rfft_frequencies_2d(n, pixel, dtype=torch.float64)
     band = torch.sqrt(kx**2 + ky**2) <= 1 / res
-    ctf = ctf - 0.07 * (ky == 0) * (kx == 0)  # the delta part of amplitude contrast at k = 0 only
+    ctf = ctf - 0.07 * (ky == 0) * (kx == 0)  # drop CTF(0) = A: a constant over the box, not a spread
     psf = torch.fft.fftshift(torch.fft.irfft2(ctf * band, s=(n, n))) ** 2
     g = (torch.arange(n, dtype=torch.float64) - n // 2) * pixel
     r = torch.sqrt(g[:, None] ** 2 + g[None] ** 2)
