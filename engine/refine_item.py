@@ -17,18 +17,22 @@ resolution (M crops each species to its resolution) or, if
 lower, the frequency where the tilt's exposure weight falls below 0.25 (M's
 exposure-dependent cropping; tilts that share a band edge share the
 aliasing-free box that edge needs, so late, high-exposure tilts are
-processed in smaller boxes). The model of a particle image is D·CTF·P; this
-is the normalised correlation of model and data, the maximum-likelihood form
-under white noise, maximal at the true CTF and geometry. It differs from M's
-formula on purpose: M normalises by the premultiplied data (Σ W² CTF²|X|²)
+processed in smaller boxes). The model of a particle image is D·CTF·P; the
+normalisation is the maximum-likelihood one under white noise. It differs from
+M's formula on purpose: M normalises by the premultiplied data (Σ W² CTF²|X|²)
 and weights both sides by the dose weight, and by Cauchy–Schwarz such a
-target prefers CTF shapes that emphasise high-SNR frequencies, which biases
-the defocus (measured here: hundreds of Å at 6 Å/px). Parameters (per enabled group):
-per-tilt shifts and stage-angle corrections, image-warp and volume-warp
-grids, per-particle position and orientation offsets at each of the
-trajectory's temporal samples (``trajectories``), per-tilt defocus and
-astigmatism. Gradients are exact (autograd); the optimiser is L-BFGS after
-M's exhaustive defocus search.
+target prefers CTF shapes that emphasise high-SNR frequencies. Parameters
+(per enabled group): per-tilt shifts and stage-angle corrections, image-warp
+and volume-warp grids, per-particle position and orientation offsets at each
+of the trajectory's temporal samples (``trajectories``). Gradients are exact
+(autograd); the optimiser is L-BFGS.
+
+Per-tilt defocus and astigmatism are fitted first, with a target of their own
+(``ctf_fit``: M's exhaustive search, then L-BFGS): premultiplication moves the
+defocus-dependent half of the signal (CTF²'s cos 2χ) twice as far out as the CTF
+does, beyond a particle-sized mask, so this target, good for alignment, pins
+the defocus weakly and with a bias (measured on noise-free images with the
+true maps and geometry: 60–1400 Å off).
 
 Particles are processed in batches under a memory budget; the global
 normalisation is kept exact by differentiating
@@ -45,6 +49,7 @@ import torch
 
 from .ctf import aliasing_free_box, band_limited_ctf2, ctf_2d, electron_wavelength_angstrom, premultiply_and_crop, \
     reconstruction_box
+from .ctf_fit import CTFBatch, circular_mask, comparison_box, fit_ctf, mask_images, pad_projections, shell_filter_2d
 from .extraction import angstrom_to_pixel, extract_boxes
 from .fourier import rfft_frequencies_2d
 from .geometry import rotvec_to_matrix
@@ -84,6 +89,9 @@ class SpeciesInput:
     positions: torch.Tensor  # (n, T, 3) Å trajectories of this half-set's particles in this item
     orientations: torch.Tensor  # (n, T, 3, 3)
     resolution_angstrom: float | None = None  # this species' band edge (M crops each species to its own); None: settings'
+    # the regulariser's radial transfer (reference ≈ transfer ⊙ half-map per shell of the box, regularise.radial_transfer):
+    # the CTF fit filters the data with it too, or the filter alone pulls the defocus (ctf_fit); None: no filter
+    reference_filter: torch.Tensor | None = None
 
 
 @dataclass
@@ -230,16 +238,13 @@ def _fixed(model: _Model, k: int, stack: torch.Tensor, rows: slice, geometry: Ti
     return _Fixed(group, boxes, z[:, tilts], extract_slices(s.reference, rot.to(stack.dtype)))
 
 
-def _ctf_terms(model: _Model, k: int, fixed: _Fixed, geometry: TiltGeometry, imaging: Imaging,
-               defocus_offset: torch.Tensor | None = None) -> _Terms:
+def _ctf_terms(model: _Model, k: int, fixed: _Fixed, geometry: TiltGeometry, imaging: Imaging) -> _Terms:
     """Per-tilt sums ``(t,)`` of the target for one batch and tilt group, given its CTF-independent part."""
     s, group = model.species[k], fixed.group
     tilts, big = group.tilts, group.big
     dtype = fixed.boxes.real.dtype
     du = imaging.defocus_u_angstrom[tilts] + imaging.handedness * fixed.z
     dv = imaging.defocus_v_angstrom[tilts] + imaging.handedness * fixed.z
-    if defocus_offset is not None:
-        du, dv = du + defocus_offset[tilts], dv + defocus_offset[tilts]
     ctf = ctf_2d(du.to(dtype), dv.to(dtype), imaging.defocus_angle_deg[tilts].expand_as(du).to(dtype),
                  voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm,
                  amplitude_contrast=imaging.amplitude_contrast, pixel_size_angstrom=geometry.pixel_size_angstrom,
@@ -272,14 +277,8 @@ def _tilt_groups(settings: RefineSettings, species: SpeciesInput, geom: TiltGeom
     tilt_weight = torch.cos(torch.deg2rad(geom.tilt_angles_deg)).clamp(min=0).to(dtype)[:, None, None]
     ky, kx = rfft_frequencies_2d(species.box, px, device=device, dtype=dtype)
     k = torch.sqrt(kx**2 + ky**2)
-    max_def = float(imaging.defocus_u_angstrom.abs().max() + settings.defocus_search_angstrom
-                    + geom.tomogram_size_angstrom[2])
-    edges = []  # each tilt's band edge (1/Å)
-    for dose in mid_exposure(pre, exposure).tolist():
-        edge = 1.0 / _resolution(species, settings)
-        if settings.exposure_crop_weight is not None:
-            edge = min(edge, exposure_crop_frequency(dose, weight=settings.exposure_crop_weight))
-        edges.append(edge)
+    max_def = _max_defocus(settings, geom, imaging)
+    edges = _band_edges(settings, species, pre, exposure)
     optics = dict(voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm)
     # the box must sample the CTF (M's rule) and hold the masked particle's delocalised model image, which
     # would otherwise wrap around in it; multiples of 8: few groups, fast FFT sizes
@@ -295,6 +294,66 @@ def _tilt_groups(settings: RefineSettings, species: SpeciesInput, geom: TiltGeom
 
 def _resolution(species: SpeciesInput, settings: RefineSettings) -> float:
     return species.resolution_angstrom or settings.resolution_angstrom
+
+
+def _max_defocus(settings: RefineSettings, geom: TiltGeometry, imaging: Imaging) -> float:
+    """The largest defocus a particle may be given: tilt defocus + search range + tomogram thickness."""
+    return float(imaging.defocus_u_angstrom.abs().max() + settings.defocus_search_angstrom
+                 + geom.tomogram_size_angstrom[2])
+
+
+def _band_edges(settings: RefineSettings, species: SpeciesInput, pre: torch.Tensor, exposure: torch.Tensor) -> list[float]:
+    """Each tilt's band edge (1/Å): the species' working resolution, or where the exposure weight falls below the crop weight."""
+    edges = []
+    for dose in mid_exposure(pre, exposure).tolist():
+        edge = 1.0 / _resolution(species, settings)
+        if settings.exposure_crop_weight is not None:
+            edge = min(edge, exposure_crop_frequency(dose, weight=settings.exposure_crop_weight))
+        edges.append(edge)
+    return edges
+
+
+def _ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure: torch.Tensor,
+                 settings: RefineSettings) -> list[CTFBatch]:
+    """The CTF fit's view of the current system (``ctf_fit``): masked images and reference projections,
+    per species and comparison box, in batches under the memory budget."""
+    geometry, imaging = model.geometry(), model.imaging()
+    px = geometry.pixel_size_angstrom
+    dtype, device = torch.float64, stack.device  # a few Å of astigmatism move a float32 correlation by its rounding
+    low = settings.low_resolution_angstrom or max(sp.diameter_angstrom for sp in model.species)
+    max_def = _max_defocus(settings, geometry, imaging)
+    optics = dict(voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm)
+    tilt_weight = torch.cos(torch.deg2rad(geometry.tilt_angles_deg)).clamp(min=0).to(dtype)
+    out = []
+    with torch.no_grad():
+        for k, s in enumerate(model.species):
+            edges = _band_edges(settings, s, pre, exposure)
+            boxes = [comparison_box(s.diameter_angstrom, max_def, 1.0 / e, px, **optics) for e in edges]
+            for box in sorted({b for b, _ in boxes}, reverse=True):
+                idx = [i for i, (b, _) in enumerate(boxes) if b == box]
+                tilts = torch.tensor(idx, dtype=torch.long, device=device)
+                ky, kx = rfft_frequencies_2d(box, px, device=device, dtype=dtype)
+                freq = torch.sqrt(kx**2 + ky**2)
+                band = torch.stack([((freq <= edges[i]) & (freq >= 1.0 / low)).to(dtype) for i in idx])
+                attenuation = dose_tilt_weights(pre[tilts], exposure[tilts], geometry.tilt_angles_deg[tilts], size=box,
+                                                pixel_size_angstrom=px, cos_tilt=False).to(dtype)
+                mask = torch.stack([circular_mask(box, boxes[i][1], device=device, dtype=dtype) for i in idx])
+                data_filter = 1.0 if s.reference_filter is None else \
+                    shell_filter_2d(s.reference_filter.to(device, dtype), freq * s.box * px)
+                per_particle = len(idx) * box**2 * stack.element_size() * 24
+                size = max(1, int(settings.memory_budget_bytes // per_particle))
+                for start in range(0, len(s.positions), size):
+                    rows = slice(start, min(start + size, len(s.positions)))
+                    pos, ori = model.poses_in_tilts(k, rows)
+                    xy, z = particle_positions_in_tilts(geometry, pos)
+                    rot = geometry.orientation_rotations()[tilts] @ ori[:, tilts]
+                    pix = angstrom_to_pixel(xy[:, tilts], px, geometry.image_size_px)
+                    data = mask_images(data_filter * extract_boxes(stack[tilts].to(dtype), pix.to(dtype), box), mask)
+                    slices = extract_slices(s.reference, rot.to(s.reference.ft.real.dtype)).to(torch.complex128)
+                    projections = pad_projections(slices, box)
+                    out.append(CTFBatch(tilts, data, projections, z[:, tilts], tilt_weight[tilts, None, None] * band,
+                                        attenuation, mask))
+    return out
 
 
 class _Objective:
@@ -315,13 +374,13 @@ class _Objective:
                 n = len(s.positions)
                 self.batches += [(k, slice(i, min(i + size, n)), group) for i in range(0, n, size)]
 
-    def terms(self, defocus_offset=None, *, grad: bool) -> list[_Terms]:
+    def terms(self, *, grad: bool) -> list[_Terms]:
         geometry, imaging = self.model.geometry(), self.model.imaging()
         out = []
         with torch.set_grad_enabled(grad):
             for k, rows, group in self.batches:
                 fixed = _fixed(self.model, k, self.stack, rows, geometry, group)
-                out.append(_ctf_terms(self.model, k, fixed, geometry, imaging, defocus_offset))
+                out.append(_ctf_terms(self.model, k, fixed, geometry, imaging))
         return out
 
     def value(self) -> float:
@@ -358,35 +417,6 @@ def ncc(num, d1, d2):
     return num / torch.sqrt(d1 * d2).clamp(min=1e-30)
 
 
-def _defocus_search(obj: _Objective, settings: RefineSettings) -> None:
-    """M's exhaustive per-tilt search: ±range in steps, then halve the step around the 2 best values, 4 times."""
-    t = obj.model.base_geom.n_tilts
-    dtype = obj.model.p["defocus"].dtype
-    step = settings.defocus_step_angstrom
-    n = int(round(settings.defocus_search_angstrom / step))
-    offsets = (torch.arange(-n, n + 1, dtype=dtype) * step)[None, :].expand(t, -1)
-    model = obj.model
-    with torch.no_grad():
-        geometry, imaging = model.geometry(), model.imaging()
-        fixed = [(k, _fixed(model, k, obj.stack, rows, geometry, group)) for k, rows, group in obj.batches]
-    for level in range(settings.defocus_halvings + 1):
-        scores = torch.empty(offsets.shape, dtype=dtype)
-        for j in range(offsets.shape[1]):
-            with torch.no_grad():
-                terms = [_ctf_terms(model, k, f, geometry, imaging, offsets[:, j].to(f.z.device)) for k, f in fixed]
-            num = sum(x.num for x in terms)
-            d1, d2 = sum(x.d1 for x in terms), sum(x.d2 for x in terms)
-            scores[:, j] = ncc(num, d1, d2).cpu()
-        best2 = torch.topk(scores, k=min(2, scores.shape[1]), dim=1).indices
-        centres = torch.gather(offsets, 1, best2)
-        if level == settings.defocus_halvings:
-            break
-        step = step / 2
-        offsets = torch.cat([centres - step, centres, centres + step], dim=1)
-    with torch.no_grad():
-        obj.model.p["defocus"] += centres[:, 0].to(obj.model.p["defocus"].device)
-
-
 def ctf_zeros_in_band(imaging: Imaging, resolution_angstrom: float) -> int:
     """How many CTF zeros (at the mean defocus, Cs neglected) lie below the working resolution."""
     from_defocus = float(imaging.defocus_u_angstrom.mean() + imaging.defocus_v_angstrom.mean()) / 2
@@ -394,10 +424,10 @@ def ctf_zeros_in_band(imaging: Imaging, resolution_angstrom: float) -> int:
     return int(lam * max(from_defocus, 0.0) / resolution_angstrom**2)
 
 
-# Measured with the true maps and geometry (5 Å/px, 5 µm, 18 particles per tilt; per-tilt RMS error
-# from 265 / 396 Å, two seeds): 3 zeros in the band → 392 Å (seed 0: the fit follows the noise),
-# 4 zeros → 226 / 215 Å, 5 → 170 / 152 Å, 6 → 133 / 116 Å.
-MIN_CTF_ZEROS_FOR_DEFOCUS = 5
+# Measured with the true maps and geometry (ctf_fit's target; 5 Å/px, 5 µm, 16 particles of two species
+# per tilt, per-tilt RMS error from 253 Å): 3.8 zeros in the band → 56 Å, 2.5 → 86 Å (seed 1: 282 → 66, 106 Å),
+# 1.6 → 152 Å; at 10 Å/px, whose noise per unit of band is 4× higher: 2.5 zeros → 215 Å, 1.6 → 298 Å (worse).
+MIN_CTF_ZEROS_FOR_DEFOCUS = 3
 
 
 def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imaging, pre_exposure: torch.Tensor,
@@ -405,9 +435,10 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
     """Refine one half-set's system in one item; returns the refined models and poses.
 
     Per-tilt defocus (and astigmatism) are refined only when the working band holds at least
-    ``MIN_CTF_ZEROS_FOR_DEFOCUS`` CTF zeros: below that the data barely constrain them (a 300 Å
-    error moves the CTF phase at the band edge by ~0.06 rad at 3 zeros and 18 Å) and fitting them
-    only adds noise.
+    ``MIN_CTF_ZEROS_FOR_DEFOCUS`` CTF zeros: below that the data constrain them weakly (a 300 Å
+    error moves the CTF phase at the band edge by ~0.06 rad at 3 zeros and 18 Å) and the fit may
+    follow the noise. They are fitted first, at the starting geometry, with ``ctf_fit``'s target,
+    then held while the geometry and poses are refined.
     """
     finest = min(_resolution(s, settings) for s in species)  # the band that carries the CTF's oscillations
     if ctf_zeros_in_band(imaging, finest) < MIN_CTF_ZEROS_FOR_DEFOCUS:
@@ -415,15 +446,18 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
     model = _Model(geometry, imaging, species, settings)
     obj = _Objective(model, stack, pre_exposure, exposure, settings)
     history = [obj.value()]
-    if "defocus" in settings.groups:
-        before = model.p["defocus"].detach().clone()
-        _defocus_search(obj, settings)
-        after = obj.value()
-        if after < history[-1]:  # per-tilt curves too flat for the data: keep what we had
-            with torch.no_grad():
-                model.p["defocus"].copy_(before)
-            after = history[-1]
-        history.append(after)
+    if "defocus" in settings.groups or "astigmatism" in settings.groups:
+        # a target of its own (ctf_fit), at the starting geometry, before the geometry is refined
+        defocus, astigmatism, _ = fit_ctf(
+            _ctf_batches(model, stack, pre_exposure, exposure, settings), model.imaging(), geometry.pixel_size_angstrom,
+            search_angstrom=settings.defocus_search_angstrom if "defocus" in settings.groups else 0.0,
+            step_angstrom=settings.defocus_step_angstrom, halvings=settings.defocus_halvings,
+            astigmatism="astigmatism" in settings.groups, lbfgs_iterations=settings.lbfgs_iterations)
+        with torch.no_grad():
+            model.p["defocus"] += defocus
+            model.p["astigmatism"] += astigmatism
+        history.append(obj.value())
+        settings = replace(settings, groups=tuple(g for g in settings.groups if g not in ("defocus", "astigmatism")))
     # trajectories start as static poses: fitting 3 samples per particle from a pose ~1 px off finds
     # worse local optima (measured: 7.2 vs 5.4 Å per-tilt error on particles drifting ~20 Å)
     trajectories = "poses" in settings.groups and any(s.positions.shape[1] > 1 for s in species)

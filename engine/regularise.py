@@ -19,7 +19,7 @@ import torch
 from .fourier import spatial_frequency_shells
 from .fsc import fsc, masked_fsc
 
-__all__ = ["Regulariser", "FSCWienerFilter", "working_resolution", "filtered_map"]
+__all__ = ["Regulariser", "FSCWienerFilter", "working_resolution", "filtered_map", "radial_transfer"]
 
 
 class Regulariser(Protocol):
@@ -67,3 +67,20 @@ def filtered_map(half_map_1: torch.Tensor, half_map_2: torch.Tensor, pixel_size_
     resolution = working_resolution(curve, pixel_size_angstrom)
     return FSCWienerFilter()((half_map_1 + half_map_2) / 2, curve, pixel_size_angstrom=pixel_size_angstrom,
                              resolution_angstrom=resolution)
+
+
+def radial_transfer(reference: torch.Tensor, half_map: torch.Tensor) -> torch.Tensor:
+    """How a regulariser scaled each shell: √(power of the reference / power of the half-map), ``(d // 2 + 1,)``.
+
+    Exact for radial filters such as the FSC-weighted Wiener filter, the effective radial
+    transfer of any other; the CTF fit filters the data with it so that data and reference
+    see the same filter (a filtered reference alone pulls the defocus: ``ctf_fit``).
+    """
+    d = half_map.shape[-1]
+    shells = spatial_frequency_shells(d, device=half_map.device).flatten()
+    keep = shells <= d // 2
+
+    def power(v):
+        p = torch.fft.rfftn(v).abs().flatten().to(torch.float64) ** 2
+        return torch.zeros(d // 2 + 1, dtype=torch.float64, device=v.device).index_add_(0, shells[keep], p[keep])
+    return torch.sqrt(power(reference) / power(half_map).clamp(min=1e-30)).to(half_map.dtype)

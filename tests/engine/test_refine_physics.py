@@ -4,8 +4,8 @@ Measured in the same configuration (docs/physics.md §8): 3 iterations take the 
 error from 14.4 Å to 7.0 Å and both species' maps closer to the truth (40 → 34 Å, 36 → 23 Å). The issue's
 full position and map bars are asserted by the slow test at the preset's full scale; the stage-angle bar in
 a lamella thick enough to determine the angles, and the multi-species benefit, below. Per-tilt defocus needs
-a band with ≥ 5 CTF zeros, which this 10 Å/px scale never reaches (tests/engine/test_defocus.py tests the
-fit where it does; the slow 5 Å/px test runs the pipeline where it engages).
+a band with ≥ 3 CTF zeros, which this 10 Å/px scale never reaches (tests/engine/test_defocus.py and
+test_ctf_fit.py test the fit where it does; the slow 5 Å/px test runs the pipeline where it engages).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_both_maps_approach_the_true_maps(refined):
 
 def test_defocus_is_left_alone_where_the_data_cannot_constrain_it(refined):
     _, before, after, _ = refined
-    # 10 Å/px, 5 µm: fewer than 3 CTF zeros in the band, so the defocus group stays off (no drift)
+    # 10 Å/px, 5 µm: fewer than 3 CTF zeros in the band (2.5 at 20 Å), so the defocus group stays off (no drift)
     assert after["defocus_rms_angstrom"] == pytest.approx(before["defocus_rms_angstrom"])
 
 
