@@ -101,8 +101,10 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
     """5 Å/px, 5 µm: a 100 Å species' image spreads as far as its box is wide (ctf.reconstruction_box).
 
     Before reconstructions held the delocalisation, this species' map stayed at 62–98 Å. The per-tilt
-    defocus fit engages once its band holds 5 CTF zeros (iteration 5 here); in the pipeline it moves the
-    error only a little (see docs/physics.md §8), so only "no worse" is asserted.
+    defocus fit (ctf_fit) engages once its band holds 3 CTF zeros (iteration 4 here). Measured (seed 0):
+    positions 14.0 → 4.6 Å, maps 79 % / 85 % of the available gain, per-tilt defocus 305 → 208 Å RMS
+    (−32 %; the fit alone with the true maps and geometry reaches 116–135 Å per half-set, see
+    docs/physics.md §8).
     """
     cfg = replace(PRESETS["test"], pixel_size_angstrom=5.0, image_size_px=(384, 384), seed=0)
     sim = simulate(cfg)
@@ -113,7 +115,7 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
           before["defocus_rms_angstrom"], after["defocus_rms_angstrom"], "maps", gains)
     assert after["position_rms_angstrom"] <= 0.5 * before["position_rms_angstrom"], (before, after)
     assert gains["small"][3] >= 0.75 and gains["large"][3] >= 0.7, gains
-    assert after["defocus_rms_angstrom"] <= before["defocus_rms_angstrom"], (before, after)
+    assert after["defocus_rms_angstrom"] <= 0.8 * before["defocus_rms_angstrom"], (before, after)
 
 
 def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
