@@ -62,10 +62,12 @@ def comparison_box(diameter_angstrom: float, max_defocus_angstrom: float, resolu
     return 8 * math.ceil(box / 8), radius
 
 
-def circular_mask(box: int, radius_px: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
+def circular_mask(box: int, radius_px: float, *, edge_px: float = EDGE_PX, device=None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """A soft circle (raised-cosine edge beyond ``radius_px``) centred at pixel ``box // 2``."""
     g = torch.arange(box, device=device, dtype=dtype) - box // 2
     r = torch.sqrt(g[:, None] ** 2 + g[None] ** 2)
-    return torch.clamp(0.5 + 0.5 * torch.cos(math.pi * (r - radius_px).clamp(0, EDGE_PX) / EDGE_PX), 0, 1)
+    return torch.clamp(0.5 + 0.5 * torch.cos(math.pi * (r - radius_px).clamp(0, edge_px) / edge_px), 0, 1)
 
 
 def mask_images(images_rfft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -106,10 +106,7 @@ class ItemState:
 
 
 def _mask_2d(box: int, radius_px: float, device, dtype) -> torch.Tensor:
-    g = torch.arange(box, device=device, dtype=dtype) - box // 2
-    r = torch.sqrt(g[:, None] ** 2 + g[None] ** 2)
-    edge = max(2.0, 0.1 * radius_px)
-    return torch.clamp(0.5 + 0.5 * torch.cos(math.pi * (r - radius_px).clamp(0, edge) / edge), 0, 1)
+    return circular_mask(box, radius_px, edge_px=max(2.0, 0.1 * radius_px), device=device, dtype=dtype)
 
 
 class _Model:
