@@ -127,15 +127,14 @@ def _per_tilt_ncc(batches, imaging, pixel, n_tilts, defocus_offset=None, astigma
 
 def fit_ctf(batches: list[CTFBatch], imaging: Imaging, pixel_size_angstrom: float, *, search_angstrom: float,
             step_angstrom: float, halvings: int, astigmatism: bool, lbfgs_iterations: int
-            ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Per-tilt defocus and astigmatism offsets ``(t,)``, ``(t,)`` and the mean per-tilt correlation after each stage.
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tilt defocus and astigmatism offsets ``(t,)``, ``(t,)``.
 
     M's search: ±range in steps, then the step halved around each tilt's two best values,
     ``halvings`` times; then L-BFGS on the defocus (and astigmatism) from there.
     """
     n_tilts = imaging.defocus_u_angstrom.shape[0]
     dtype, device = imaging.defocus_u_angstrom.dtype, imaging.defocus_u_angstrom.device
-    history = [float(_per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts).mean())]
     n = int(round(search_angstrom / step_angstrom))
     offsets = (torch.arange(-n, n + 1, dtype=dtype, device=device) * step_angstrom)[None, :].expand(n_tilts, -1)
     step = step_angstrom
@@ -149,7 +148,6 @@ def fit_ctf(batches: list[CTFBatch], imaging: Imaging, pixel_size_angstrom: floa
             step = step / 2
             offsets = torch.cat([centres - step, centres, centres + step], dim=1)
     defocus = centres[:, 0].clone()
-    history.append(float(_per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts, defocus).mean()))
     # in units of 10 Å: the correlation's curvature per Å is tiny next to L-BFGS's first step
     scale = 10.0
     u = torch.zeros(n_tilts, dtype=dtype, device=device, requires_grad=True)
@@ -166,7 +164,4 @@ def fit_ctf(batches: list[CTFBatch], imaging: Imaging, pixel_size_angstrom: floa
 
     if lbfgs_iterations > 0:
         opt.step(closure)
-    with torch.no_grad():
-        defocus, astig = defocus + scale * u, scale * a
-        history.append(float(_per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts, defocus, astig).mean()))
-    return defocus.detach(), astig.detach(), history
+    return (defocus + scale * u).detach(), (scale * a).detach()

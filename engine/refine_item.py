@@ -337,7 +337,7 @@ def _ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure
                 mask = torch.stack([circular_mask(box, boxes[i][1], device=device, dtype=dtype) for i in idx])
                 data_filter = 1.0 if s.reference_filter is None else \
                     shell_filter_2d(s.reference_filter.to(device, dtype), freq * s.box * px)
-                per_particle = len(idx) * box**2 * stack.element_size() * 24
+                per_particle = len(idx) * box**2 * torch.finfo(dtype).bits // 8 * 24  # float64 FFT buffers
                 size = max(1, int(settings.memory_budget_bytes // per_particle))
                 for start in range(0, len(s.positions), size):
                     rows = slice(start, min(start + size, len(s.positions)))
@@ -445,7 +445,7 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
     history = [obj.value()]
     if "defocus" in settings.groups or "astigmatism" in settings.groups:
         # a target of its own (ctf_fit), at the starting geometry, before the geometry is refined
-        defocus, astigmatism, _ = fit_ctf(
+        defocus, astigmatism = fit_ctf(
             _ctf_batches(model, stack, pre_exposure, exposure, settings), model.imaging(), geometry.pixel_size_angstrom,
             search_angstrom=settings.defocus_search_angstrom if "defocus" in settings.groups else 0.0,
             step_angstrom=settings.defocus_step_angstrom, halvings=settings.defocus_halvings,
