@@ -103,9 +103,9 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
 
     Before reconstructions held the delocalisation, this species' map stayed at 62–98 Å. The per-tilt
     defocus fit (ctf_fit) engages once its band holds 3 CTF zeros (iteration 4 here). Measured (seed 0):
-    positions 14.0 → 4.6 Å, maps 79 % / 85 % of the available gain, per-tilt defocus 305 → 208 Å RMS
-    (−32 %; the fit alone with the true maps and geometry reaches 116–135 Å per half-set, see
-    docs/physics.md §8).
+    positions 14.0 → 4.6 Å, maps 79 % / 85 % of the available gain, per-tilt defocus 305 → 134 Å RMS
+    in the published item models (−56 %) and 200 Å per half-set (−34 %; each half-map pulls its
+    half-set's defocus, see docs/physics.md §8).
     """
     cfg = replace(PRESETS["test"], pixel_size_angstrom=5.0, image_size_px=(384, 384), seed=0)
     sim = simulate(cfg)
