@@ -20,6 +20,7 @@ defocus maximises its own correlation, over all particles of all species.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -119,13 +120,18 @@ def ctf_terms(batch: CTFBatch, imaging: Imaging, pixel_size_angstrom: float, n_t
             per_tilt(w * batch.data.abs() ** 2))
 
 
-def _per_tilt_ncc(batches, imaging, pixel, n_tilts, defocus_offset=None, astigmatism_offset=None) -> torch.Tensor:
-    parts = [ctf_terms(b, imaging, pixel, n_tilts, defocus_offset, astigmatism_offset) for b in batches]
-    num, d1, d2 = (sum(p[i] for p in parts) for i in range(3))
+def _per_tilt_ncc(batches, imaging, pixel, n_tilts, defocus_offsets: list, astigmatism_offset=None) -> torch.Tensor:
+    """Per-tilt normalised correlations ``(n_tilts, len(defocus_offsets))``, in one pass over the batches
+    (which may be rebuilt on each pass: ``refine_item._ctf_batches``)."""
+    sums = None
+    for b in batches:
+        parts = [torch.stack(ctf_terms(b, imaging, pixel, n_tilts, d, astigmatism_offset)) for d in defocus_offsets]
+        sums = torch.stack(parts, dim=-1) if sums is None else sums + torch.stack(parts, dim=-1)
+    num, d1, d2 = sums
     return num / torch.sqrt(d1 * d2).clamp(min=1e-30)
 
 
-def fit_ctf(batches: list[CTFBatch], imaging: Imaging, pixel_size_angstrom: float, *, search_angstrom: float,
+def fit_ctf(batches: Iterable[CTFBatch], imaging: Imaging, pixel_size_angstrom: float, *, search_angstrom: float,
             step_angstrom: float, halvings: int, astigmatism: bool, lbfgs_iterations: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tilt defocus and astigmatism offsets ``(t,)``, ``(t,)``.
@@ -140,8 +146,8 @@ def fit_ctf(batches: list[CTFBatch], imaging: Imaging, pixel_size_angstrom: floa
     step = step_angstrom
     with torch.no_grad():
         for level in range(halvings + 1):
-            scores = torch.stack([_per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts, offsets[:, j])
-                                  for j in range(offsets.shape[1])], dim=1)
+            scores = _per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts,
+                                   [offsets[:, j] for j in range(offsets.shape[1])])
             centres = torch.gather(offsets, 1, torch.topk(scores, k=min(2, scores.shape[1]), dim=1).indices)
             if level == halvings:
                 break
@@ -158,7 +164,7 @@ def fit_ctf(batches: list[CTFBatch], imaging: Imaging, pixel_size_angstrom: floa
 
     def closure():
         opt.zero_grad()
-        loss = -_per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts, defocus + scale * u, scale * a).sum()
+        loss = -_per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts, [defocus + scale * u], scale * a).sum()
         loss.backward()
         return loss
 

@@ -43,6 +43,7 @@ fixed, whose sum over batches is the gradient of M.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -310,10 +311,34 @@ def _band_edges(settings: RefineSettings, species: SpeciesInput, pre: torch.Tens
     return edges
 
 
+class _RebuiltBatches:
+    """The CTF fit's batches, rebuilt on every pass: what a system too large to hold them costs in time."""
+
+    def __init__(self, build: Callable[[], Iterator[CTFBatch]]):
+        self.build = build
+
+    def __iter__(self) -> Iterator[CTFBatch]:
+        return self.build()
+
+
 def _ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure: torch.Tensor,
-                 settings: RefineSettings) -> list[CTFBatch]:
+                 settings: RefineSettings) -> list[CTFBatch] | _RebuiltBatches:
     """The CTF fit's view of the current system (``ctf_fit``): masked images and reference projections,
-    per species and comparison box, in batches under the memory budget."""
+    per species and comparison box, in batches under the memory budget.
+
+    Held in memory when all batches together fit in half the budget, otherwise rebuilt on each pass
+    (``ctf_fit`` makes one pass per search level and per L-BFGS evaluation).
+    """
+    held = sum(_iter_ctf_batches(model, stack, pre, exposure, settings, sizes_only=True))
+    if held <= settings.memory_budget_bytes // 2:
+        return list(_iter_ctf_batches(model, stack, pre, exposure, settings))
+    return _RebuiltBatches(lambda: _iter_ctf_batches(model, stack, pre, exposure, settings))
+
+
+@torch.no_grad()  # the decorator, not a with-block: grad mode must not leak to the consumer across yields
+def _iter_ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure: torch.Tensor,
+                      settings: RefineSettings, *, sizes_only: bool = False) -> Iterator:
+    """Yield the CTF batches (or, with ``sizes_only``, the bytes each would hold)."""
     geometry, imaging = model.geometry(), model.imaging()
     px = geometry.pixel_size_angstrom
     dtype, device = torch.float64, stack.device  # a few Å of astigmatism move a float32 correlation by its rounding
@@ -321,36 +346,36 @@ def _ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure
     max_def = _max_defocus(settings, geometry, imaging)
     optics = dict(voltage_kv=imaging.voltage_kv, spherical_aberration_mm=imaging.spherical_aberration_mm)
     tilt_weight = torch.cos(torch.deg2rad(geometry.tilt_angles_deg)).clamp(min=0).to(dtype)
-    out = []
-    with torch.no_grad():
-        for k, s in enumerate(model.species):
-            edges = _band_edges(settings, s, pre, exposure)
-            boxes = [comparison_box(s.diameter_angstrom, max_def, 1.0 / e, px, **optics) for e in edges]
-            for box in sorted({b for b, _ in boxes}, reverse=True):
-                idx = [i for i, (b, _) in enumerate(boxes) if b == box]
-                tilts = torch.tensor(idx, dtype=torch.long, device=device)
-                ky, kx = rfft_frequencies_2d(box, px, device=device, dtype=dtype)
-                freq = torch.sqrt(kx**2 + ky**2)
-                band = torch.stack([((freq <= edges[i]) & (freq >= 1.0 / low)).to(dtype) for i in idx])
-                attenuation = dose_tilt_weights(pre[tilts], exposure[tilts], geometry.tilt_angles_deg[tilts], size=box,
-                                                pixel_size_angstrom=px, cos_tilt=False).to(dtype)
-                mask = torch.stack([circular_mask(box, boxes[i][1], device=device, dtype=dtype) for i in idx])
-                data_filter = 1.0 if s.reference_filter is None else \
-                    shell_filter_2d(s.reference_filter.to(device, dtype), freq * s.box * px)
-                per_particle = len(idx) * box**2 * torch.finfo(dtype).bits // 8 * 24  # float64 FFT buffers
-                size = max(1, int(settings.memory_budget_bytes // per_particle))
-                for start in range(0, len(s.positions), size):
-                    rows = slice(start, min(start + size, len(s.positions)))
-                    pos, ori = model.poses_in_tilts(k, rows)
-                    xy, z = particle_positions_in_tilts(geometry, pos)
-                    rot = geometry.orientation_rotations()[tilts] @ ori[:, tilts]
-                    pix = angstrom_to_pixel(xy[:, tilts], px, geometry.image_size_px)
-                    data = mask_images(data_filter * extract_boxes(stack[tilts].to(dtype), pix.to(dtype), box), mask)
-                    slices = extract_slices(s.reference, rot.to(s.reference.ft.real.dtype)).to(torch.complex128)
-                    projections = pad_projections(slices, box)
-                    out.append(CTFBatch(tilts, data, projections, z[:, tilts], tilt_weight[tilts, None, None] * band,
-                                        attenuation, mask))
-    return out
+    for k, s in enumerate(model.species):
+        edges = _band_edges(settings, s, pre, exposure)
+        boxes = [comparison_box(s.diameter_angstrom, max_def, 1.0 / e, px, **optics) for e in edges]
+        for box in sorted({b for b, _ in boxes}, reverse=True):
+            idx = [i for i, (b, _) in enumerate(boxes) if b == box]
+            tilts = torch.tensor(idx, dtype=torch.long, device=device)
+            ky, kx = rfft_frequencies_2d(box, px, device=device, dtype=dtype)
+            freq = torch.sqrt(kx**2 + ky**2)
+            band = torch.stack([((freq <= edges[i]) & (freq >= 1.0 / low)).to(dtype) for i in idx])
+            attenuation = dose_tilt_weights(pre[tilts], exposure[tilts], geometry.tilt_angles_deg[tilts], size=box,
+                                            pixel_size_angstrom=px, cos_tilt=False).to(dtype)
+            mask = torch.stack([circular_mask(box, boxes[i][1], device=device, dtype=dtype) for i in idx])
+            data_filter = 1.0 if s.reference_filter is None else \
+                shell_filter_2d(s.reference_filter.to(device, dtype), freq * s.box * px)
+            per_particle = len(idx) * box**2 * torch.finfo(dtype).bits // 8 * 24  # float64 FFT buffers
+            size = max(1, int(settings.memory_budget_bytes // per_particle))
+            for start in range(0, len(s.positions), size):
+                rows = slice(start, min(start + size, len(s.positions)))
+                if sizes_only:  # data and projections, complex128
+                    yield 2 * (rows.stop - rows.start) * len(idx) * box * (box // 2 + 1) * 16
+                    continue
+                pos, ori = model.poses_in_tilts(k, rows)
+                xy, z = particle_positions_in_tilts(geometry, pos)
+                rot = geometry.orientation_rotations()[tilts] @ ori[:, tilts]
+                pix = angstrom_to_pixel(xy[:, tilts], px, geometry.image_size_px)
+                data = mask_images(data_filter * extract_boxes(stack[tilts].to(dtype), pix.to(dtype), box), mask)
+                slices = extract_slices(s.reference, rot.to(s.reference.ft.real.dtype)).to(torch.complex128)
+                projections = pad_projections(slices, box)
+                yield CTFBatch(tilts, data, projections, z[:, tilts], tilt_weight[tilts, None, None] * band,
+                               attenuation, mask)
 
 
 class _Objective:

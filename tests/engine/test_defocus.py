@@ -52,3 +52,20 @@ def test_defocus_stays_where_it_was_when_the_band_cannot_constrain_it(scene):
     assert ctf_zeros_in_band(it.true_imaging, 16.0) < MIN_CTF_ZEROS_FOR_DEFOCUS
     before, after = _fit(scene, 16.0)
     assert after == before
+
+
+def test_a_system_too_large_to_hold_gives_the_same_fit(scene, monkeypatch):
+    """Under a budget too small to hold the CTF fit's batches they are rebuilt on every pass, with the same result."""
+    from cryopool.engine import refine_item
+    passes = []
+    held_iter = refine_item._RebuiltBatches.__iter__
+    monkeypatch.setattr(refine_item._RebuiltBatches, "__iter__", lambda self: passes.append(1) or held_iter(self))
+    it, species = scene
+    fits = {}
+    for budget in (2 * 1024**3, 1024**2):
+        settings = RefineSettings(groups=("defocus",), resolution_angstrom=10.0, lbfgs_iterations=20, rounds=1,
+                                  memory_budget_bytes=budget)
+        fits[budget] = refine_item_half(it.stack, it.true_geometry, it.initial_imaging, it.pre_exposure, it.exposure,
+                                        species, settings).imaging.defocus_u_angstrom
+        assert (len(passes) > 0) == (budget == 1024**2), (budget, len(passes))
+    assert (fits[2 * 1024**3] - fits[1024**2]).abs().max() < 0.5, fits
