@@ -144,10 +144,21 @@ def _pick(key: str, b, o, t, prefer: str, conflicts: list[str], taken: list[str]
     return o
 
 
-def _table_rows(repo: Repository, ref: Ref) -> tuple[ParticleTable, dict[str, np.ndarray], dict[int, tuple]]:
-    """A particle table's columns and, per stable particle id, the row's content (item by name)."""
+TRAJECTORY_COLUMNS = ("position_angstrom", "orientation_deg")  # (n, temporal samples, 3)
+
+
+def _table_rows(repo: Repository, ref: Ref, samples: int
+                ) -> tuple[ParticleTable, dict[str, np.ndarray], dict[int, tuple]]:
+    """A particle table's columns and, per stable particle id, the row's content (item by name).
+
+    A one-pose table is given ``samples`` temporal samples by repeating its pose: the same pose at
+    every dose time is the same trajectory (``trajectory``), exactly.
+    """
     table = repo.get_record(ref, ParticleTable)
     cols = {k: repo.get_array(v).read() for k, v in table.columns.items()}
+    if table.temporal_samples == 1 and samples > 1:
+        cols = {k: np.repeat(c, samples, axis=1) if k in TRAJECTORY_COLUMNS else c for k, c in cols.items()}
+        table = replace(table, temporal_samples=samples)
     other = sorted(k for k in cols if k not in ("particle_id", "item_index"))
     rows = {}
     for row, pid in enumerate(cols["particle_id"]):
@@ -158,14 +169,23 @@ def _table_rows(repo: Repository, ref: Ref) -> tuple[ParticleTable, dict[str, np
 
 def _merge_particles(repo: Repository, name: str, base: Ref, ours: Ref, theirs: Ref, prefer: str,
                      conflicts: list[str], taken: list[str]) -> tuple[Ref, dict]:
-    """Particles of one species merged by stable id; returns the new table and a summary for the record."""
-    (tb, _, rb), (to, co, ro), (tt, ct, rt) = (_table_rows(repo, r) for r in (base, ours, theirs))
+    """Particles of one species merged by stable id; returns the new table and a summary for the record.
+
+    Where one side refined pose trajectories and the other kept one pose per particle, the one-pose
+    side (and the base) are given the trajectories' temporal samples; other differences conflict.
+    """
+    samples = max(repo.get_record(r, ParticleTable).temporal_samples for r in (ours, theirs))
+    (tb, _, rb), (to, co, ro), (tt, ct, rt) = (_table_rows(repo, r, samples) for r in (base, ours, theirs))
     layout = {(t.temporal_samples, tuple(sorted((k, c.dtype.str, c.shape[1:]) for k, c in cols.items())))
               for t, cols in ((to, co), (tt, ct))}
     if len(layout) != 1:
         conflicts.append(f"species {name}: particle tables have different columns or temporal samples")
         return ours, {}
     summary = {"from_theirs": 0, "removed_by_theirs": 0, "conflicts": []}
+    repeated = [side for side, r in (("ours", ours), ("theirs", theirs))
+                if repo.get_record(r, ParticleTable).temporal_samples != samples]
+    if repeated:
+        summary["poses_repeated_to_temporal_samples"] = {"sides": repeated, "samples": samples}
     chosen: list[tuple[str, int]] = []  # (side, row)
     row_o = {int(p): i for i, p in enumerate(co["particle_id"])}
     row_t = {int(p): i for i, p in enumerate(ct["particle_id"])}

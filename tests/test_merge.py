@@ -179,7 +179,7 @@ def test_resolve_abort_and_gc_keeps_the_pending_merge(labs):
     assert out.exit_code == 0 and load_state(labs) is None
 
 
-def _edit_particles(repo, species, edit, message):
+def _edit_particles(repo, species, edit, message, samples=None):
     """Commit an edit of one species' particle columns (a dict of numpy arrays, edited in place or replaced)."""
     def update(pop):
         sp = repo.get_record(pop.species[species], Species)
@@ -187,7 +187,8 @@ def _edit_particles(repo, species, edit, message):
         cols = {k: repo.get_array(v).read().copy() for k, v in table.columns.items()}
         cols = edit(cols)
         n = len(cols["particle_id"])
-        new = dataclasses.replace(table, count=n, columns={k: repo.put_array(v) for k, v in cols.items()})
+        new = dataclasses.replace(table, count=n, columns={k: repo.put_array(v) for k, v in cols.items()},
+                                  temporal_samples=samples or table.temporal_samples)
         return dataclasses.replace(pop, species={**pop.species, species: repo.put_record(
             dataclasses.replace(sp, particles=repo.put_record(new)))})
     repo.commit(update, message=message, operation=Operation(kind="edit", parameters={}, software="t"))
@@ -235,6 +236,52 @@ def test_one_species_changed_on_both_sides_merges_particle_by_particle(labs):
     sp = {r: labs.get_record(labs.population(r).species["S1"], Species) for r in ("HEAD", report.ours)}
     assert sp["HEAD"].half_map_1 == sp[report.ours].half_map_1  # maps changed on neither side
     assert verify(labs).ok
+
+
+def _trajectories(samples, drift):
+    """Give every particle ``samples`` temporal samples, the position drifting by ``drift`` Å in x per sample."""
+    def edit(c):
+        steps = np.arange(samples, dtype=np.float64)[None, :, None] * np.array([drift, 0.0, 0.0])
+        c["position_angstrom"] = c["position_angstrom"][:, :1] + steps
+        c["orientation_deg"] = np.repeat(c["orientation_deg"][:, :1], samples, axis=1)
+        return c
+    return edit
+
+
+def test_trajectories_on_one_side_and_new_picks_on_the_other_merge(labs):
+    """Lab B refines S1 with 3-sample trajectories; lab A adds a pick (one pose): the pick gets its pose at all 3."""
+    base = _by_id(labs, "S1")
+    labs.checkout("lab-b")
+    _edit_particles(labs, "S1", _trajectories(3, 4.0), "refine with trajectories", samples=3)
+    labs.checkout("main")
+    new = max(base) + 1
+
+    def add(c):
+        extra = {k: v[:1].copy() for k, v in c.items()}
+        extra["particle_id"][:] = new
+        extra["position_angstrom"] = extra["position_angstrom"] + 2000.0
+        return {k: np.concatenate([c[k], extra[k]]) for k in c}
+    _edit_particles(labs, "S1", add, "add a pick")
+    report = merge(labs, "lab-b", policy="keep-both")
+    merged, ours, theirs = _by_id(labs, "S1"), _by_id(labs, "S1", report.ours), _by_id(labs, "S1", report.theirs)
+    assert sorted(merged) == sorted([*base, new])
+    for pid in base:  # their trajectories
+        assert np.array_equal(merged[pid]["position_angstrom"], theirs[pid]["position_angstrom"])
+    assert merged[new]["position_angstrom"].shape == (3, 3)  # our pick, its one pose at every sample
+    assert np.array_equal(merged[new]["position_angstrom"], np.repeat(ours[new]["position_angstrom"], 3, axis=0))
+    sp = labs.get_record(labs.population("HEAD").species["S1"], Species)
+    assert labs.get_record(sp.particles, ParticleTable).temporal_samples == 3
+    assert labs.get_commit(report.commit).operation.parameters["particle_merges"]["S1"][
+        "poses_repeated_to_temporal_samples"] == {"sides": ["ours"], "samples": 3}
+    assert verify(labs).ok
+
+
+def test_different_trajectory_samples_on_both_sides_are_a_conflict(labs):
+    for branch, samples in (("lab-b", 3), ("main", 2)):
+        labs.checkout(branch)
+        _edit_particles(labs, "S1", _trajectories(samples, 4.0), f"{samples} samples", samples=samples)
+    with pytest.raises(ConflictError, match="species S1: particle tables have different columns or temporal samples"):
+        merge(labs, "lab-b", policy="keep-both")
 
 
 def test_a_particle_changed_differently_on_both_sides_is_a_conflict(labs):
