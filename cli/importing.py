@@ -110,9 +110,11 @@ def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetr
 @click.option("--half1", type=click.Path(dir_okay=False), help="Half-map 1 [default: _rlnTomoReferenceMap1File].")
 @click.option("--half2", type=click.Path(dir_okay=False), help="Half-map 2 [default: _rlnTomoReferenceMap2File].")
 @click.option("--mask", type=click.Path(dir_okay=False), help="Mask [default: _rlnTomoReferenceMaskFile].")
+@click.option("--temporal-samples", type=click.IntRange(1, 3), default=3, show_default=True,
+              help="Control points over the exposure for particle trajectories (motion.star), where there are any.")
 @commit_options
-def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetry, half1, half2, mask, branch,
-           message, as_json) -> None:
+def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetry, half1, half2, mask,
+           temporal_samples, branch, message, as_json) -> None:
     """Import a RELION 5 tomography project: optimisation sets (tilt series + one species each) or tomograms.star files.
 
     Paths inside the STAR files are found relative to each file's folder or its parents
@@ -124,7 +126,8 @@ def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetr
     with progress_bar(None, "importing RELION project", enabled=not as_json) as bar:
         commit = import_relion(repo, list(star_files), source=source, species=species,
                                diameter_angstrom=diameter_angstrom, symmetry=symmetry,
-                               half_maps=(half1, half2) if half1 else None, mask=mask, branch=branch,
+                               half_maps=(half1, half2) if half1 else None, mask=mask,
+                               temporal_samples=temporal_samples, branch=branch,
                                message=message, progress=bar.tick)
     c = repo.get_commit(commit)
     params = c.operation.parameters

@@ -40,8 +40,8 @@ from .population import export_names, item_key, iter_items, with_item, with_spec
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
-from .star_particles import read_star_particles, same_pixel
-from .trajectory import dose_times, trajectory_weights
+from .star_particles import StarParticles, read_star_particles, same_pixel
+from .trajectory import MAX_TEMPORAL_SAMPLES, dose_times, trajectory_weights
 
 __all__ = ["import_relion", "export_relion"]
 
@@ -260,6 +260,7 @@ class _OptimisationSet:
     species: str | None
     diameter: float | None
     symmetry: str | None
+    trajectories: Path | None = None  # motion.star
 
 
 def _read_optimisation_set(path: Path) -> _OptimisationSet:
@@ -281,7 +282,37 @@ def _read_optimisation_set(path: Path) -> _OptimisationSet:
         path=path, tomograms=file("rlnTomoTomogramsFile"), particles=file("rlnTomoParticlesFile"),
         half_maps=maps if all(maps) else None, mask=file("rlnTomoReferenceMaskFile"),
         species=values.get("cryopoolSpecies"), diameter=None if diameter is None else float(diameter),
-        symmetry=values.get("cryopoolSymmetry"))
+        symmetry=values.get("cryopoolSymmetry"), trajectories=file("rlnTomoTrajectoriesFile"))
+
+
+def _read_trajectories(path: Path, parts: StarParticles, particles_path: Path, doses: dict[str, tuple],
+                       samples: int) -> np.ndarray:
+    """Each particle's position trajectory ``(n, samples, 3)`` from RELION's motion.star.
+
+    RELION gives a particle's position in every tilt (stack order) as its coordinate plus that
+    tilt's offset; the control points at our dose times are their least-squares fit (exact when the
+    motion is a polynomial of degree ``samples − 1`` over dose, as ours is).
+    """
+    if parts.particle_names is None:
+        raise FormatError("a trajectories file needs particle names", path=str(particles_path),
+                          field="_rlnTomoParticleName", hint=f"named by the optimisation set: {path}")
+    blocks = read_star_blocks(path)
+    out = np.empty((len(parts.tomo_names), samples, 3))
+    fits: dict[str, np.ndarray] = {}
+    for p, (tomo, name) in enumerate(zip(parts.tomo_names, parts.particle_names)):
+        block = blocks.get(name)
+        if not isinstance(block, pd.DataFrame):
+            raise FormatError("no trajectory for this particle", path=str(path), field=f"data_{name}",
+                              expected=f"a table named after the particle's _rlnTomoParticleName ({particles_path})")
+        offsets = np.stack([numeric_column(block, f"rlnOrigin{a}Angst", path, name) for a in "XYZ"], 1)
+        pre, exposure = doses[tomo]
+        if len(offsets) != len(pre):
+            raise FormatError("trajectory length differs from the tilt series", path=str(path), field=f"data_{name}",
+                              expected=f"{len(pre)} rows, one per tilt of {tomo}", found=len(offsets))
+        if tomo not in fits:  # least-squares solution operator, (samples, tilts)
+            fits[tomo] = np.linalg.pinv(trajectory_weights(dose_times(pre, exposure), samples))
+        out[p] = fits[tomo] @ (parts.positions[p] + offsets)
+    return out
 
 
 # --------------------------------------------------------------------------- import
@@ -293,6 +324,7 @@ def import_relion(
     *,
     source: str,
     species: str | None = None,
+    temporal_samples: int = MAX_TEMPORAL_SAMPLES,
     diameter_angstrom: float | None = None,
     symmetry: str | None = None,
     half_maps: tuple[str | Path, str | Path] | None = None,
@@ -307,8 +339,13 @@ def import_relion(
     half-maps, one species. Tilt series already in ``source`` with identical
     content are reused; a different one under the same name is refused.
     ``species``/``diameter_angstrom``/``symmetry``/``half_maps``/``mask`` override
-    what an optimisation set says (and are needed where it says nothing).
+    what an optimisation set says (and are needed where it says nothing). Particle
+    trajectories (motion.star, ``rlnTomoTrajectoriesFile``) are stored with
+    ``temporal_samples`` control points over the exposure (``trajectory``).
     """
+    if not 1 <= temporal_samples <= MAX_TEMPORAL_SAMPLES:
+        raise InvalidInputError("temporal samples out of range", field="temporal_samples",
+                                expected=f"1 to {MAX_TEMPORAL_SAMPLES}", found=temporal_samples)
     validate_name(source, "data source")
     sets: list[_OptimisationSet] = []
     for p in map(Path, paths):
@@ -370,14 +407,23 @@ def import_relion(
         if not maps[0].voxel_size_angstrom[0] > 0:
             raise InvalidInputError("the half-map has no pixel size", path=str(maps_paths[0]), field="voxel size")
         parts = read_star_particles(s.particles, known.get)
+        trajectories = None
+        if s.trajectories is not None:
+            doses = {n: (ts.pre_exposure, ts.exposure) for n, ts in tilt_series.items()}
+            for n, (_, item) in existing.items():
+                doses.setdefault(n, (item.pre_exposure_e_per_angstrom2, item.exposure_e_per_angstrom2))
+            trajectories = _read_trajectories(s.trajectories, parts, s.particles, doses, temporal_samples)
         species_in.append((name, float(diameter), validate_symmetry(symmetry or s.symmetry or "C1"), s, maps,
-                           maps_paths, mask_path, parts))
+                           maps_paths, mask_path, parts, trajectories))
 
     files = {}
     for s in sets:
         for label, p in (("optimisation_set", s.path), ("tomograms", s.tomograms), ("particles", s.particles)):
             if p is not None:
                 files[str(p)] = {"role": label, "blake3": file_blake3(p), "bytes": p.stat().st_size}
+        if s.trajectories is not None and s.particles is not None:
+            p = s.trajectories
+            files[str(p)] = {"role": "trajectories", "blake3": file_blake3(p), "bytes": p.stat().st_size}
     with repo.transaction() as tx:
         item_refs: dict[str, Ref] = {}
         for name, ts in tilt_series.items():
@@ -409,15 +455,17 @@ def import_relion(
         for name, (ref, _) in existing.items():
             item_refs.setdefault(name, ref)
         species_refs = []
-        for name, diameter, sym, s, maps, maps_paths, mask_path, parts in species_in:
+        for name, diameter, sym, s, maps, maps_paths, mask_path, parts, trajectories in species_in:
             keys = [item_key(source, t) for t in parts.tomo_names]
             item_names = sorted(set(keys))
             n = len(keys)
-            table = ParticleTable(count=n, temporal_samples=1, item_names=item_names, columns={
+            positions = parts.positions.reshape(n, 1, 3) if trajectories is None else trajectories
+            t = positions.shape[1]  # RELION has no orientation trajectories: one orientation at every sample
+            table = ParticleTable(count=n, temporal_samples=t, item_names=item_names, columns={
                 "particle_id": tx.put_array(stable_particle_ids(name, keys, parts.positions)),
                 "item_index": tx.put_array(np.array([item_names.index(k) for k in keys], dtype=np.int32)),
-                "position_angstrom": tx.put_array(parts.positions.reshape(n, 1, 3)),
-                "orientation_deg": tx.put_array(parts.angles.reshape(n, 1, 3)),
+                "position_angstrom": tx.put_array(np.ascontiguousarray(positions)),
+                "orientation_deg": tx.put_array(np.repeat(parts.angles.reshape(n, 1, 3), t, axis=1)),
                 "half_set": tx.put_array(parts.half_sets),
                 "score": tx.put_array(parts.scores)})
             record = Species(

@@ -63,6 +63,7 @@ class StarParticles:
     angles: np.ndarray  # (n, 3) absolute rot, tilt, psi
     half_sets: np.ndarray
     scores: np.ndarray
+    particle_names: list[str] | None = None  # rlnTomoParticleName, which names a trajectory in motion.star
 
 
 def read_star_particles(path: Path, lookup: Callable[[str], dict | None]) -> StarParticles:
@@ -135,4 +136,6 @@ def read_star_particles(path: Path, lookup: Callable[[str], dict | None]) -> Sta
         halves = (np.arange(len(table)) % 2 + 1).astype(np.uint8)
     scores = (numeric_column(table, "rlnMaxValueProbDistribution", path, block)
               if "rlnMaxValueProbDistribution" in table else np.full(len(table), np.nan)).astype(np.float32)
-    return StarParticles(names, pos, angles, halves, scores)
+    particle_names = string_column(table, "rlnTomoParticleName", path, block) if "rlnTomoParticleName" in table \
+        else None
+    return StarParticles(names, pos, angles, halves, scores, particle_names)

@@ -17,8 +17,10 @@ import torch
 from cryopool.engine.geometry import euler_zyz_to_matrix, rotvec_to_matrix
 from cryopool.engine.records_io import load_item, load_particles, particle_table_record
 from cryopool.engine.tilt_model import particle_defocus, particle_positions_in_tilts
-from cryopool.repo import CryopoolError, Operation, Repository, Species, software_version, with_species
+from cryopool.engine.trajectories import positions_at
+from cryopool.repo import CryopoolError, Operation, ParticleTable, Repository, Species, software_version, with_species
 from cryopool.repo.relion import export_relion, import_relion
+from cryopool.repo.trajectory import dose_times
 
 from conftest import repo_state, write_mrc
 
@@ -184,20 +186,26 @@ def test_geometry_matches_relions_projection_matrices(project, disk_repo):
                 np.testing.assert_allclose(parts.orientations[sel][p, 0].numpy(), a, atol=1e-9)
 
 
-def test_trajectories_export_as_relion_motion(tmp_path, project, disk_repo):
-    """Particles moving over the exposure: RELION's position + motion.star offset lands, in every tilt, where ours does."""
-    import_project(disk_repo, project)
-    pop = disk_repo.population("HEAD")
-    sp = disk_repo.get_record(pop.species["ribosome"], Species)
-    parts = load_particles(disk_repo, sp.particles)
+def _moving_ribosomes(repo: Repository, project: Path):
+    """The project's ribosomes given 3-sample trajectories (positions and orientations) and committed."""
+    import_project(repo, project)
+    pop = repo.population("HEAD")
+    sp = repo.get_record(pop.species["ribosome"], Species)
+    parts = load_particles(repo, sp.particles)
     rng = np.random.default_rng(3)
     drift = torch.tensor(rng.normal(0, 8.0, (len(parts.ids), 3, 3)))
     turn = rotvec_to_matrix(torch.tensor(rng.normal(0, 2.0, (len(parts.ids), 3, 3))))
     moving = replace(parts, positions=parts.positions + drift, orientations=turn @ parts.orientations)
-    with disk_repo.transaction() as tx:
+    with repo.transaction() as tx:
         ref = tx.put_record(replace(sp, particles=tx.put_record(particle_table_record(tx, moving))))
         tx.commit(with_species(tx, pop, ref, replace_existing=True), message="moving particles",
                   operation=Operation(kind="edit", parameters={}, software=software_version()), retries=0)
+    return parts, moving
+
+
+def test_trajectories_export_as_relion_motion(tmp_path, project, disk_repo):
+    """Particles moving over the exposure: RELION's position + motion.star offset lands, in every tilt, where ours does."""
+    parts, moving = _moving_ribosomes(disk_repo, project)
     out = tmp_path / "export"
     summary = export_relion(disk_repo, "HEAD", out, species=["ribosome"])
     assert any("motion.star" in n for n in summary["notes"])
@@ -233,6 +241,41 @@ def test_trajectories_export_as_relion_motion(tmp_path, project, disk_repo):
                                       trow.rlnTomoXShiftAngst, trow.rlnTomoYShiftAngst, PIXEL)
                 img = (m @ np.r_[decentred, 1])[:2]
                 np.testing.assert_allclose(xy[p, f].numpy() / PIXEL + np.array([w // 2, h // 2]), img, atol=1e-6)
+
+
+def test_trajectories_import_from_relion_motion(tmp_path, project, disk_repo):
+    """motion.star back in: the 3-sample position trajectories come back exactly; RELION's one orientation at each."""
+    _, moving = _moving_ribosomes(disk_repo, project)
+    out = tmp_path / "export"
+    export_relion(disk_repo, "HEAD", out, species=["ribosome"])
+    back = Repository.init(tmp_path / "back")
+    import_relion(back, [out / "ribosome/optimisation_set.star"], source="labA")
+    sp = back.get_record(back.population("HEAD").species["ribosome"], Species)
+    assert back.get_record(sp.particles, ParticleTable).temporal_samples == 3
+    parts = load_particles(back, sp.particles)
+    np.testing.assert_allclose(parts.positions.numpy(), moving.positions.numpy(), atol=1e-6)
+    star = starfile.read(out / "ribosome/particles.star")["particles"]
+    written = euler_zyz_to_matrix(torch.tensor(star[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()))
+    np.testing.assert_allclose(parts.orientations.numpy(), written[:, None].expand(-1, 3, -1, -1).numpy(), atol=1e-9)
+    one = Repository.init(tmp_path / "one")  # one pose: the trajectory's least-squares constant, its mean over tilts
+    import_relion(one, [out / "ribosome/optimisation_set.star"], source="labA", temporal_samples=1)
+    single = load_particles(one, one.get_record(one.population("HEAD").species["ribosome"], Species).particles)
+    item = one.get_record(one.get_record(one.population("HEAD").data_sources["labA"]).items["TS_A"])
+    times = torch.tensor(dose_times(item.pre_exposure_e_per_angstrom2, item.exposure_e_per_angstrom2))
+    sel = single.select("labA/TS_A")
+    np.testing.assert_allclose(single.positions[sel, 0].numpy(),
+                               positions_at(moving.positions[sel], times).mean(dim=1).numpy(), atol=1e-6)
+
+
+def test_a_trajectory_file_without_a_particle_is_refused(tmp_path, project, disk_repo):
+    _moving_ribosomes(disk_repo, project)
+    out = tmp_path / "export"
+    export_relion(disk_repo, "HEAD", out, species=["ribosome"])
+    motion = out / "ribosome/motion.star"
+    first = next(ln for ln in motion.read_text().splitlines() if ln.startswith("data_") and ln != "data_general")
+    motion.write_text(motion.read_text().replace(first + "\n", "data_somebody_else\n", 1))
+    with pytest.raises(CryopoolError, match=f"motion.star: field '{first}': no trajectory for this particle"):
+        import_relion(Repository.init(tmp_path / "back"), [out / "ribosome/optimisation_set.star"], source="labA")
 
 
 def test_conversions_by_hand(tmp_path, disk_repo):
