@@ -29,7 +29,7 @@ from .ctf import aliasing_free_box, ctf_2d, delocalisation_angstrom
 from .fourier import pad_center
 from .tilt_model import Imaging
 
-__all__ = ["CTFBatch", "comparison_box", "circular_mask", "mask_images", "pad_projections", "shell_filter_2d", "ctf_terms",
+__all__ = ["CTFBatch", "comparison_box", "circular_mask", "mask_images", "pad_projections", "ctf_terms",
            "fit_ctf"]
 
 EDGE_PX = 3.0  # the mask's soft edge
@@ -76,16 +76,6 @@ def mask_images(images_rfft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     b = mask.shape[-1]
     real = torch.fft.fftshift(torch.fft.irfft2(images_rfft, s=(b, b)), dim=(-2, -1)) * mask
     return torch.fft.rfft2(torch.fft.ifftshift(real, dim=(-2, -1)))
-
-
-def shell_filter_2d(per_shell: torch.Tensor, shell: torch.Tensor) -> torch.Tensor:
-    """A radial filter given per shell of a map's box, at fractional shell positions ``shell`` (linear; 0 beyond)."""
-    n = per_shell.shape[0]
-    lo = shell.floor().long().clamp(0, n - 1)
-    hi = (lo + 1).clamp(max=n - 1)
-    frac = (shell - lo).clamp(0, 1)
-    out = per_shell[lo] * (1 - frac) + per_shell[hi] * frac
-    return out * (shell <= n - 1)
 
 
 def pad_projections(slices: torch.Tensor, box: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from .fsc import masked_fsc, resolution_at
 from .projection import FourierAccumulator, prepare_volume
 from .records_io import ItemModel, item_records, load_item, load_map, load_particles, particle_table_record
 from .refine_item import GROUPS, RefineSettings, SpeciesInput, refine_item_half
-from .regularise import FSCWienerFilter, Regulariser, radial_transfer, working_resolution
+from .regularise import FSCWienerFilter, Regulariser, working_resolution
 from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
 from .trajectories import MAX_TEMPORAL_SAMPLES, resample_orientations, resample_positions
@@ -193,7 +193,6 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
                                    warp_regularisation=opts.warp_regularisation)
     # 1. references, per half, from the recorded FSC
     refs: dict[str, tuple] = {}
-    transfers: dict[str, tuple] = {}  # each reference's radial filter, for the CTF fit
     work_res: dict[str, float] = {}
     for name, s in species.items():
         res = opts.start_resolution_angstrom if (opts.start_resolution_angstrom and run["iteration"] == 0) \
@@ -202,7 +201,6 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         filtered = [regulariser(h, s.curve, pixel_size_angstrom=s.record.pixel_size_angstrom, resolution_angstrom=res)
                     for h in s.halves]
         refs[name] = tuple(prepare_volume(f) for f in filtered)
-        transfers[name] = tuple(radial_transfer(f, h) for f, h in zip(filtered, s.halves))
     # each species is compared within its own band (SpeciesInput.resolution_angstrom, as M does): a species
     # with a poor map cannot narrow the others' bands; the settings keep the finest as the default
     settings = replace(settings_base, resolution_angstrom=min(work_res.values()))
@@ -230,7 +228,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
                 inputs.append(SpeciesInput(name, refs[name][half - 1], s.box, s.record.diameter_angstrom,
                                            poses[name][0][sel].to(device), poses[name][1][sel].to(device),
                                            resolution_angstrom=work_res[name],
-                                           reference_filter=transfers[name][half - 1]))
+                                           half_map=s.halves[half - 1]))
                 rows.append((name, sel))
             if not inputs:
                 half_models[half] = (start.geometry, start.imaging)

@@ -31,8 +31,9 @@ Per-tilt defocus and astigmatism are fitted after the geometry and poses, with
 a target of their own (``ctf_fit``: M's exhaustive search, then L-BFGS):
 premultiplication moves the defocus-dependent half of the signal (CTF²'s
 cos 2χ) twice as far out as the CTF does, beyond a particle-sized mask, so
-this target, good for alignment, pins the defocus weakly and with a bias (measured on noise-free images with the
-true maps and geometry: 60–1400 Å off).
+this target, good for alignment, pins the defocus weakly and with a bias
+(measured on noise-free images with the true maps and geometry: 60–1400 Å
+off).
 
 Particles are processed in batches under a memory budget; the global
 normalisation is kept exact by differentiating
@@ -50,11 +51,12 @@ import torch
 
 from .ctf import aliasing_free_box, band_limited_ctf2, ctf_2d, electron_wavelength_angstrom, premultiply_and_crop, \
     reconstruction_box
-from .ctf_fit import CTFBatch, circular_mask, comparison_box, fit_ctf, mask_images, pad_projections, shell_filter_2d
+from .ctf_fit import CTFBatch, circular_mask, comparison_box, fit_ctf, mask_images, pad_projections
 from .extraction import angstrom_to_pixel, extract_boxes
 from .fourier import rfft_frequencies_2d
 from .geometry import rotvec_to_matrix
-from .projection import VolumeTransform, extract_slices
+from .projection import VolumeTransform, extract_slices, prepare_volume
+from .regularise import low_pass, low_pass_edge
 from .tilt_model import Imaging, TiltGeometry, particle_positions_in_tilts
 from .trajectories import orientations_at, positions_at
 from .weighting import dose_tilt_weights, exposure_crop_frequency, mid_exposure
@@ -90,9 +92,10 @@ class SpeciesInput:
     positions: torch.Tensor  # (n, T, 3) Å trajectories of this half-set's particles in this item
     orientations: torch.Tensor  # (n, T, 3, 3)
     resolution_angstrom: float | None = None  # this species' band edge (M crops each species to its own); None: settings'
-    # the regulariser's radial transfer (reference ≈ transfer ⊙ half-map per shell of the box, regularise.radial_transfer):
-    # the CTF fit filters the data with it too, or the filter alone pulls the defocus (ctf_fit); None: no filter
-    reference_filter: torch.Tensor | None = None
+    # this half-set's half-map before regularisation: the CTF fit's reference is it low-passed at this species' band
+    # (and the data alike), without the regulariser's FSC weighting, which costs defocus precision (docs/physics.md
+    # §8); None: the CTF fit uses ``reference`` as it is, unfiltered data
+    half_map: torch.Tensor | None = None
 
 
 @dataclass
@@ -329,15 +332,27 @@ def _ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure
     Held in memory when all batches together fit in half the budget, otherwise rebuilt on each pass
     (``ctf_fit`` makes one pass per search level and per L-BFGS evaluation).
     """
-    held = sum(_iter_ctf_batches(model, stack, pre, exposure, settings, sizes_only=True))
+    refs = [_ctf_reference(s, settings, model.base_geom.pixel_size_angstrom) for s in model.species]
+    held = sum(_iter_ctf_batches(model, stack, pre, exposure, settings, refs, sizes_only=True))
     if held <= settings.memory_budget_bytes // 2:
-        return list(_iter_ctf_batches(model, stack, pre, exposure, settings))
-    return _RebuiltBatches(lambda: _iter_ctf_batches(model, stack, pre, exposure, settings))
+        return list(_iter_ctf_batches(model, stack, pre, exposure, settings, refs))
+    return _RebuiltBatches(lambda: _iter_ctf_batches(model, stack, pre, exposure, settings, refs))
+
+
+@torch.no_grad()
+def _ctf_reference(species: SpeciesInput, settings: RefineSettings, pixel_size_angstrom: float
+                   ) -> tuple[VolumeTransform, float | None]:
+    """The CTF fit's reference for one species and the resolution of the low-pass the data get alike (None: none)."""
+    if species.half_map is None:
+        return species.reference, None
+    res = _resolution(species, settings)
+    return prepare_volume(low_pass(species.half_map, pixel_size_angstrom=pixel_size_angstrom,
+                                   resolution_angstrom=res)), res
 
 
 @torch.no_grad()  # the decorator, not a with-block: grad mode must not leak to the consumer across yields
 def _iter_ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exposure: torch.Tensor,
-                      settings: RefineSettings, *, sizes_only: bool = False) -> Iterator:
+                      settings: RefineSettings, refs: list, *, sizes_only: bool = False) -> Iterator:
     """Yield the CTF batches (or, with ``sizes_only``, the bytes each would hold)."""
     geometry, imaging = model.geometry(), model.imaging()
     px = geometry.pixel_size_angstrom
@@ -358,8 +373,8 @@ def _iter_ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exp
             attenuation = dose_tilt_weights(pre[tilts], exposure[tilts], geometry.tilt_angles_deg[tilts], size=box,
                                             pixel_size_angstrom=px, cos_tilt=False).to(dtype)
             mask = torch.stack([circular_mask(box, boxes[i][1], device=device, dtype=dtype) for i in idx])
-            data_filter = 1.0 if s.reference_filter is None else \
-                shell_filter_2d(s.reference_filter.to(device, dtype), freq * s.box * px)
+            reference, low_pass_res = refs[k]
+            data_filter = 1.0 if low_pass_res is None else low_pass_edge(freq * s.box * px, s.box, px, low_pass_res)
             per_particle = len(idx) * box**2 * torch.finfo(dtype).bits // 8 * 24  # float64 FFT buffers
             size = max(1, int(settings.memory_budget_bytes // per_particle))
             for start in range(0, len(s.positions), size):
@@ -372,7 +387,7 @@ def _iter_ctf_batches(model: _Model, stack: torch.Tensor, pre: torch.Tensor, exp
                 rot = geometry.orientation_rotations()[tilts] @ ori[:, tilts]
                 pix = angstrom_to_pixel(xy[:, tilts], px, geometry.image_size_px)
                 data = mask_images(data_filter * extract_boxes(stack[tilts].to(dtype), pix.to(dtype), box), mask)
-                slices = extract_slices(s.reference, rot.to(s.reference.ft.real.dtype)).to(torch.complex128)
+                slices = extract_slices(reference, rot.to(reference.ft.real.dtype)).to(torch.complex128)
                 projections = pad_projections(slices, box)
                 yield CTFBatch(tilts, data, projections, z[:, tilts], tilt_weight[tilts, None, None] * band,
                                attenuation, mask)

@@ -19,7 +19,7 @@ import torch
 from .fourier import spatial_frequency_shells
 from .fsc import fsc, masked_fsc
 
-__all__ = ["Regulariser", "FSCWienerFilter", "working_resolution", "filtered_map", "radial_transfer"]
+__all__ = ["Regulariser", "FSCWienerFilter", "working_resolution", "filtered_map", "low_pass_edge", "low_pass"]
 
 
 class Regulariser(Protocol):
@@ -50,8 +50,7 @@ class FSCWienerFilter:
         shells = spatial_frequency_shells(d, device=half_map.device)
         f = fsc_curve.to(half_map.device, half_map.dtype).clamp(min=0.0, max=0.999)
         weight = torch.sqrt(2 * f / (1 + f))
-        cutoff = d * pixel_size_angstrom / resolution_angstrom  # in shells
-        edge = torch.clamp((cutoff + 2 - shells.to(half_map.dtype)) / 4, 0, 1)  # soft low-pass over 4 shells
+        edge = low_pass_edge(shells.to(half_map.dtype), d, pixel_size_angstrom, resolution_angstrom)
         w = weight[shells.clamp(max=weight.shape[0] - 1)] * edge
         return torch.fft.irfftn(torch.fft.rfftn(half_map) * w, s=half_map.shape[-3:])
 
@@ -69,18 +68,21 @@ def filtered_map(half_map_1: torch.Tensor, half_map_2: torch.Tensor, pixel_size_
                              resolution_angstrom=resolution)
 
 
-def radial_transfer(reference: torch.Tensor, half_map: torch.Tensor) -> torch.Tensor:
-    """How a regulariser scaled each shell: √(power of the reference / power of the half-map), ``(d // 2 + 1,)``.
+def low_pass_edge(shells: torch.Tensor, box: int, pixel_size_angstrom: float, resolution_angstrom: float) -> torch.Tensor:
+    """The soft low-pass of every reference: 1 up to the working resolution's shell, then to 0 over 4 shells."""
+    cutoff = box * pixel_size_angstrom / resolution_angstrom  # in shells of the box
+    return torch.clamp((cutoff + 2 - shells) / 4, 0, 1)
 
-    Exact for radial filters such as the FSC-weighted Wiener filter, the effective radial
-    transfer of any other; the CTF fit filters the data with it so that data and reference
-    see the same filter (a filtered reference alone pulls the defocus: ``ctf_fit``).
+
+def low_pass(half_map: torch.Tensor, *, pixel_size_angstrom: float, resolution_angstrom: float) -> torch.Tensor:
+    """A half-map low-passed at the working resolution, with no FSC weighting (the CTF fit's reference).
+
+    The edge is evaluated at each voxel's exact radius, so a projection of the result is the
+    projection of the half-map with the same edge applied in 2D (the CTF fit filters its data so).
     """
     d = half_map.shape[-1]
-    shells = spatial_frequency_shells(d, device=half_map.device).flatten()
-    keep = shells <= d // 2
-
-    def power(v):
-        p = torch.fft.rfftn(v).abs().flatten().to(torch.float64) ** 2
-        return torch.zeros(d // 2 + 1, dtype=torch.float64, device=v.device).index_add_(0, shells[keep], p[keep])
-    return torch.sqrt(power(reference) / power(half_map).clamp(min=1e-30)).to(half_map.dtype)
+    f = torch.fft.fftfreq(d, device=half_map.device, dtype=half_map.dtype) * d
+    fr = torch.fft.rfftfreq(d, device=half_map.device, dtype=half_map.dtype) * d
+    kz, ky, kx = torch.meshgrid(f, f, fr, indexing="ij")
+    edge = low_pass_edge(torch.sqrt(kz**2 + ky**2 + kx**2), d, pixel_size_angstrom, resolution_angstrom)
+    return torch.fft.irfftn(torch.fft.rfftn(half_map) * edge, s=half_map.shape[-3:])

@@ -11,7 +11,7 @@ from torch_fourier_shell_correlation import fourier_shell_correlation
 
 from cryopool.engine.fourier import rfft_frequencies_2d
 from cryopool.engine.fsc import fsc, masked_fsc, resolution_at, spectral_snr
-from cryopool.engine.regularise import filtered_map, radial_transfer
+from cryopool.engine.regularise import filtered_map, low_pass, low_pass_edge
 from cryopool.engine.symmetry import symmetry_operators
 from cryopool.engine.weighting import (anisotropic_bfactor_weights, dose_tilt_weights, exposure_crop_frequency)
 
@@ -128,15 +128,15 @@ def test_filtered_map_is_closer_to_the_truth_than_the_plain_average():
         assert spectrum[shells > d / 2 - 1].abs().max() < 1e-3 * spectrum.max()
 
 
-def test_radial_transfer_recovers_a_known_radial_filter():
-    """The CTF fit filters its data with this transfer; for a radial filter it must be the filter itself."""
-    torch.manual_seed(0)
-    d = 24
-    half_map = torch.randn(d, d, d, dtype=torch.float64)
-    f = torch.fft.fftfreq(d, dtype=torch.float64) * d
-    fr = torch.fft.rfftfreq(d, dtype=torch.float64) * d
-    kz, ky, kx = torch.meshgrid(f, f, fr, indexing="ij")
-    shell = torch.round(torch.sqrt(kz**2 + ky**2 + kx**2)).long()  # the filter is constant on each integer shell
-    gain = torch.exp(-(torch.arange(2 * d, dtype=torch.float64) / 6.0) ** 2)
-    reference = torch.fft.irfftn(torch.fft.rfftn(half_map) * gain[shell], s=half_map.shape)
-    assert torch.allclose(radial_transfer(reference, half_map), gain[: d // 2 + 1], rtol=1e-6, atol=1e-9)
+def test_a_projection_of_the_low_passed_map_is_the_projection_low_passed_in_2d():
+    """The CTF fit filters its data in 2D with ``low_pass_edge``; its reference is ``low_pass`` of the half-map.
+    Fourier slice theorem (the z-sum's 2D transform is the kz = 0 slice): both must agree exactly."""
+    rng = np.random.default_rng(0)
+    d, px, res = 24, 5.0, 14.0
+    half_map = rng.normal(size=(d, d, d))
+    projected = np.fft.rfft2(low_pass(torch.tensor(half_map), pixel_size_angstrom=px, resolution_angstrom=res)
+                             .numpy().sum(axis=0))
+    ky, kx = np.meshgrid(np.fft.fftfreq(d) * d, np.fft.rfftfreq(d) * d, indexing="ij")
+    edge = low_pass_edge(torch.tensor(np.sqrt(ky**2 + kx**2)), d, px, res).numpy()
+    assert 0 < edge.mean() < 1  # the edge falls inside the box
+    np.testing.assert_allclose(projected, np.fft.rfft2(half_map.sum(axis=0)) * edge, atol=1e-9)

@@ -103,8 +103,8 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
 
     Before reconstructions held the delocalisation, this species' map stayed at 62–98 Å. The per-tilt
     defocus fit (ctf_fit) engages once its band holds 3 CTF zeros (iteration 4 here). Measured (seed 0):
-    positions 14.0 → 4.6 Å, maps 79 % / 85 % of the available gain, per-tilt defocus 305 → 134 Å RMS
-    in the published item models (−56 %) and 200 Å per half-set (−34 %; each half-map pulls its
+    positions 14.0 → 4.6 Å, maps 79 % / 85 % of the available gain, per-tilt defocus 305 → 125 Å RMS
+    in the published item models (−59 %) and 175 Å per half-set (−43 %; each half-map pulls its
     half-set's defocus, see docs/physics.md §8).
     """
     cfg = replace(PRESETS["test"], pixel_size_angstrom=5.0, image_size_px=(384, 384), seed=0)
@@ -117,7 +117,7 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
           before["published_defocus_rms_angstrom"], after["published_defocus_rms_angstrom"], "maps", gains)
     assert after["position_rms_angstrom"] <= 0.5 * before["position_rms_angstrom"], (before, after)
     assert gains["small"][3] >= 0.75 and gains["large"][3] >= 0.7, gains
-    assert after["defocus_rms_angstrom"] <= 0.8 * before["defocus_rms_angstrom"], (before, after)
+    assert after["defocus_rms_angstrom"] <= 0.7 * before["defocus_rms_angstrom"], (before, after)
     assert after["published_defocus_rms_angstrom"] <= 0.5 * before["published_defocus_rms_angstrom"], (before, after)
 
 
