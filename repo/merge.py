@@ -174,7 +174,9 @@ def _merge_particles(repo: Repository, name: str, base: Ref, ours: Ref, theirs: 
     Where one side refined pose trajectories and the other kept one pose per particle, the one-pose
     side (and the base) are given the trajectories' temporal samples; other differences conflict.
     """
-    samples = max(repo.get_record(r, ParticleTable).temporal_samples for r in (ours, theirs))
+    own_samples = {side: repo.get_record(r, ParticleTable).temporal_samples for side, r in (("ours", ours),
+                                                                                           ("theirs", theirs))}
+    samples = max(own_samples.values())
     (tb, _, rb), (to, co, ro), (tt, ct, rt) = (_table_rows(repo, r, samples) for r in (base, ours, theirs))
     layout = {(t.temporal_samples, tuple(sorted((k, c.dtype.str, c.shape[1:]) for k, c in cols.items())))
               for t, cols in ((to, co), (tt, ct))}
@@ -182,8 +184,7 @@ def _merge_particles(repo: Repository, name: str, base: Ref, ours: Ref, theirs: 
         conflicts.append(f"species {name}: particle tables have different columns or temporal samples")
         return ours, {}
     summary = {"from_theirs": 0, "removed_by_theirs": 0, "conflicts": []}
-    repeated = [side for side, r in (("ours", ours), ("theirs", theirs))
-                if repo.get_record(r, ParticleTable).temporal_samples != samples]
+    repeated = [side for side, t in own_samples.items() if t != samples]
     if repeated:
         summary["poses_repeated_to_temporal_samples"] = {"sides": repeated, "samples": samples}
     chosen: list[tuple[str, int]] = []  # (side, row)
