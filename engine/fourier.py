@@ -55,9 +55,14 @@ def pad_center(x: torch.Tensor, size: int, dims: int = 2, value: float = 0.0) ->
     return torch.nn.functional.pad(x, pads, value=value)
 
 
+def spatial_frequency_radius(size: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``|k| · size`` (in shells, not rounded) of each rfft voxel of a ``size³`` volume."""
+    f = torch.fft.fftfreq(size, device=device, dtype=dtype) * size
+    fr = torch.fft.rfftfreq(size, device=device, dtype=dtype) * size
+    kz, ky, kx = torch.meshgrid(f, f, fr, indexing="ij")
+    return torch.sqrt(kz**2 + ky**2 + kx**2)
+
+
 def spatial_frequency_shells(size: int, *, device=None) -> torch.Tensor:
     """Integer shell index ``round(|k| · size)`` of each rfft voxel of a ``size³`` volume."""
-    f = torch.fft.fftfreq(size, device=device) * size
-    fr = torch.fft.rfftfreq(size, device=device) * size
-    kz, ky, kx = torch.meshgrid(f, f, fr, indexing="ij")
-    return torch.sqrt(kz**2 + ky**2 + kx**2).round().long()
+    return spatial_frequency_radius(size, device=device).round().long()

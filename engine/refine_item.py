@@ -92,9 +92,9 @@ class SpeciesInput:
     positions: torch.Tensor  # (n, T, 3) Å trajectories of this half-set's particles in this item
     orientations: torch.Tensor  # (n, T, 3, 3)
     resolution_angstrom: float | None = None  # this species' band edge (M crops each species to its own); None: settings'
-    # this half-set's half-map before regularisation: the CTF fit's reference is it low-passed at this species' band
-    # (and the data alike), without the regulariser's FSC weighting, which costs defocus precision (docs/physics.md
-    # §8); None: the CTF fit uses ``reference`` as it is, unfiltered data
+    # this half-set's half-map before regularisation: the CTF fit's reference is it low-passed at this species'
+    # band (and the data alike), without the regulariser's FSC weighting, which costs defocus precision
+    # (docs/physics.md §8); None: the CTF fit uses ``reference`` as it is, unfiltered data
     half_map: torch.Tensor | None = None
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from .fourier import spatial_frequency_shells
+from .fourier import spatial_frequency_radius, spatial_frequency_shells
 from .fsc import fsc, masked_fsc
 
 __all__ = ["Regulariser", "FSCWienerFilter", "working_resolution", "filtered_map", "low_pass_edge", "low_pass"]
@@ -68,7 +68,8 @@ def filtered_map(half_map_1: torch.Tensor, half_map_2: torch.Tensor, pixel_size_
                              resolution_angstrom=resolution)
 
 
-def low_pass_edge(shells: torch.Tensor, box: int, pixel_size_angstrom: float, resolution_angstrom: float) -> torch.Tensor:
+def low_pass_edge(shells: torch.Tensor, box: int, pixel_size_angstrom: float,
+                  resolution_angstrom: float) -> torch.Tensor:
     """The soft low-pass of every reference: 1 up to the working resolution's shell, then to 0 over 4 shells."""
     cutoff = box * pixel_size_angstrom / resolution_angstrom  # in shells of the box
     return torch.clamp((cutoff + 2 - shells) / 4, 0, 1)
@@ -81,8 +82,6 @@ def low_pass(half_map: torch.Tensor, *, pixel_size_angstrom: float, resolution_a
     projection of the half-map with the same edge applied in 2D (the CTF fit filters its data so).
     """
     d = half_map.shape[-1]
-    f = torch.fft.fftfreq(d, device=half_map.device, dtype=half_map.dtype) * d
-    fr = torch.fft.rfftfreq(d, device=half_map.device, dtype=half_map.dtype) * d
-    kz, ky, kx = torch.meshgrid(f, f, fr, indexing="ij")
-    edge = low_pass_edge(torch.sqrt(kz**2 + ky**2 + kx**2), d, pixel_size_angstrom, resolution_angstrom)
+    radius = spatial_frequency_radius(d, device=half_map.device, dtype=half_map.dtype)
+    edge = low_pass_edge(radius, d, pixel_size_angstrom, resolution_angstrom)
     return torch.fft.irfftn(torch.fft.rfftn(half_map) * edge, s=half_map.shape[-3:])
