@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import click
 import numpy as np
 
@@ -206,7 +208,10 @@ def _show_commit(repo, cid: str) -> tuple[dict, list[str]]:
         if k != "files":
             lines.append(f"    {k} = {v}")
     for k, v in sorted(c.operation.parameters.get("files", {}).items()):
-        lines.append(f"    file {k}: {v['name']} ({human_bytes(v['bytes'])}, blake3 {v['blake3'][:16]}…)")
+        # files are keyed by label (tilt-series/species import) or by path with a role (RELION, Warp)
+        label = v.get("role", k) + (f" ({v['item']})" if "item" in v else "")
+        name = v.get("name") or PurePath(k).name  # commits from before "name" was always recorded
+        lines.append(f"    file {label}: {name} ({human_bytes(v['bytes'])}, blake3 {v['blake3'][:16]}…)")
     lines += ["", *(f"    {line}" for line in c.message.splitlines()), ""]
     lines += render_diff(d) if d else ["(root commit)"]
     return info, lines

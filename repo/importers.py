@@ -30,11 +30,16 @@ from .records import (DeformationModel, ImagingModel, Metrics, Operation, Partic
 from .repository import Repository, software_version
 from .star_particles import read_star_particles, same_pixel
 
-__all__ = ["import_tilt_series", "import_species", "file_blake3", "stable_particle_ids", "validate_symmetry",
+__all__ = ["import_tilt_series", "import_species", "file_blake3", "input_file", "stable_particle_ids", "validate_symmetry",
            "default_tomogram_size"]
 
 Progress = Callable[[int], None] | None
 _SYMMETRY = re.compile(r"^(?:[CD][1-9][0-9]*|T|O|I[1-4]?)$")
+
+
+def input_file(path: Path, **about: str) -> dict:
+    """How an operation records an input file: its name, BLAKE3 and size (plus e.g. its role or item)."""
+    return {"name": path.name, "blake3": file_blake3(path), "bytes": path.stat().st_size, **about}
 
 
 def file_blake3(path: Path) -> str:
@@ -227,7 +232,7 @@ def import_tilt_series(
         inputs: dict[str, Ref] = {}
         for label, path in meta.sources.items():
             inputs[label] = tx.put_blob(path.read_bytes())
-            file_hashes[label] = {"name": path.name, "blake3": file_blake3(path), "bytes": path.stat().st_size}
+            file_hashes[label] = input_file(path)
         operation = Operation(kind="import", software=software_version(), inputs=inputs, parameters={
             "what": "tilt-series", "source": source, "item": name, "files": file_hashes,
             "pixel_size_angstrom": pixel, "voltage_kv": volt, "spherical_aberration_mm": spherical_aberration_mm,
@@ -359,7 +364,7 @@ def import_species(
     item_names = sorted(set(parts.item_keys))
     item_index = np.array([item_names.index(k) for k in parts.item_keys], dtype=np.int32)
     ids = stable_particle_ids(name, parts.item_keys, parts.positions)
-    files = {k: {"name": p.name, "blake3": file_blake3(p), "bytes": p.stat().st_size} for k, p in paths.items()}
+    files = {k: input_file(p) for k, p in paths.items()}
 
     with repo.transaction() as tx:
         columns = {

@@ -35,7 +35,7 @@ from .formats.star import numeric_column, read_star_blocks, require_table, strin
 from .formats.tilts import exposure_from_pre_exposure
 from .fsutil import staged_folder
 from .hashing import ObjectId
-from .importers import default_tomogram_size, file_blake3, stable_particle_ids, validate_symmetry
+from .importers import default_tomogram_size, input_file, stable_particle_ids, validate_symmetry
 from .population import export_names, item_key, iter_items, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
@@ -420,10 +420,10 @@ def import_relion(
     for s in sets:
         for label, p in (("optimisation_set", s.path), ("tomograms", s.tomograms), ("particles", s.particles)):
             if p is not None:
-                files[str(p)] = {"role": label, "blake3": file_blake3(p), "bytes": p.stat().st_size}
+                files[str(p)] = input_file(p, role=label)
         if s.trajectories is not None and s.particles is not None:
             p = s.trajectories
-            files[str(p)] = {"role": "trajectories", "blake3": file_blake3(p), "bytes": p.stat().st_size}
+            files[str(p)] = input_file(p, role="trajectories")
     with repo.transaction() as tx:
         item_refs: dict[str, Ref] = {}
         for name, ts in tilt_series.items():
@@ -478,7 +478,7 @@ def import_relion(
                 reconstructed_from=[item_refs[k.split("/", 1)[1]] for k in item_names])
             species_refs.append(tx.put_record(record))
             for p in (*maps_paths, *([mask_path] if mask_path else [])):
-                files[str(p)] = {"role": f"map of {name}", "blake3": file_blake3(p), "bytes": p.stat().st_size}
+                files[str(p)] = input_file(p, role=f"map of {name}")
         inputs = {f"star:{Path(k).name}": tx.put_blob(Path(k).read_bytes()) for k, v in files.items()
                   if not v["role"].startswith("map")}
         operation = Operation(kind="import", software=software_version(), inputs=inputs, parameters={

@@ -235,7 +235,8 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
         return v
     orientation = np.stack([per_tilt(f"GridAngle{a}", 0.0) for a in "XYZ"], 1)[keep]
     defocus = per_tilt("GridCTF", float(ts.ctf.get("Defocus", 0))) * 1e4
-    delta = per_tilt("GridCTFDefocusDelta", float(ts.ctf.get("DefocusDelta", 0))) * 1e4
+    # Warp's DefocusDelta is U − V (its CTF adds ½·delta·cos 2(φ − angle); its RELION writers write D ± delta/2)
+    half_delta = per_tilt("GridCTFDefocusDelta", float(ts.ctf.get("DefocusDelta", 0))) * 1e4 / 2
     lx, ly = ts.level_angles
     axis = ts.axis_angles[keep]
     return {
@@ -244,7 +245,7 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
         "shifts_angstrom": ts.axis_offsets[keep] + centre_shift(image_size_px, px),
         "image_warp": image_warp, "volume_warp": volume_warp,
         "orientation_corrections_deg": orientation if np.any(orientation != 0) else None,
-        "defocus_u_angstrom": (defocus + delta)[keep], "defocus_v_angstrom": (defocus - delta)[keep],
+        "defocus_u_angstrom": (defocus + half_delta)[keep], "defocus_v_angstrom": (defocus - half_delta)[keep],
         "defocus_angle_deg": per_tilt("GridCTFDefocusAngle", float(ts.ctf.get("DefocusAngle", 0)))[keep],
         "pre_exposure": ts.dose[keep].astype(np.float64), "exposure": exposure_from_pre_exposure(ts.dose)[keep],
         "handedness": -1 if ts.are_angles_inverted else 1, "tilts": [int(i) for i in keep],
@@ -304,7 +305,7 @@ def warp_xml_text(model: dict, pixel_size_angstrom: float, movie_paths: list[str
         ET.SubElement(root, tag).text = "\n".join(["True"] * n) if values is None else _lines(values)
     ET.SubElement(root, "MoviePath").text = "\n".join(movie_paths)
     du, dv = np.asarray(model["defocus_u_angstrom"]), np.asarray(model["defocus_v_angstrom"])
-    mean, delta, angle = (du + dv) / 2e4, (du - dv) / 2e4, np.asarray(model["defocus_angle_deg"], dtype=np.float64)
+    mean, delta, angle = (du + dv) / 2e4, (du - dv) / 1e4, np.asarray(model["defocus_angle_deg"], dtype=np.float64)
     ctf = ET.SubElement(root, "CTF")
     for name, value in (("PixelSize", px), ("Voltage", model["voltage_kv"]), ("Cs", model["spherical_aberration_mm"]),
                         ("Amplitude", model["amplitude_contrast"]), ("Defocus", mean.mean()),

@@ -29,7 +29,7 @@ from .formats.star import write_star
 from .formats.tilts import exposure_from_pre_exposure
 from .fsutil import staged_folder
 from .hashing import ObjectId
-from .importers import default_tomogram_size, file_blake3
+from .importers import default_tomogram_size, input_file
 from .population import export_names, item_key, iter_items, with_item
 from .records import DeformationModel, Grid, ImagingModel, Operation, Population, TiltSeries, validate_name
 from .repository import Repository, software_version
@@ -231,7 +231,7 @@ def import_warp(
             for role, p in (("xml", s.xml.path if s.xml else None), ("tomostar", s.tomostar.path if s.tomostar
                                                                       else None), ("stack", s.stack)):
                 if p is not None:
-                    files[str(p)] = {"role": role, "item": s.name, "blake3": file_blake3(p), "bytes": p.stat().st_size}
+                    files[str(p)] = input_file(p, role=role, item=s.name)
         inputs = {f"{v['role']}:{Path(k).name}": tx.put_blob(Path(k).read_bytes()) for k, v in files.items()
                   if v["role"] != "stack"}
         operation = Operation(kind="import", software=software_version(), inputs=inputs, parameters={

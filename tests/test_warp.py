@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
+from cryopool.engine.ctf import ctf_2d
 from cryopool.engine.geometry import euler_zyz_to_matrix
 from cryopool.engine.tilt_model import (Imaging, TiltGeometry, particle_defocus, particle_positions_in_tilts,
                                         particle_rotations_in_tilts)
@@ -110,3 +111,39 @@ def test_bad_xml_is_refused(tmp_path):
     bad.write_text("<Movie/>")
     with pytest.raises(CryopoolError, match="not a Warp tilt-series XML"):
         read_warp_xml(bad)
+
+
+@pytest.mark.parametrize("name", ["TS_1.xml", "00254.xml"])
+def test_astigmatism_matches_warps_own_ctf(warpylib, name):
+    """U, V and the angle per tilt, checked against warpylib's CTF (Warp's, ported): its DefocusDelta is U − V.
+
+    Each tilt's 2-D CTF at the tilt centre from warpylib's own parameters
+    (``get_tilt_defocus_delta``/``_angle``, ``CTF.get_2d``) is compared with
+    ours from the imported U, V and angle; then U and V alone against the
+    half-difference Warp's RELION writers use.
+    """
+    path = SHARED_DATA / "warp" / name
+    ts_w = warpylib.TiltSeries(str(path))
+    xml = read_warp_xml(path)
+    model = warp_model(xml, float(xml.ctf.get("PixelSize", 1.0)), image_size_px=(512, 512),
+                       tomogram_size_px=[512, 512, 128])
+    keep = model["tilts"]
+    deltas = np.array([ts_w.get_tilt_defocus_delta(t) for t in keep])
+    assert np.abs(deltas).max() > 0.01, "the file has astigmatism to test"  # µm
+    pixel, size = 4.0, 128  # coarse sampling: rings resolvable, the comparison is exact either way
+    for j, t in enumerate(keep):
+        c = ts_w.ctf.get_copy()
+        c.pixel_size = pixel
+        c.defocus = ts_w.get_tilt_defocus(t)
+        c.defocus_delta, c.defocus_angle = ts_w.get_tilt_defocus_delta(t), ts_w.get_tilt_defocus_angle(t)
+        c.scale = 1.0
+        expected = c.get_2d(size, ignore_bfactor=True).double().numpy()
+        ours = ctf_2d(torch.tensor(model["defocus_u_angstrom"][j]), torch.tensor(model["defocus_v_angstrom"][j]),
+                      torch.tensor(model["defocus_angle_deg"][j]), voltage_kv=model["voltage_kv"],
+                      spherical_aberration_mm=model["spherical_aberration_mm"],
+                      amplitude_contrast=model["amplitude_contrast"], pixel_size_angstrom=pixel, size=size)
+        np.testing.assert_allclose(ours.double().numpy(), expected, atol=2e-3, err_msg=f"tilt {t}")
+    mean_um = (model["defocus_u_angstrom"] + model["defocus_v_angstrom"]) / 2e4
+    np.testing.assert_allclose((model["defocus_u_angstrom"] - model["defocus_v_angstrom"]) / 1e4, deltas, atol=1e-9)
+    np.testing.assert_allclose(model["defocus_u_angstrom"] / 1e4, mean_um + deltas / 2, atol=1e-9)
+    np.testing.assert_allclose(model["defocus_angle_deg"], [ts_w.get_tilt_defocus_angle(t) for t in keep], atol=1e-9)

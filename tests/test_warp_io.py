@@ -191,8 +191,8 @@ def test_hand_written_project_converts_as_computed_by_hand(tmp_path):
     np.testing.assert_allclose(m.geometry.angle_corrections_deg.numpy(),
                                [[1.5, 0.5, 0.0], [1.5, 0.5, 0.5], [1.5, 0.5, 1.5], [1.5, 0.5, 2.0]])
     np.testing.assert_allclose(m.geometry.shifts_angstrom.numpy(), [[1, -1], [2, -2], [4, -4], [5, -5]])
-    np.testing.assert_allclose(m.imaging.defocus_u_angstrom.numpy(), [(2.0 + 0.1 * z + 0.05) * 1e4 for z in keep])
-    np.testing.assert_allclose(m.imaging.defocus_v_angstrom.numpy(), [(2.0 + 0.1 * z - 0.05) * 1e4 for z in keep])
+    np.testing.assert_allclose(m.imaging.defocus_u_angstrom.numpy(), [(2.0 + 0.1 * z + 0.025) * 1e4 for z in keep])
+    np.testing.assert_allclose(m.imaging.defocus_v_angstrom.numpy(), [(2.0 + 0.1 * z - 0.025) * 1e4 for z in keep])
     assert m.imaging.voltage_kv == 200.0 and m.imaging.amplitude_contrast == 0.1
     # the image warp is −movement; Warp's node values hold at the tilts kept (grid corners: x, y ∈ {0, 1})
     corners = torch.tensor([[-80.0, -60.0], [80.0, -60.0], [-80.0, 60.0], [80.0, 60.0]], dtype=torch.float64)
@@ -300,6 +300,8 @@ def test_cli_import_and_export_warp(tmp_path):
                             "--json"])
     assert r.exit_code == 0, r.output
     assert '"TS_1"' in r.output
+    r = runner.invoke(cli, ["-C", pop, "show", "HEAD"])  # the import's files are listed with their roles
+    assert r.exit_code == 0 and "file xml (TS_1): TS_1.xml" in r.output, r.output
     r = runner.invoke(cli, ["-C", pop, "export", "warp", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out/warp_tiltseries/TS_1.xml").read_bytes() == (root / "warp_tiltseries/TS_1.xml").read_bytes()
@@ -319,3 +321,16 @@ def test_two_sources_export_in_one_step_without_clashing(tmp_path):
     (key, _, item), = iter_items(again, again.population("HEAD"))
     original = {k: i for k, _, i in iter_items(repo, repo.population("HEAD"))}["lab_b/TS_1"]
     assert key == "lab_b/lab_b_TS_1" and item.stack == original.stack
+
+
+def test_written_xml_holds_u_minus_v_as_warp_reads_it(tmp_path, warpylib):
+    """A model with U − V = 600 Å → XML → warpylib's CTF reads DefocusDelta 0.06 µm (not half of it)."""
+    model = warp_model(read_warp_xml(SHARED_DATA / "warp/TS_1.xml"), 0.834)
+    n = len(model["tilt_angles_deg"])
+    model["defocus_u_angstrom"] = np.full(n, 30300.0)
+    model["defocus_v_angstrom"] = np.full(n, 29700.0)
+    path = tmp_path / "TS_1.xml"
+    path.write_text(warp_xml_text(model, 0.834, [f"m{i}.tif" for i in range(n)])[0])
+    ts_w = warpylib.TiltSeries(str(path))
+    assert [ts_w.get_tilt_defocus_delta(t) for t in range(n)] == pytest.approx([0.06] * n, abs=1e-6)
+    assert [ts_w.get_tilt_defocus(t) for t in range(n)] == pytest.approx([3.0] * n, abs=1e-6)
