@@ -21,9 +21,10 @@ import numpy as np
 from .canonical import Ref
 from .errors import InvalidInputError, NotFoundError
 from .formats.mrc import finite_check, read_mrc, read_mrc_header
-from .formats.tilts import (dose_symmetric_order, parse_tilt_range, pre_exposure, read_mdoc, read_tlt, read_xf,
+from .formats.tilts import (dose_symmetric_order, mdoc_number, parse_tilt_range, pre_exposure, read_mdoc, read_tlt, read_xf,
                             xf_alignment)
 from .hashing import ObjectId
+from .physical import check, check_count, validate_symmetry
 from .population import find_item, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
@@ -34,7 +35,6 @@ __all__ = ["import_tilt_series", "import_species", "file_blake3", "input_file", 
            "default_tomogram_size"]
 
 Progress = Callable[[int], None] | None
-_SYMMETRY = re.compile(r"^(?:[CD][1-9][0-9]*|T|O|I[1-4]?)$")
 
 
 def input_file(path: Path, **about: str) -> dict:
@@ -47,13 +47,6 @@ def file_blake3(path: Path) -> str:
     if Path(path).stat().st_size == 0:
         return blake3.blake3().hexdigest()
     return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(str(path)).hexdigest()
-
-
-def validate_symmetry(symmetry: str) -> str:
-    if not isinstance(symmetry, str) or not _SYMMETRY.match(symmetry.upper()):
-        raise InvalidInputError("unknown point-group symmetry", field="symmetry",
-                                expected="Cn, Dn, T, O or I (I1-I4)", found=repr(symmetry))
-    return symmetry.upper()
 
 
 def default_tomogram_size(width: int, height: int) -> list[int]:
@@ -93,18 +86,24 @@ def _tilt_metadata(*, tilt_angles, tlt, mdoc, dose_per_tilt, order, group_size, 
         sources["mdoc"] = path
         angles = m.floats("TiltAngle", str(path))
         acquisition = m.acquisition_order(str(path))
-        doses = [float(s.get("ExposureDose", "0").split()[0]) for s in m.sections]
+        check("tilt_angle_deg", angles, path=str(path), field="TiltAngle", index_label="section")
+        doses = [mdoc_number(s.get("ExposureDose", "0"), str(path), f"[ZValue = {i}] ExposureDose")
+                 for i, s in enumerate(m.sections)]
         if any(d > 0 for d in doses):
+            check("exposure_e_per_angstrom2", doses, path=str(path), field="ExposureDose", index_label="section")
             exposure = doses
         if "PixelSpacing" in m.global_values:
-            pixel = float(m.global_values["PixelSpacing"].split()[0])
+            pixel = mdoc_number(m.global_values["PixelSpacing"], str(path), "PixelSpacing")
+            check("pixel_size_angstrom", pixel, path=str(path), field="PixelSpacing")
         if axis is None:
             hit = re.search(r"Tilt axis angle\s*=\s*([-+0-9.eE]+)", "\n".join(m.titles))
-            axis = float(hit.group(1)) if hit else None
+            axis = mdoc_number(hit.group(1), str(path), "[T = … Tilt axis angle]") if hit else None
         if defocus_um is None and "TargetDefocus" in m.sections[0]:
-            defocus_um = -float(m.sections[0]["TargetDefocus"].split()[0])  # SerialEM: negative = underfocus
+            # SerialEM: negative = underfocus
+            defocus_um = -mdoc_number(m.sections[0]["TargetDefocus"], str(path), "[ZValue = 0] TargetDefocus")
+            check("defocus_angstrom", defocus_um * 1e4, path=str(path), field="[ZValue = 0] TargetDefocus (Å)")
         if "Voltage" in m.global_values:
-            voltage = float(m.global_values["Voltage"].split()[0])
+            voltage = mdoc_number(m.global_values["Voltage"], str(path), "Voltage")
     elif tlt is not None:
         sources["tlt"] = Path(tlt)
         angles = read_tlt(Path(tlt))
@@ -115,15 +114,14 @@ def _tilt_metadata(*, tilt_angles, tlt, mdoc, dose_per_tilt, order, group_size, 
         if dose_per_tilt is None:
             raise InvalidInputError("the dose per tilt is unknown", field="dose_per_tilt",
                                     hint="pass --dose-per-tilt (e-/Å² per tilt image)")
-        if dose_per_tilt < 0 or not np.isfinite(dose_per_tilt):
-            raise InvalidInputError("dose per tilt must be >= 0", field="dose_per_tilt", found=dose_per_tilt)
+        check("exposure_e_per_angstrom2", dose_per_tilt, field="dose_per_tilt")
         exposure = [float(dose_per_tilt)] * n
     if order == "file" or (order is None and acquisition is not None):
         if acquisition is None:
             raise InvalidInputError("acquisition order 'file' needs an .mdoc with DateTime per tilt", field="order")
         acq = acquisition
     elif order in (None, "dose-symmetric"):
-        acq = dose_symmetric_order(angles, group_size)
+        acq = dose_symmetric_order(angles, check_count("group_size", group_size, field="group_size"))
     elif order == "sequential":
         acq = list(range(n))
     else:
@@ -199,11 +197,12 @@ def import_tilt_series(
     if meta.defocus_um is None:
         raise InvalidInputError("the nominal defocus is unknown", field="defocus_um",
                                 hint="pass --defocus-um (positive = underfocus)")
-    for field_name, value, lo, hi in (("voltage_kv", volt, 10, 3000), ("amplitude_contrast", amplitude_contrast, 0, 1),
-                                      ("spherical_aberration_mm", spherical_aberration_mm, 0, 100)):
-        if not lo <= value <= hi:
-            raise InvalidInputError("value out of range", field=field_name, expected=f"{lo}..{hi}", found=value)
-    size = tuple(int(v) for v in (tomogram_size_px or default_tomogram_size(width, height)))
+    for quantity, value in (("voltage_kv", volt), ("amplitude_contrast", amplitude_contrast),
+                            ("spherical_aberration_mm", spherical_aberration_mm), ("angle_deg", axis),
+                            ("defocus_angstrom", meta.defocus_um * 1e4)):
+        check(quantity, value, field=quantity if quantity != "angle_deg" else "tilt_axis_deg")
+    size = tuple(check_count("tomogram_size_px", v, field="tomogram_size_px")
+                 for v in (tomogram_size_px or default_tomogram_size(width, height)))
     mrc = read_mrc(stack, mmap=True, check_finite=False)  # truncation is checked here
     data = mrc.data
     defocus_a = float(meta.defocus_um) * 1e4
@@ -247,21 +246,20 @@ def import_tilt_series(
 
 
 def _choose_pixel_size(path: Path, header: float, given: float | None, metadata: float | None) -> float:
+    """The pixel size: given (it overrides a wrong header or mdoc), else the mdoc's, else the MRC header's."""
     if given is not None:
-        if given <= 0:
-            raise InvalidInputError("pixel size must be > 0", field="pixel_size_angstrom", found=given)
-        if header > 0 and not same_pixel(header, given) and not np.isclose(header, 1.0):
-            raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
-                                    expected=f"{given} Å (given)", found=f"{header} Å (MRC header)")
+        check("pixel_size_angstrom", given, field="pixel_size_angstrom")
         return float(given)
     if metadata is not None:
         if header > 0 and not np.isclose(header, 1.0) and not same_pixel(header, metadata):
             raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
-                                    expected=f"{metadata} Å (mdoc PixelSpacing)", found=f"{header} Å (MRC header)")
+                                    expected=f"{metadata} Å (mdoc PixelSpacing)", found=f"{header} Å (MRC header)",
+                                    hint="pass --pixel-size to say which is right")
         return float(metadata)
     if header <= 0:
         raise InvalidInputError("the MRC header has no pixel size", path=str(path), field="voxel size",
                                 hint="pass --pixel-size")
+    check("pixel_size_angstrom", header, path=str(path), field="voxel size")
     return float(header)
 
 
@@ -301,8 +299,8 @@ def _read_particles(repo: Repository, population: Population, path: Path) -> _Pa
     def lookup(name: str) -> dict | None:
         try:
             key, ref = find_item(repo, population, name)
-        except (NotFoundError, InvalidInputError):
-            return None
+        except NotFoundError:
+            return None  # an ambiguous name raises: the reader names the row
         items[name] = (key, ref)
         ts = repo.get_record(ref, TiltSeries)
         return {"pixel": ts.pixel_size_angstrom, "size_px": ts.tomogram_size_px}
@@ -337,8 +335,7 @@ def import_species(
     """Import a species (two half-maps, optional mask, a particle STAR table); returns the commit id."""
     validate_name(name, "species")
     symmetry = validate_symmetry(symmetry)
-    if not diameter_angstrom > 0:
-        raise InvalidInputError("diameter must be > 0", field="diameter_angstrom", found=diameter_angstrom)
+    check("diameter_angstrom", diameter_angstrom, field="diameter_angstrom")
     paths = {"half_map_1": Path(half_map_1), "half_map_2": Path(half_map_2), "particles": Path(particles)}
     if mask is not None:
         paths["mask"] = Path(mask)

@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Union
 
+from . import physical
 from .canonical import Ref, walk_refs
 from .errors import FormatError, InvalidInputError
 from .hashing import Kind
@@ -306,6 +307,9 @@ class TiltSeries(Record):
     half_set_models: dict[str, HalfSetModel] = field(default_factory=dict)  # "1", "2" after a refinement
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_tilt_series(self)
+
     @property
     def n_tilts(self) -> int:
         return len(self.tilt_angles_deg)
@@ -379,6 +383,34 @@ class Species(Record):
     metrics: Metrics = field(default_factory=Metrics)
     reconstructed_from: list[Annotated[Ref, Target(ITEM_TYPES)]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"species {self.name}"
+        physical.check("diameter_angstrom", self.diameter_angstrom, path=where, field="diameter_angstrom")
+        physical.check("pixel_size_angstrom", self.pixel_size_angstrom, path=where, field="pixel_size_angstrom")
+        physical.validate_symmetry(self.symmetry, path=where)
+
+
+def _check_tilt_series(ts: TiltSeries) -> None:
+    """Every path that builds an item (readers, simulator, refinement, a peer's push) meets the same limits."""
+    where = f"tilt series {ts.name}"
+    for quantity, name in (("pixel_size_angstrom", "pixel_size_angstrom"), ("voltage_kv", "voltage_kv"),
+                           ("spherical_aberration_mm", "spherical_aberration_mm"),
+                           ("amplitude_contrast", "amplitude_contrast"), ("angle_deg", "tilt_axis_angle_deg"),
+                           ("tilt_angle_deg", "tilt_angles_deg"), ("exposure_e_per_angstrom2", "exposure_e_per_angstrom2"),
+                           ("pre_exposure_e_per_angstrom2", "pre_exposure_e_per_angstrom2")):
+        physical.check(quantity, getattr(ts, name), path=where, field=name, index_label="tilt")
+    n = physical.check_count("tilts", len(ts.tilt_angles_deg), path=where, field="tilt_angles_deg")
+    for name in ("exposure_e_per_angstrom2", "pre_exposure_e_per_angstrom2"):
+        if len(getattr(ts, name)) != n:
+            raise InvalidInputError("one value per tilt expected", path=where, field=name, expected=n,
+                                    found=len(getattr(ts, name)))
+    if len(ts.tomogram_size_px) != 3:
+        raise InvalidInputError("x, y, z expected", path=where, field="tomogram_size_px", found=ts.tomogram_size_px)
+    for axis, v in zip("xyz", ts.tomogram_size_px):
+        physical.check_count("tomogram_size_px", v, path=where, field=f"tomogram_size_px {axis}")
+    if ts.handedness not in (1, -1):
+        raise InvalidInputError("handedness must be 1 or -1", path=where, field="handedness", found=ts.handedness)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from .formats.star import numeric_column, read_star_blocks, require_table, strin
 from .formats.tilts import exposure_from_pre_exposure
 from .fsutil import staged_folder
 from .hashing import ObjectId
+from .physical import check, check_count
 from .importers import default_tomogram_size, input_file, stable_particle_ids, validate_symmetry
 from .population import export_names, item_key, iter_items, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
@@ -156,14 +157,14 @@ def _read_tomograms(path: Path) -> list[_TiltSeriesIn]:
     ts_files = string_column(table, "rlnTomoTiltSeriesStarFile", path, block)
     pixel_col = ("rlnTomoTiltSeriesPixelSize" if "rlnTomoTiltSeriesPixelSize" in table
                  else "rlnMicrographOriginalPixelSize")
-    pixels = numeric_column(table, pixel_col, path, block)
-    volt = numeric_column(table, "rlnVoltage", path, block)
-    cs = numeric_column(table, "rlnSphericalAberration", path, block)
-    ac = numeric_column(table, "rlnAmplitudeContrast", path, block)
+    pixels = numeric_column(table, pixel_col, path, block, quantity="pixel_size_angstrom")
+    volt = numeric_column(table, "rlnVoltage", path, block, quantity="voltage_kv")
+    cs = numeric_column(table, "rlnSphericalAberration", path, block, quantity="spherical_aberration_mm")
+    ac = numeric_column(table, "rlnAmplitudeContrast", path, block, quantity="amplitude_contrast")
     hand = numeric_column(table, "rlnTomoHand", path, block) if "rlnTomoHand" in table else np.ones(len(table))
     sizes = (np.stack([numeric_column(table, f"rlnTomoSize{a}", path, block) for a in "XYZ"], 1)
              if all(f"rlnTomoSize{a}" in table for a in "XYZ") else None)
-    frac = (numeric_column(table, "rlnTomoImportFractionalDose", path, block)
+    frac = (numeric_column(table, "rlnTomoImportFractionalDose", path, block, quantity="exposure_e_per_angstrom2")
             if "rlnTomoImportFractionalDose" in table else None)
     out = []
     for row, tomo in enumerate(names):
@@ -180,37 +181,32 @@ def _read_tomograms(path: Path) -> list[_TiltSeriesIn]:
                                     found=hand[row])
         size = None
         if sizes is not None:
-            if (sizes[row] <= 0).any() or (sizes[row] != np.round(sizes[row])).any():
-                raise InvalidInputError("tomogram size must be positive whole pixels", path=str(path),
-                                        field=f"{where}/_rlnTomoSizeX/Y/Z", found=sizes[row].tolist())
-            size = [int(v) for v in sizes[row]]
+            size = [check_count("tomogram_size_px", float(v), path=str(path), field=f"{where}/_rlnTomoSize{a}")
+                    for a, v in zip("XYZ", sizes[row])]
         ts_star = _resolve(ts_files[row], path, f"{where}/_rlnTomoTiltSeriesStarFile")
         tblocks = read_star_blocks(ts_star)
         tblock, tilts = require_table(tblocks, ts_star, (tomo, ""))
         if len(tilts) == 0:
             raise FormatError("tilt-series table is empty", path=str(ts_star), field=f"data_{tblock}")
 
-        def col(name: str, default: np.ndarray | None = None) -> np.ndarray:
+        def col(name: str, quantity: str, default: np.ndarray | None = None) -> np.ndarray:
             if default is not None and name not in tilts:
                 return default
-            return numeric_column(tilts, name, ts_star, tblock)
-        xtilt, ytilt, zrot = col("rlnTomoXTilt"), col("rlnTomoYTilt"), col("rlnTomoZRot")
-        nominal = col("rlnTomoNominalStageTiltAngle", ytilt)
-        axis = float(col("rlnTomoNominalTiltAxisAngle", zrot)[0])
-        pre = col("rlnMicrographPreExposure")
-        if (pre < 0).any():
-            bad = int(np.flatnonzero(pre < 0)[0]) + 1
-            raise InvalidInputError("pre-exposure must be >= 0", path=str(ts_star),
-                                    field=f"data_{tblock}/_rlnMicrographPreExposure row {bad}", found=pre[bad - 1])
-        du, dv = col("rlnDefocusU"), col("rlnDefocusV")
+            return numeric_column(tilts, name, ts_star, tblock, quantity=quantity)
+        xtilt, ytilt = col("rlnTomoXTilt", "angle_deg"), col("rlnTomoYTilt", "tilt_angle_deg")
+        zrot = col("rlnTomoZRot", "angle_deg")
+        nominal = col("rlnTomoNominalStageTiltAngle", "tilt_angle_deg", ytilt)
+        axis = float(col("rlnTomoNominalTiltAxisAngle", "angle_deg", zrot)[0])
+        pre = col("rlnMicrographPreExposure", "pre_exposure_e_per_angstrom2")
+        du, dv = col("rlnDefocusU", "defocus_angstrom"), col("rlnDefocusV", "defocus_angstrom")
         out.append(_TiltSeriesIn(
             name=tomo, star=ts_star, pixel=float(pixels[row]), voltage=float(volt[row]), cs=float(cs[row]),
             amplitude_contrast=float(ac[row]), hand=int(hand[row]), size_px=size,
             images=_images(tomo, table.iloc[row], tilts, path, ts_star, tblock),
             nominal_tilt=nominal, axis=axis,
             corrections=np.stack([xtilt, ytilt - nominal, zrot - axis], 1),
-            shifts=np.stack([col("rlnTomoXShiftAngst"), col("rlnTomoYShiftAngst")], 1),
-            defocus_u=du, defocus_v=dv, defocus_angle=col("rlnDefocusAngle", np.zeros(len(tilts))),
+            shifts=np.stack([col("rlnTomoXShiftAngst", "shift_angstrom"), col("rlnTomoYShiftAngst", "shift_angstrom")], 1),
+            defocus_u=du, defocus_v=dv, defocus_angle=col("rlnDefocusAngle", "angle_deg", np.zeros(len(tilts))),
             pre_exposure=pre, exposure=_exposures(pre, None if frac is None else float(frac[row]), path)))
     return out
 
@@ -278,10 +274,17 @@ def _read_optimisation_set(path: Path) -> _OptimisationSet:
         return None if v in (None, "") else _resolve(str(v), path, f"_{label}")
     maps = (file("rlnTomoReferenceMap1File"), file("rlnTomoReferenceMap2File"))
     diameter = values.get("cryopoolDiameterAngst")
+    if diameter is not None:
+        try:
+            diameter = float(diameter)
+        except (TypeError, ValueError):
+            raise FormatError("not a number", path=str(path), field="_cryopoolDiameterAngst",
+                              found=repr(diameter)) from None
+        check("diameter_angstrom", diameter, path=str(path), field="_cryopoolDiameterAngst")
     return _OptimisationSet(
         path=path, tomograms=file("rlnTomoTomogramsFile"), particles=file("rlnTomoParticlesFile"),
         half_maps=maps if all(maps) else None, mask=file("rlnTomoReferenceMaskFile"),
-        species=values.get("cryopoolSpecies"), diameter=None if diameter is None else float(diameter),
+        species=values.get("cryopoolSpecies"), diameter=diameter,
         symmetry=values.get("cryopoolSymmetry"), trajectories=file("rlnTomoTrajectoriesFile"))
 
 
@@ -385,9 +388,10 @@ def import_relion(
             raise InvalidInputError("the species needs a name", path=str(s.path), hint="pass --species NAME")
         validate_name(name, "species")
         diameter = diameter_angstrom if diameter_angstrom is not None else s.diameter
-        if diameter is None or not diameter > 0:
+        if diameter is None:
             raise InvalidInputError("the particle diameter is unknown", path=str(s.path), field="diameter",
-                                    hint="pass --diameter (Å)", found=diameter)
+                                    hint="pass --diameter (Å)")
+        check("diameter_angstrom", diameter, field="diameter")
         maps_paths = tuple(map(Path, half_maps)) if half_maps else s.half_maps
         if maps_paths is None:
             raise InvalidInputError("the optimisation set names no half-maps", path=str(s.path),

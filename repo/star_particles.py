@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import FormatError, InvalidInputError
+from .physical import check
 from .formats.star import numeric_column, read_star_blocks, require_table, string_column
 
 __all__ = ["StarParticles", "read_star_particles", "euler_matrix", "matrix_euler", "same_pixel"]
@@ -70,17 +71,28 @@ def read_star_particles(path: Path, lookup: Callable[[str], dict | None]) -> Sta
     """A RELION particle table in our frame.
 
     ``lookup(rlnTomoName)`` gives ``{"pixel": Å, "size_px": [x, y, z]}`` of the tilt series a
-    particle sits in, or None when there is no such tilt series (an error naming the row).
+    particle sits in, or None when there is no such tilt series (an error naming the row); a
+    lookup that finds the name ambiguous raises, and the error names the row too.
     """
     blocks = read_star_blocks(path)
     block, table = require_table(blocks, path, ("particles", ""))
     if len(table) == 0:
         raise FormatError("particle table is empty", path=str(path), field=f"data_{block}")
     names = string_column(table, "rlnTomoName", path, block)
+    centred = all(f"rlnCenteredCoordinate{a}Angst" in table for a in "XYZ")
+    if not centred and not all(f"rlnCoordinate{a}" in table for a in "XYZ"):  # before the names: the real fault
+        raise FormatError("missing coordinate columns", path=str(path), field=f"data_{block}",
+                          expected="_rlnCenteredCoordinateX/Y/ZAngst (or _rlnCoordinateX/Y/Z in pixels)",
+                          found=sorted(table.columns)[:12])
     tomograms: dict[str, dict] = {}
     for row, name in enumerate(names, 1):
         if name not in tomograms:
-            found = lookup(name)
+            try:
+                found = lookup(name)
+            except InvalidInputError as exc:  # e.g. an item name held by two data sources
+                raise InvalidInputError(exc.message, path=str(path), field=f"data_{block}/_rlnTomoName row {row}",
+                                        expected=exc.expected, found=exc.found,
+                                        hint="name it as source/item in _rlnTomoName") from None
             if found is None:
                 raise InvalidInputError("particle refers to an unknown tilt series", path=str(path),
                                         field=f"data_{block}/_rlnTomoName row {row}", found=name)
@@ -89,7 +101,8 @@ def read_star_particles(path: Path, lookup: Callable[[str], dict | None]) -> Sta
             and "rlnTomoTiltSeriesPixelSize" in blocks["optics"]:
         optics = blocks["optics"]
         groups = dict(zip(numeric_column(optics, "rlnOpticsGroup", path, "optics").astype(int),
-                          numeric_column(optics, "rlnTomoTiltSeriesPixelSize", path, "optics")))
+                          numeric_column(optics, "rlnTomoTiltSeriesPixelSize", path, "optics",
+                                         quantity="pixel_size_angstrom")))
         og = (numeric_column(table, "rlnOpticsGroup", path, block).astype(int) if "rlnOpticsGroup" in table
               else np.full(len(table), next(iter(groups))))
         for row, (name, g) in enumerate(zip(names, og), 1):
@@ -103,26 +116,27 @@ def read_star_particles(path: Path, lookup: Callable[[str], dict | None]) -> Sta
                                         found=groups[g])
     pixel = np.array([tomograms[n]["pixel"] for n in names])
     size = np.array([tomograms[n]["size_px"] for n in names], dtype=np.float64)
-    if all(f"rlnCenteredCoordinate{a}Angst" in table for a in "XYZ"):
-        centred = np.stack([numeric_column(table, f"rlnCenteredCoordinate{a}Angst", path, block) for a in "XYZ"], 1)
-        pos = centred + (size / 2 - np.floor(size / 2)) * pixel[:, None]
-    elif all(f"rlnCoordinate{a}" in table for a in "XYZ"):
-        px = np.stack([numeric_column(table, f"rlnCoordinate{a}", path, block) for a in "XYZ"], 1)
-        pos = (px - np.floor(size / 2)) * pixel[:, None]
+    if centred:
+        columns = [f"rlnCenteredCoordinate{a}Angst" for a in "XYZ"]
+        pos = np.stack([numeric_column(table, c, path, block) for c in columns], 1)
+        pos = pos + (size / 2 - np.floor(size / 2)) * pixel[:, None]
     else:
-        raise FormatError("missing coordinate columns", path=str(path), field=f"data_{block}",
-                          expected="_rlnCenteredCoordinateX/Y/ZAngst (or _rlnCoordinateX/Y/Z in pixels)",
-                          found=sorted(table.columns)[:12])
+        columns = [f"rlnCoordinate{a}" for a in "XYZ"]
+        px = np.stack([numeric_column(table, c, path, block) for c in columns], 1)
+        pos = (px - np.floor(size / 2)) * pixel[:, None]
+    for k, c in enumerate(columns):
+        check("coordinate_angstrom", pos[:, k], path=str(path), field=f"data_{block}/_{c} (as Å)", index_label="row")
     angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-    angles = (np.stack([numeric_column(table, c, path, block) for c in angle_cols], 1)
+    angles = (np.stack([numeric_column(table, c, path, block, quantity="angle_deg") for c in angle_cols], 1)
               if any(c in table for c in angle_cols) else np.zeros((len(table), 3)))  # picks: no angles yet
     sub_cols = ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTomoSubtomogramPsi")
     a_sub = None
     if any(c in table for c in sub_cols):
-        a_sub = euler_matrix(np.stack([numeric_column(table, c, path, block) for c in sub_cols], 1))
+        a_sub = euler_matrix(np.stack([numeric_column(table, c, path, block, quantity="angle_deg") for c in sub_cols], 1))
         angles = matrix_euler(a_sub @ euler_matrix(angles))
     if all(f"rlnOrigin{a}Angst" in table for a in "XYZ"):
-        origin = np.stack([numeric_column(table, f"rlnOrigin{a}Angst", path, block) for a in "XYZ"], 1)
+        origin = np.stack([numeric_column(table, f"rlnOrigin{a}Angst", path, block, quantity="shift_angstrom")
+                           for a in "XYZ"], 1)
         pos = pos - (origin if a_sub is None else np.einsum("nij,nj->ni", a_sub, origin))
     if "rlnRandomSubset" in table:
         halves = numeric_column(table, "rlnRandomSubset", path, block)

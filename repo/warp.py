@@ -27,6 +27,7 @@ import pandas as pd
 from .errors import FormatError, InvalidInputError, NotFoundError
 from .formats.star import numeric_column, read_star_blocks, require_table, string_column
 from .formats.tilts import exposure_from_pre_exposure
+from .physical import check, check_item_model
 
 __all__ = ["WarpTiltSeries", "read_warp_xml", "parse_warp_xml", "interpolating_to_bspline", "bspline_to_interpolating", "warp_model",
            "warp_xml_text", "centre_shift", "Tomostar", "read_tomostar", "tomostar_table"]
@@ -76,20 +77,61 @@ def _vector(root: ET.Element, name: str, path: Path, k: int) -> tuple[float, ...
                           found=root.attrib[name]) from None
     if len(values) != k:
         raise FormatError(f"{k} values expected", path=str(path), field=f"TiltSeries@{name}", found=len(values))
+    if not all(np.isfinite(v) and 0 < v <= 1e9 for v in values):
+        raise InvalidInputError("dimensions must be finite and positive", path=str(path), field=f"TiltSeries@{name}",
+                                expected="0 < Å <= 1e9", found=values)
     return values
 
 
+def _number(text: str | None, path: Path, field: str, kind: type = float):
+    """One number from an attribute or element text; anything else is a FormatError naming it."""
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise FormatError("not a number", path=str(path), field=field, found=repr(text)) from None
+
+
+_MAX_GRID_NODES = 10_000_000  # Warp's largest grids (4-D volume warps) hold thousands of nodes
+
+
 def _grid(el: ET.Element, path: Path) -> np.ndarray:
-    dims = [int(el.attrib.get(k, 1)) for k in ("Duration", "Depth", "Height", "Width")]
+    field = f"<{el.tag}>"
+    dims = [_number(el.attrib.get(k, "1"), path, f"{field} {k}", int) for k in ("Duration", "Depth", "Height", "Width")]
+    if min(dims) < 1 or int(np.prod(dims, dtype=np.float64)) > _MAX_GRID_NODES:
+        raise FormatError("grid size out of range", path=str(path), field=field,
+                          expected=f"each dimension >= 1, at most {_MAX_GRID_NODES} nodes", found=dims)
     four = "Duration" in el.attrib
     values = np.zeros(dims)
     for node in el:
-        try:
-            w, z, y, x = (int(node.attrib.get(k, 0)) for k in ("W", "Z", "Y", "X"))
-            values[w, z, y, x] = float(node.attrib["Value"])
-        except (KeyError, ValueError, IndexError):
-            raise FormatError("bad grid node", path=str(path), field=f"<{el.tag}>", found=node.attrib) from None
+        index = tuple(_number(node.attrib.get(k, "0"), path, f"{field} Node {k}", int) for k in ("W", "Z", "Y", "X"))
+        if not all(0 <= i < d for i, d in zip(index, dims)):
+            raise FormatError("grid node outside the grid", path=str(path), field=f"{field} Node",
+                              expected=f"W, Z, Y, X within {dims}", found=index)
+        value = _number(node.attrib.get("Value"), path, f"{field} Node Value")
+        if not np.isfinite(value):
+            raise InvalidInputError("NaN or infinite value", path=str(path), field=f"{field} Node {index}")
+        values[index] = value
     return values if four else values[0]
+
+
+def _ctf_params(ctf: ET.Element | None, path: Path) -> dict[str, str]:
+    out = {}
+    for p in ctf if ctf is not None else []:
+        if "Name" not in p.attrib or "Value" not in p.attrib:
+            raise FormatError("CTF parameter without Name and Value", path=str(path), field="<CTF><Param>",
+                              found=p.attrib)
+        out[p.attrib["Name"]] = p.attrib["Value"]
+    return out
+
+
+def _use_tilt(el: ET.Element | None, n: int, path: Path) -> np.ndarray:
+    if el is None:
+        return np.ones(n, bool)
+    words = (el.text or "").split()
+    if len(words) != n or any(w not in ("True", "False") for w in words):
+        raise FormatError("one True or False per tilt expected", path=str(path), field="<UseTilt>",
+                          expected=n, found=" ".join(words[:5]) + (" …" if len(words) > 5 else ""))
+    return np.array([w == "True" for w in words])
 
 
 def read_warp_xml(path: str | Path) -> WarpTiltSeries:
@@ -114,18 +156,17 @@ def parse_warp_xml(raw: bytes, path: str | Path) -> WarpTiltSeries:
         raise FormatError("not a Warp tilt-series XML", path=str(path), expected="<TiltSeries>", found=f"<{root.tag}>")
     angles = _floats(root, "Angles", path)
     n = len(angles)
-    use = root.find("UseTilt")
-    ctf = root.find("CTF")
     return WarpTiltSeries(
         path=path, angles=angles, dose=_floats(root, "Dose", path, n),
-        use_tilt=np.array([t.strip() == "True" for t in use.text.split()]) if use is not None else np.ones(n, bool),
+        use_tilt=_use_tilt(root.find("UseTilt"), n, path),
         axis_angles=_floats(root, "AxisAngle", path, n),
         axis_offsets=np.stack([_floats(root, "AxisOffsetX", path, n), _floats(root, "AxisOffsetY", path, n)], 1),
         are_angles_inverted=root.attrib.get("AreAnglesInverted", "False") == "True",
-        level_angles=(float(root.attrib.get("LevelAngleX", 0)), float(root.attrib.get("LevelAngleY", 0))),
+        level_angles=tuple(_number(root.attrib.get(f"LevelAngle{a}", "0"), path, f"TiltSeries@LevelAngle{a}")
+                           for a in "XY"),
         volume_angstrom=_vector(root, "VolumeDimensionsAngstrom", path, 3),
         image_angstrom=_vector(root, "ImageDimensionsAngstrom", path, 2),
-        ctf={p.attrib["Name"]: p.attrib["Value"] for p in (ctf if ctf is not None else [])},
+        ctf=_ctf_params(root.find("CTF"), path),
         grids={el.tag: _grid(el, path) for el in root if el.tag.startswith("Grid")},
         movie_paths=(root.findtext("MoviePath") or "").split(), raw=raw)
 
@@ -170,14 +211,31 @@ def centre_shift(size_px: tuple[int, int], pixel: float) -> np.ndarray:
     return np.array([(w / 2 - w // 2) * pixel, (h / 2 - h // 2) * pixel])
 
 
+# where each of our model's values comes from in a Warp XML (for errors a user can act on)
+XML_FIELDS = {
+    "tilt_angles_deg": "<Angles>", "tilt_axis_angle_deg": "<AxisAngle>",
+    "angle_corrections_deg": "<AxisAngle>/LevelAngleX/LevelAngleY", "shifts_angstrom": "<AxisOffsetX/Y>",
+    "image_warp": "<GridMovementX/Y>", "volume_warp": "<GridVolumeWarpX/Y/Z>", "orientation_corrections_deg": "<GridAngleX/Y/Z>",
+    "defocus_u_angstrom": "<GridCTF>/<GridCTFDefocusDelta> (or CTF Defocus/DefocusDelta)",
+    "defocus_v_angstrom": "<GridCTF>/<GridCTFDefocusDelta> (or CTF Defocus/DefocusDelta)",
+    "defocus_angle_deg": "<GridCTFDefocusAngle>", "pre_exposure": "<Dose>", "exposure": "<Dose>",
+    "voltage_kv": "<CTF> Voltage", "spherical_aberration_mm": "<CTF> Cs", "amplitude_contrast": "<CTF> Amplitude",
+    "image_size_px": "ImageDimensionsAngstrom / pixel size", "tomogram_size_px": "VolumeDimensionsAngstrom / pixel size",
+}
+
+
 def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px: tuple[int, int] | None = None,
-               tomogram_size_px: list[int] | None = None) -> dict:
+               tomogram_size_px: list[int] | None = None, defocus_um: float | None = None) -> dict:
     """Our item model (numpy) for a Warp tilt series, for the tilts it uses (``UseTilt``).
+
+    A file whose CTF was never estimated (defocus 0 everywhere, as after
+    Warp's IMOD import) takes ``defocus_um`` as every tilt's defocus.
 
     ``image_size_px`` (h, w) and ``tomogram_size_px`` default to the XML's
     ``ImageDimensionsAngstrom``/``VolumeDimensionsAngstrom`` at ``pixel_size_angstrom``.
     """
     px = pixel_size_angstrom
+    check("pixel_size_angstrom", px, path=str(ts.path), field="pixel size")
     if image_size_px is None:
         if ts.image_angstrom is None:
             raise FormatError("missing attribute", path=str(ts.path), field="TiltSeries@ImageDimensionsAngstrom",
@@ -234,25 +292,34 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
                                     field=f"<{name}>", expected=n, found=len(v))
         return v
     orientation = np.stack([per_tilt(f"GridAngle{a}", 0.0) for a in "XYZ"], 1)[keep]
-    defocus = per_tilt("GridCTF", float(ts.ctf.get("Defocus", 0))) * 1e4
+    def param(name: str, default: float) -> float:
+        return _number(ts.ctf.get(name, default), ts.path, f"<CTF> {name}")
+    defocus = per_tilt("GridCTF", param("Defocus", 0)) * 1e4
+    if not np.any(defocus):
+        if defocus_um is None:
+            raise InvalidInputError("the CTF was never estimated (defocus 0 in every tilt)", path=str(ts.path),
+                                    field="<GridCTF>", hint="estimate it in Warp, or pass --defocus-um")
+        defocus = np.full(n, float(defocus_um) * 1e4)
     # Warp's DefocusDelta is U − V (its CTF adds ½·delta·cos 2(φ − angle); its RELION writers write D ± delta/2)
-    half_delta = per_tilt("GridCTFDefocusDelta", float(ts.ctf.get("DefocusDelta", 0))) * 1e4 / 2
+    half_delta = per_tilt("GridCTFDefocusDelta", param("DefocusDelta", 0)) * 1e4 / 2
     lx, ly = ts.level_angles
     axis = ts.axis_angles[keep]
-    return {
+    model = {
         "tilt_angles_deg": -ts.angles[keep], "tilt_axis_angle_deg": float(axis[0]),
         "angle_corrections_deg": np.stack([np.full(len(keep), lx), np.full(len(keep), -ly), axis - axis[0]], 1),
         "shifts_angstrom": ts.axis_offsets[keep] + centre_shift(image_size_px, px),
         "image_warp": image_warp, "volume_warp": volume_warp,
         "orientation_corrections_deg": orientation if np.any(orientation != 0) else None,
         "defocus_u_angstrom": (defocus + half_delta)[keep], "defocus_v_angstrom": (defocus - half_delta)[keep],
-        "defocus_angle_deg": per_tilt("GridCTFDefocusAngle", float(ts.ctf.get("DefocusAngle", 0)))[keep],
+        "defocus_angle_deg": per_tilt("GridCTFDefocusAngle", param("DefocusAngle", 0))[keep],
         "pre_exposure": ts.dose[keep].astype(np.float64), "exposure": exposure_from_pre_exposure(ts.dose)[keep],
         "handedness": -1 if ts.are_angles_inverted else 1, "tilts": [int(i) for i in keep],
         "image_size_px": tuple(image_size_px), "tomogram_size_px": list(tomogram_size_px),
-        "voltage_kv": float(ts.ctf.get("Voltage", 300)), "spherical_aberration_mm": float(ts.ctf.get("Cs", 2.7)),
-        "amplitude_contrast": float(ts.ctf.get("Amplitude", 0.07)),
+        "voltage_kv": param("Voltage", 300), "spherical_aberration_mm": param("Cs", 2.7),
+        "amplitude_contrast": param("Amplitude", 0.07),
     }
+    check_item_model(model, path=str(ts.path), fields=XML_FIELDS)
+    return model
 
 
 # --------------------------------------------------------------------------- writing

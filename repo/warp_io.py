@@ -29,6 +29,7 @@ from .formats.star import write_star
 from .formats.tilts import exposure_from_pre_exposure
 from .fsutil import staged_folder
 from .hashing import ObjectId
+from .physical import check_item_model
 from .importers import default_tomogram_size, input_file
 from .population import export_names, item_key, iter_items, with_item
 from .records import DeformationModel, Grid, ImagingModel, Operation, Population, TiltSeries, validate_name
@@ -133,10 +134,14 @@ def _read_one(path: Path, stack: Path | None, pixel_size: float | None, tomogram
         else:
             tomogram_size = default_tomogram_size(w, h)
     if xml is not None:
-        model = warp_model(xml, pixel, image_size_px=(h, w), tomogram_size_px=list(tomogram_size))
+        model = warp_model(xml, pixel, image_size_px=(h, w), tomogram_size_px=list(tomogram_size),
+                           defocus_um=options.get("defocus_um"))
     else:
         model = _tomostar_model(tomostar, (h, w), pixel, options)
-        model["tomogram_size_px"] = list(tomogram_size)
+        model["tomogram_size_px"], model["image_size_px"] = list(tomogram_size), (h, w)
+        check_item_model(model, path=str(tomostar.path), fields={"defocus_u_angstrom": "--defocus-um",
+                                                                  "defocus_v_angstrom": "--defocus-um",
+                                                                  "pre_exposure": "_wrpDose", "exposure": "_wrpDose"})
     keep = model["tilts"]
     if shape[0] not in (n_all, len(keep)):
         raise InvalidInputError("tilt count differs between Warp metadata and image stack", path=str(stack),

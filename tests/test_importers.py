@@ -10,7 +10,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, TILT_ARGS, particle_rows, repo_state, write_mrc, write_particles
+from conftest import TEST_DATA, shared_file, TILT_ARGS, particle_rows, repo_state, write_mrc, write_particles
 from cryopool.repo import Repository
 from cryopool.repo.errors import AlreadyExistsError, CryopoolError, FormatError, InvalidInputError, NotFoundError
 from cryopool.repo.importers import import_species, import_tilt_series, stable_particle_ids
@@ -101,8 +101,7 @@ def test_stable_ids_are_deterministic():
 
 
 def test_real_warp_stack_imports_and_round_trips(disk_repo):
-    stack = SHARED_DATA / "warp" / "00254.stack.mrc"
-    assert stack.is_file(), "shared test data missing"
+    stack = shared_file("warp/00254.stack.mrc")
     import_tilt_series(disk_repo, stack, source="warp", name="00254", tilt_angles="-60:60:3", dose_per_tilt=2.0,
                        defocus_um=4.0)
     ts = disk_repo.get_record(find_item(disk_repo, disk_repo.population(), "00254")[1], TiltSeries)
@@ -113,7 +112,7 @@ def test_real_warp_stack_imports_and_round_trips(disk_repo):
 
 
 def test_real_mdoc_supplies_angles_pixel_size_and_axis(disk_repo, tmp_path):
-    mdoc = SHARED_DATA / "mdoc" / "tilt_series.mdoc"
+    mdoc = TEST_DATA / "mdoc" / "tilt_series.mdoc"
     stack = write_mrc(tmp_path / "TS_01.mrc", np.zeros((41, 16, 16), np.int16), voxel=5.4)
     import_tilt_series(disk_repo, stack, source="serialem", mdoc=mdoc, dose_per_tilt=2.5)
     ts = disk_repo.get_record(find_item(disk_repo, disk_repo.population(), "TS_01")[1], TiltSeries)
@@ -126,7 +125,7 @@ def test_real_mdoc_supplies_angles_pixel_size_and_axis(disk_repo, tmp_path):
 
 
 def test_real_emdb_map_as_species(populated, tmp_path):
-    emd = SHARED_DATA / "maps" / "EMD-3197.map"
+    emd = TEST_DATA / "maps" / "EMD-3197.map"
     star = write_particles(tmp_path / "p.star", particle_rows(["TS_01"], 2))
     import_species(populated, "emd3197", half_map_1=emd, half_map_2=emd, particles=star, diameter_angstrom=200)
     sp = populated.get_record(populated.population().species["emd3197"], Species)
@@ -198,10 +197,10 @@ def test_nan_in_stack(populated, tmp_path):
     assert not any((populated.root / "tmp").iterdir())  # the aborted staging area is gone
 
 
-def test_pixel_size_disagreement(populated, inputs):
-    _expect_unchanged(populated, lambda: import_tilt_series(populated, inputs["ts1"], source="x",
-                                                            pixel_size_angstrom=4.0, **TILT_ARGS),
-                      InvalidInputError, "TS_01.mrc", "pixel sizes disagree")
+def test_given_pixel_size_overrides_a_wrong_header(populated, inputs):
+    commit = import_tilt_series(populated, inputs["ts1"], source="x", pixel_size_angstrom=4.0, **TILT_ARGS)
+    item = populated.get_record(find_item(populated, populated.population(commit), "x/TS_01")[1], TiltSeries)
+    assert item.pixel_size_angstrom == 4.0
 
 
 def _species(repo, inputs, **kw):

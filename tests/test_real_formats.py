@@ -9,17 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 from cryopool.repo.formats.mrc import read_mrc, write_mrc
 from cryopool.repo.formats.star import read_star_blocks, write_star
 from cryopool.repo.formats.tilts import read_mdoc
 
-STAR_FILES = sorted((SHARED_DATA / "star").rglob("*.star"))
+STAR_FILES = sorted((TEST_DATA / "star").rglob("*.star"))
+assert len(STAR_FILES) == 5, f"the STAR test files are missing from {TEST_DATA / 'star'}"  # never run nothing
 
 
 def test_mdoc_keeps_every_key_value_and_title():
     """Every ``Key = value`` line lands in the global part or its section, unchanged; titles are kept."""
-    path = SHARED_DATA / "mdoc/tilt_series.mdoc"
+    path = TEST_DATA / "mdoc/tilt_series.mdoc"
     mdoc = read_mdoc(path)
     section, seen = None, 0
     for line in path.read_text().splitlines():
@@ -70,7 +71,7 @@ def test_star_files_keep_every_block_column_and_value(path, tmp_path):
 
 
 def test_emdb_map_reads_and_writes_back_exactly(tmp_path):
-    path = SHARED_DATA / "maps/EMD-3197.map"
+    path = TEST_DATA / "maps/EMD-3197.map"
     ours = read_mrc(path)
     with mrcfile.open(path, permissive=True) as m:
         np.testing.assert_array_equal(ours.data, m.data)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 from cryopool.engine.ctf import ctf_2d
 from cryopool.engine.geometry import euler_zyz_to_matrix
 from cryopool.engine.tilt_model import (Imaging, TiltGeometry, particle_defocus, particle_positions_in_tilts,
@@ -18,7 +18,7 @@ from cryopool.repo import CryopoolError
 from cryopool.repo.warp import interpolating_to_bspline, read_warp_xml, warp_model
 from cryopool.engine.splines import interpolate_bspline_grid
 
-TS_1 = SHARED_DATA / "warp/TS_1.xml"
+TS_1 = TEST_DATA / "warp/TS_1.xml"
 
 
 class _Unusable(types.ModuleType):
@@ -122,7 +122,7 @@ def test_astigmatism_matches_warps_own_ctf(warpylib, name):
     ours from the imported U, V and angle; then U and V alone against the
     half-difference Warp's RELION writers use.
     """
-    path = SHARED_DATA / "warp" / name
+    path = TEST_DATA / "warp" / name
     ts_w = warpylib.TiltSeries(str(path))
     xml = read_warp_xml(path)
     model = warp_model(xml, float(xml.ctf.get("PixelSize", 1.0)), image_size_px=(512, 512),

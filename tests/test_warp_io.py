@@ -11,7 +11,7 @@ import starfile
 import torch
 from click.testing import CliRunner
 
-from conftest import SHARED_DATA, repo_state, write_mrc
+from conftest import TEST_DATA, shared_file, repo_state, write_mrc
 from test_warp import _our_geometry, _Unusable
 from cryopool.cli.main import cli
 from cryopool.engine.records_io import load_item
@@ -22,7 +22,7 @@ from cryopool.repo.population import iter_items
 from cryopool.repo.warp import read_warp_xml, warp_model, warp_xml_text
 from cryopool.repo.warp_io import export_warp, import_warp
 
-WARP = SHARED_DATA / "warp"
+WARP = TEST_DATA / "warp"
 SIZE = [652, 630, 200]  # 00254's XML predates VolumeDimensionsAngstrom: the tomogram size is given
 VOLUME = np.array(SIZE, dtype=float) * 10.0
 
@@ -43,13 +43,13 @@ def _only_item(repo: Repository, commit):
 def test_00254_imports_as_an_item_that_projects_and_focuses_like_warp(tmp_path, warpylib):
     """AreAnglesInverted = True (Warp takes defocus from the mirrored geometry) is our handedness −1."""
     repo = Repository.init(tmp_path / "pop")
-    commit = import_warp(repo, [WARP / "00254.xml"], source="warp", stacks=[WARP / "00254.stack.mrc"],
+    commit = import_warp(repo, [WARP / "00254.xml"], source="warp", stacks=[shared_file("warp/00254.stack.mrc")],
                          tomogram_size_px=SIZE)
     key, _, item = _only_item(repo, commit)
     assert key == "warp/00254" and item.handedness == -1 and item.pixel_size_angstrom == 10.0
     assert repo.get_blob(item.metadata["warp"]["xml"]) == (WARP / "00254.xml").read_bytes()  # verbatim, BOM and all
     model = load_item(repo, item, with_stack=False)
-    with mrcfile.mmap(WARP / "00254.stack.mrc", permissive=True) as m:
+    with mrcfile.mmap(shared_file("warp/00254.stack.mrc"), permissive=True) as m:
         h, w = m.data.shape[1:]
         np.testing.assert_array_equal(load_item(repo, item).stack.numpy(), m.data)
     image = torch.tensor([w * 10.0, h * 10.0])
@@ -68,7 +68,7 @@ def test_00254_imports_as_an_item_that_projects_and_focuses_like_warp(tmp_path, 
 
 def test_warp_round_trip_is_exact_and_files_are_readable(tmp_path):
     repo = Repository.init(tmp_path / "pop")
-    commit = import_warp(repo, [WARP / "00254.xml"], source="warp", stacks=[WARP / "00254.stack.mrc"],
+    commit = import_warp(repo, [WARP / "00254.xml"], source="warp", stacks=[shared_file("warp/00254.stack.mrc")],
                          tomogram_size_px=SIZE)
     _, ref, _ = _only_item(repo, commit)
     out = tmp_path / "export"
@@ -98,14 +98,16 @@ def test_imod_alignment_agrees_with_warps_import_of_it(tmp_path):
     every point p here lands where Warp puts (x, y, −z), at the opposite height.
     """
     repo = Repository.init(tmp_path / "pop")
-    commit = import_tilt_series(repo, WARP / "00254.stack.mrc", source="imod", name="00254",
+    commit = import_tilt_series(repo, shared_file("warp/00254.stack.mrc"), source="imod", name="00254",
                                 tlt=WARP / "imod/00254.tlt", xf=WARP / "imod/00254.xf", dose_per_tilt=3.0,
                                 defocus_um=3.0, tomogram_size_px=SIZE)
     _, _, item = _only_item(repo, commit)
     assert item.handedness == -1
     ours = load_item(repo, item, with_stack=False).geometry
-    warp = warp_model(read_warp_xml(WARP / "imod/00254_imported.xml"), 10.0, image_size_px=ours.image_size_px,
-                      tomogram_size_px=SIZE)
+    imported = read_warp_xml(WARP / "imod/00254_imported.xml")
+    with pytest.raises(CryopoolError, match="never estimated"):  # Warp's IMOD import has no CTF yet
+        warp_model(imported, 10.0, image_size_px=ours.image_size_px, tomogram_size_px=SIZE)
+    warp = warp_model(imported, 10.0, image_size_px=ours.image_size_px, tomogram_size_px=SIZE, defocus_um=3.0)
     theirs = _our_geometry(warp, 10.0, VOLUME)[0]
     p = np.random.default_rng(1).uniform(-0.4, 0.4, size=(200, 3)) * VOLUME
     xy, z = particle_positions_in_tilts(ours, torch.tensor(p))
@@ -231,7 +233,7 @@ def test_stack_with_every_tilt_drops_the_unused_one(tmp_path):
 def test_generated_xml_reads_back_to_the_same_geometry(tmp_path):
     """A model Warp did not write (per-tilt y corrections, a volume warp) → XML → the same projections."""
     rng = np.random.default_rng(4)
-    model = warp_model(read_warp_xml(SHARED_DATA / "warp/TS_1.xml"), 0.834)
+    model = warp_model(read_warp_xml(TEST_DATA / "warp/TS_1.xml"), 0.834)
     n = len(model["tilt_angles_deg"])
     model["angle_corrections_deg"][:, 1] += rng.normal(0, 0.3, n)
     model["volume_warp"] = rng.normal(0, 5, size=(3, 1, 2, 3, 3))
@@ -325,7 +327,7 @@ def test_two_sources_export_in_one_step_without_clashing(tmp_path):
 
 def test_written_xml_holds_u_minus_v_as_warp_reads_it(tmp_path, warpylib):
     """A model with U − V = 600 Å → XML → warpylib's CTF reads DefocusDelta 0.06 µm (not half of it)."""
-    model = warp_model(read_warp_xml(SHARED_DATA / "warp/TS_1.xml"), 0.834)
+    model = warp_model(read_warp_xml(TEST_DATA / "warp/TS_1.xml"), 0.834)
     n = len(model["tilt_angles_deg"])
     model["defocus_u_angstrom"] = np.full(n, 30300.0)
     model["defocus_v_angstrom"] = np.full(n, 29700.0)

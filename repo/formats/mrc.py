@@ -88,6 +88,9 @@ def read_mrc(path: str | Path, *, check_finite: bool = True, mmap: bool = False)
         if size < need:
             raise FormatError(f"truncated MRC file (expected {need} bytes, found {size})", path=str(path),
                               field="data block")
+        if size > need:  # e.g. float32 data under a header that says int16: the header is wrong, not the data
+            raise FormatError(f"MRC file is longer than its header says (expected {need} bytes for "
+                              f"{shape[::-1]} voxels of {dtype}, found {size})", path=str(path), field="header")
         with open(path, "rb") as fh:  # populated up front: one kernel call instead of a page fault per page
             flags = mmap_module.MAP_SHARED | getattr(mmap_module, "MAP_POPULATE", 0)
             mapped = mmap_module.mmap(fh.fileno(), 0, flags=flags, prot=mmap_module.PROT_READ)

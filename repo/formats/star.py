@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
+from ..physical import check
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
 __all__ = ["read_star_blocks", "require_table", "numeric_column", "string_column", "write_star"]
@@ -43,7 +44,9 @@ def require_table(blocks: dict, path: str | Path, names: tuple[str, ...]) -> tup
                       found=[f"data_{k}" for k in blocks])
 
 
-def numeric_column(table: pd.DataFrame, column: str, path, block: str, *, finite: bool = True) -> np.ndarray:
+def numeric_column(table: pd.DataFrame, column: str, path, block: str, *, finite: bool = True,
+                   quantity: str | None = None) -> np.ndarray:
+    """A column as float64; a bad cell is an error naming its row. ``quantity``: its physical range too."""
     if column not in table.columns:
         raise FormatError("missing column", path=str(path), field=f"data_{block}/_{column}",
                           expected=f"column _{column}", found=sorted(table.columns)[:12])
@@ -59,6 +62,8 @@ def numeric_column(table: pd.DataFrame, column: str, path, block: str, *, finite
         row = int(np.flatnonzero(~np.isfinite(values))[0]) + 1
         raise InvalidInputError("NaN or infinite value", path=str(path), field=f"data_{block}/_{column} row {row}",
                                 found=values[row - 1])
+    if quantity is not None:
+        check(quantity, values, path=str(path), field=f"data_{block}/_{column}", index_label="row")
     return values
 
 

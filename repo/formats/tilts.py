@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
-__all__ = ["read_tlt", "read_xf", "xf_alignment", "Mdoc", "read_mdoc", "dose_symmetric_order", "pre_exposure", "exposure_from_pre_exposure", "parse_tilt_range"]
+__all__ = ["mdoc_number", "read_tlt", "read_xf", "xf_alignment", "Mdoc", "read_mdoc", "dose_symmetric_order", "pre_exposure", "exposure_from_pre_exposure", "parse_tilt_range"]
 
 
 def _text(path: Path) -> str:
@@ -45,6 +45,10 @@ def read_tlt(path: str | Path) -> list[float]:
     return angles
 
 
+_MAX_XF_SHIFT_PX = 1e6
+_MAX_TILTS = 10_000
+
+
 def read_xf(path: str | Path) -> np.ndarray:
     """IMOD ``.xf``: one line ``A11 A12 A21 A22 DX DY`` per tilt → ``(n, 6)``.
 
@@ -66,6 +70,9 @@ def read_xf(path: str | Path) -> np.ndarray:
             raise FormatError("not a number", path=str(path), field=f"line {n}", found=repr(line.strip())) from None
         if not all(math.isfinite(v) for v in row):
             raise InvalidInputError("NaN or infinite value", path=str(path), field=f"line {n}")
+        if max(abs(v) for v in row[:4]) > 10 or max(abs(v) for v in row[4:]) > _MAX_XF_SHIFT_PX:
+            raise InvalidInputError("transform out of range", path=str(path), field=f"line {n}",
+                                    expected=f"|A| <= 10 and |DX|, |DY| <= {_MAX_XF_SHIFT_PX:g} px", found=row)
         rows.append(row)
     if not rows:
         raise FormatError("no transforms in file", path=str(path))
@@ -95,6 +102,17 @@ def xf_alignment(xf: np.ndarray, pixel_size_angstrom: float, path: str = ".xf") 
     return -phi, shifts
 
 
+def mdoc_number(value: str, path: str, field: str) -> float:
+    """The first number of an mdoc value (``PixelSpacing = 1.35``, ``TiltAngle = -59.99 …``); finite."""
+    try:
+        v = float(value.split()[0])
+    except (ValueError, IndexError):
+        raise FormatError("mdoc value is not a number", path=path, field=field, found=value) from None
+    if not math.isfinite(v):
+        raise InvalidInputError("NaN or infinite value", path=path, field=field, found=value)
+    return v
+
+
 @dataclass
 class Mdoc:
     global_values: dict[str, str]
@@ -110,13 +128,7 @@ class Mdoc:
         return out
 
     def floats(self, key: str, path: str) -> list[float]:
-        out = []
-        for i, v in enumerate(self.column(key, path)):
-            try:
-                out.append(float(v.split()[0]))
-            except (ValueError, IndexError):
-                raise FormatError("mdoc value is not a number", path=path, field=f"[ZValue = {i}] {key}", found=v) from None
-        return out
+        return [mdoc_number(v, path, f"[ZValue = {i}] {key}") for i, v in enumerate(self.column(key, path))]
 
     def acquisition_order(self, path: str) -> list[int] | None:
         """Stack indices in the order they were acquired (from DateTime), if every section has one."""
@@ -219,8 +231,13 @@ def parse_tilt_range(text: str) -> list[float]:
     try:
         lo, hi, step = (float(x) for x in text.split(":"))
     except ValueError:
-        raise InvalidInputError("tilt range must be MIN:MAX:STEP in degrees", found=repr(text)) from None
-    if step <= 0 or hi < lo:
-        raise InvalidInputError("tilt range must have MIN <= MAX and STEP > 0", found=repr(text))
+        raise InvalidInputError("tilt range must be MIN:MAX:STEP in degrees", field="tilt angles",
+                                found=repr(text)) from None
+    if not (-90 <= lo <= hi <= 90 and step > 0):  # also false for NaN
+        raise InvalidInputError("tilt range must have -90 <= MIN <= MAX <= 90 and STEP > 0", field="tilt angles",
+                                found=repr(text))
     n = int(round((hi - lo) / step)) + 1
+    if n > _MAX_TILTS:
+        raise InvalidInputError("too many tilts", field="tilt angles", expected=f"at most {_MAX_TILTS}",
+                                found=f"{n} from {text!r}")
     return [round(lo + i * step, 6) for i in range(n)]
