@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_projection  # noqa: E402
 import bench_refine  # noqa: E402
 import bench_remote  # noqa: E402
+import bench_startup  # noqa: E402
 import bench_store  # noqa: E402
 
 
@@ -23,6 +24,8 @@ def main() -> None:
     bench_refine.main()
     print("\n== collaboration: clone and incremental push ==")
     bench_remote.main()
+    print("\n== command start-up: status, log, show, diff, branch ==")
+    bench_startup.main()
 
 
 if __name__ == "__main__":

@@ -9,18 +9,76 @@ verify), 2 (usage).
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from cryopool.repo import Repository
 from cryopool.repo.version import __version__
 
-from . import demo, export_cmd, history, importing, maintenance, merge_cmd, refine_cmd, refs_cmds, remote_cmds, serve_cmd, simulate_cmd
 from .common import Context, emit_json, handle_errors, json_option
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "COMMANDS"]
+
+# command → (module in cryopool.cli, attribute, one-line help): a command's module (and with it torch,
+# pandas, scipy, matplotlib or fastapi) is imported only when that command runs
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "import": ("importing", "import_group", "Import data into the current branch (one commit per import)."),
+    "export": ("export_cmd", "export_group", "Write the population at a commit in another program's formats."),
+    "status": ("history", "status", "Where HEAD is, and what the population holds."),
+    "log": ("history", "log", "History of REV (default HEAD), newest first."),
+    "show": ("history", "show", "Show a commit, or REV:species/NAME, or REV:SOURCE/ITEM (or an object id with --raw)."),
+    "diff": ("history", "diff", "What changed in the population from REV_A to REV_B (default HEAD)."),
+    "branch": ("refs_cmds", "branch", "List branches, create NAME at START, or delete NAME."),
+    "checkout": ("refs_cmds", "checkout",
+        "Point HEAD at branch REV (later commits go there), or detach it at a commit."),
+    "tag": ("refs_cmds", "tag", "List tags, tag REV as NAME (tags never move), or delete NAME."),
+    "merge": ("merge_cmd", "merge",
+        "Three-way merge of REV into the checked-out branch (a merge commit with two parents)."),
+    "resolve": ("merge_cmd", "resolve",
+        "Continue the unfinished merge: settle collisions one by one (--drop) or by --policy, then commit."),
+    "remote": ("remote_cmds", "remote",
+        "Name other repositories: shared-filesystem paths, `cryopool serve` URLs, S3 (fsspec) URLs."),
+    "clone": ("remote_cmds", "clone",
+        "Copy the repository at URL (path, server or s3://…) into DIRECTORY (remote 'origin'), checking out its HEAD."),
+    "fetch": ("remote_cmds", "fetch",
+        "Bring NAME's branches into refs/remotes/NAME/* (only missing objects travel, each re-hashed)."),
+    "push": ("remote_cmds", "push",
+        "Send BRANCH (default: the checked-out one) to remote NAME; refused unless a fast-forward."),
+    "pull": ("remote_cmds", "pull",
+        "Fetch NAME and merge NAME/BRANCH (default: the checked-out branch's name) into the checked-out branch."),
+    "serve": ("serve_cmd", "serve",
+        "Serve the repository as a shared population (push needs a token with the write scope)."),
+    "verify": ("maintenance", "verify", "Recompute every reachable object's hash and check the version DAG."),
+    "gc": ("maintenance", "gc", "Remove objects that no ref, reflog entry or unfinished operation can reach."),
+    "simulate": ("simulate_cmd", "simulate",
+        "Simulate a population with ground truth and commit it to the repository in DIRECTORY."),
+    "refine": ("refine_cmd", "refine", "Refine all species jointly in every tilt series and commit each iteration."),
+    "demo": ("demo", "demo",
+        "Two labs pool tilt series: the repository walk, then a simulated population refined against its truth."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """Commands resolved from :data:`COMMANDS` on first use; ``--help`` lists them without importing them."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*self.commands, *COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands or name not in COMMANDS:
+            return self.commands.get(name)
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f"{__package__}.{module}"), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, self.commands[name].get_short_help_str() if name in self.commands else COMMANDS[name][2])
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-C", "--repo", "repo_path", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Run as if started in this directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -51,12 +109,6 @@ def init(directory: str, initial_branch: str, compression_level: int, as_json: b
         emit_json({"repository": str(repo.root), "branch": initial_branch})
     else:
         click.echo(f"Initialised empty cryopool repository in {repo.root} (branch '{initial_branch}')")
-
-
-for _module in (importing, export_cmd, history, refs_cmds, merge_cmd, remote_cmds, serve_cmd, maintenance, simulate_cmd, refine_cmd,
-                demo):
-    for _command in _module.COMMANDS:
-        cli.add_command(_command)
 
 
 def main() -> None:

@@ -39,7 +39,6 @@ from .hashing import Kind, ObjectId, is_object_id
 from .records import ArrayManifest, Commit, Operation, Population, Record, parse_record
 from .refs import ANY, DiskRefStore, MemoryRefStore, RefStore, validate_ref_name
 from .store import DiskObjectStore, MemoryObjectStore, ObjectStore, StagingStore
-from .transport import deferred_fetcher
 from .version import __version__
 
 __all__ = ["Repository", "Head", "REPO_DIR", "software_version", "utc_now"]
@@ -71,6 +70,18 @@ def default_author() -> str:
     except Exception:
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def _deferred_fetcher(store: DiskObjectStore, remote: dict) -> Callable[[list[str]], None]:
+    """The partial clone's fallback, with the network layer imported on its first use, not on every open."""
+    fetch: list[Callable[[list[str]], None]] = []
+
+    def fallback(ids: list[str]) -> None:
+        if not fetch:
+            from .transport import deferred_fetcher
+            fetch.append(deferred_fetcher(store, remote))
+        fetch[0](ids)
+    return fallback
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,7 @@ class Repository:
             if remote is None:
                 raise FormatError("partial clone names a remote the config lacks", path=str(root / "config"),
                                   field="partial.remote", found=partial.get("remote"))
-            store.fallback = deferred_fetcher(store, remote)
+            store.fallback = _deferred_fetcher(store, remote)
         return cls(store=store, refs=DiskRefStore(root, fsync=fsync), root=root, config=config)
 
     @classmethod
