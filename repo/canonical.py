@@ -104,6 +104,22 @@ def _ext_hook(code: int, data: bytes) -> Ref:
     return Ref(kind, ObjectId.from_digest(data[1:]))
 
 
+MAX_DEPTH = 64  # records nest a few levels; msgpack itself allows thousands
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded value, iteratively (a hostile record must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if d > MAX_DEPTH:
+                return d
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def decode(data: bytes | memoryview, *, check_canonical: bool = True, where: str = "record") -> Any:
     """Decode canonical msgpack; reject anything non-canonical or oversized."""
     if len(data) > MAX_RECORD_BYTES:
@@ -115,6 +131,9 @@ def decode(data: bytes | memoryview, *, check_canonical: bool = True, where: str
         raise
     except Exception as exc:  # msgpack raises a zoo of types
         raise FormatError(f"not valid msgpack ({exc})", path=where) from None
+    depth = _depth(value)
+    if depth > MAX_DEPTH:  # before anything recursive (re-encoding, walking refs) touches it
+        raise FormatError("record nested too deeply", path=where, expected=f"<= {MAX_DEPTH} levels", found=depth)
     if check_canonical and encode(value) != bytes(data):
         raise FormatError("record is not in canonical encoding", path=where,
                           hint="keys must be sorted, floats float64, integers shortest")

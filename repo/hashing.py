@@ -18,7 +18,7 @@ from .errors import InvalidInputError
 __all__ = ["Kind", "ObjectId", "hash_bytes", "is_object_id", "CONTEXTS", "DIGEST_SIZE"]
 
 DIGEST_SIZE = 32
-_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class Kind(enum.IntEnum):
@@ -44,7 +44,7 @@ class ObjectId(str):
     def __new__(cls, value: str) -> "ObjectId":
         if isinstance(value, ObjectId):
             return value
-        if not isinstance(value, str) or not _HEX_RE.match(value):
+        if not isinstance(value, str) or not _HEX_RE.fullmatch(value):
             raise InvalidInputError("not an object id", expected="64 lower-case hex digits", found=repr(value))
         return super().__new__(cls, value)
 
@@ -64,7 +64,7 @@ class ObjectId(str):
 
 
 def is_object_id(value: str) -> bool:
-    return isinstance(value, str) and bool(_HEX_RE.match(value))
+    return isinstance(value, str) and bool(_HEX_RE.fullmatch(value))
 
 
 def hash_bytes(kind: Kind, data: bytes | bytearray | memoryview) -> ObjectId:

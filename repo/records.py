@@ -50,12 +50,12 @@ def ref_to(*types_: str) -> Any:
 ArrayRef = ref_to("Array")
 ChunkRef = Annotated[Ref, Target(("*",), Kind.CHUNK)]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 def validate_name(name: str, what: str) -> str:
     """Names of sources, items and species: safe in paths, STAR files and URLs."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith(".lock"):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith(".lock"):
         raise InvalidInputError(f"invalid {what} name", field=what, found=repr(name),
                                 expected="1-128 characters from A-Z a-z 0-9 . _ + -, starting with a letter or digit")
     return name

@@ -40,7 +40,7 @@ class _Any:
 
 ANY = _Any()  # "don't compare" for update()
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
+_COMPONENT = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 
 
 def validate_ref_name(name: str) -> str:
@@ -50,7 +50,7 @@ def validate_ref_name(name: str) -> str:
     parts = name.split("/") if isinstance(name, str) else []
     bad = (
         len(parts) < 3 or parts[0] != "refs" or len(name) > 255
-        or any(not _COMPONENT.match(p) or p.endswith(".lock") or ".." in p for p in parts[1:])
+        or any(not _COMPONENT.fullmatch(p) or p.endswith(".lock") or ".." in p for p in parts[1:])
     )
     if bad:
         raise InvalidInputError("invalid ref name", field="ref", found=repr(name),

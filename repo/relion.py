@@ -47,7 +47,7 @@ from .trajectory import MAX_TEMPORAL_SAMPLES, dose_times, trajectory_weights
 __all__ = ["import_relion", "export_relion"]
 
 Progress = Callable[[int], None] | None
-_SECTION = re.compile(r"^(\d+)@(.+)$")
+_SECTION = re.compile(r"(\d+)@(.+)")
 
 
 # --------------------------------------------------------------------------- small conversions
@@ -128,7 +128,7 @@ def _images(tomo: str, global_row: pd.Series, tilts: pd.DataFrame, tomograms: Pa
     names = string_column(tilts, "rlnMicrographName", ts_star, block)
     out = []
     for row, name in enumerate(names, 1):
-        hit = _SECTION.match(name.strip())
+        hit = _SECTION.fullmatch(name.strip())
         field = f"data_{block}/_rlnMicrographName row {row}"
         if hit:
             if int(hit.group(1)) < 1:

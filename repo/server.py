@@ -17,7 +17,9 @@ so the server's store is always closed under references and an interrupted
 push resumes where it stopped. A ref moves only if every object reachable
 from the new commit is present.
 Tokens come from the server's configuration (``server.tokens``: token → list
-of scopes ``read``/``write``); ``server.anonymous_read`` lets anyone read.
+of scopes ``read``/``write``/``force``); ``server.anonymous_read`` lets anyone read.
+A ref may name only a commit whose whole closure is present and well-typed;
+a branch moves only forward and a tag never, unless the token has ``force``.
 Ids must be 64 lower-case hex digits, ref names pass ``validate_ref_name``
 (no ``..``, no traversal), objects are limited in size, and record bodies are
 decoded with the canonical decoder's limits.
@@ -29,26 +31,29 @@ import contextlib
 import socket
 import threading
 import time
-from collections import deque
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from . import canonical
 from .errors import ConflictError, CryopoolError, InvalidInputError
 from .hashing import Kind, ObjectId, hash_bytes, is_object_id
+from .records import parse_record, reference_targets
 from .refs import validate_ref_name
+from .remote import is_ancestor
 from .repository import Repository
 from .store import decode_object_file, encode_object_file
 from .transport import FRAME_HEADER, children_of, encode_frames, iter_frames
+from .verify import verify
 
 __all__ = ["create_app", "serve_in_thread", "MAX_OBJECT_BYTES", "MAX_REQUEST_BYTES"]
 
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_IDS = 100_000
+MAX_JSON_BYTES = 8 * 1024 * 1024  # request bodies other than packs and objects: MAX_IDS ids fit
 API = "/api/v1"
 
 
@@ -67,31 +72,34 @@ def _check_id(object_id: str) -> str:
     return object_id
 
 
-def _complete(repo: Repository, root: str) -> list[str]:
-    """Ids reachable from ``root`` that the repository lacks."""
-    missing, queue, seen = [], deque([root]), set()
-    while queue:
-        oid = queue.popleft()
-        if oid in seen:
-            continue
-        seen.add(oid)
-        if not repo.store.has(oid):
-            missing.append(oid)
-            continue
-        kind, data = repo.store.get(oid)
-        if kind == Kind.RECORD:
-            queue.extend(r.id for r in canonical.walk_refs(canonical.decode(data, check_canonical=False)))
-    return missing
+def _closure_problem(repo: Repository, commit: str, ref: str) -> str | None:
+    """Why ``commit`` may not be what ``ref`` names: missing objects, a non-commit, records of the wrong type.
+
+    The same walk as ``verify`` (structure only: leaves were re-hashed on upload),
+    from this commit alone, so a ref never names anything ``verify`` would refuse.
+    """
+    report = verify(repo, quick=True, start={ObjectId(commit): [f"update of {ref}"]})
+    if report.ok:
+        return None
+    missing = [p for p in report.problems if p.problem == "missing object"]
+    if missing:
+        return f"{len(missing)} object(s) reachable from {commit[:12]} are missing, e.g. {missing[0].object_id}"
+    first = report.problems[0]
+    return f"object {first.object_id}: {first.problem}"
 
 
 def _checked(object_id: str, raw: bytes, pending: set[str], has) -> tuple[Kind, bytes]:
-    """One uploaded object file: decoded strictly, re-hashed, and its children already stored."""
+    """One uploaded object file: decoded strictly (records as typed records), re-hashed, its children stored."""
     try:
         kind, data = decode_object_file(raw, f"upload {object_id}")
-        if kind == Kind.RECORD:
-            canonical.decode(data, where=f"upload {object_id}")  # bounded, strict
+        if kind == Kind.RECORD:  # bounded, canonical, a known record type with its fields and reference kinds
+            record = parse_record(canonical.decode(data, where=f"upload {object_id}"), f"upload {object_id}")
+            for field, ref, target in reference_targets(record):
+                if ref.kind != target.kind:
+                    raise InvalidInputError(f"field {field} refers to a {ref.kind.name.lower()}, "
+                                            f"expected a {target.kind.name.lower()}", path=f"upload {object_id}")
     except CryopoolError as exc:
-        raise HTTPException(400, exc.message) from None
+        raise HTTPException(400, str(exc)) from None
     actual = hash_bytes(kind, data)
     if actual != object_id:
         raise HTTPException(400, f"content hashes to {actual}, not {object_id}")
@@ -149,16 +157,32 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
     def refs() -> dict:
         return {"refs": repo.refs.list("refs/heads/") | repo.refs.list("refs/tags/"), "head": repo.head().branch}
 
-    @app.post(f"{API}/objects/missing", dependencies=[read])
-    def missing(body: Missing) -> dict:
+    @app.middleware("http")
+    async def bounded_json(request: Request, call_next):
+        """JSON bodies are parsed whole: refuse large ones before reading them (packs have their own limit)."""
+        packs = request.url.path.rstrip("/").endswith("/objects") or request.method == "PUT"
+        length = request.headers.get("content-length")
+        if not packs and request.method == "POST":
+            if length is None or not length.isdigit():
+                return JSONResponse({"detail": "a Content-Length is required"}, status_code=411)
+            if int(length) > MAX_JSON_BYTES:
+                return JSONResponse({"detail": f"request body larger than {MAX_JSON_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    def _ids(body: Missing) -> list[str]:
         if len(body.ids) > MAX_IDS:
             raise HTTPException(413, f"too many ids in one request (max {MAX_IDS})")
-        return {"missing": [i for i in body.ids if not repo.store.has(_check_id(i))]}
+        if len(set(body.ids)) != len(body.ids):
+            raise HTTPException(400, "the same id more than once in one request")
+        return [_check_id(i) for i in body.ids]
+
+    @app.post(f"{API}/objects/missing", dependencies=[read])
+    def missing(body: Missing) -> dict:
+        return {"missing": [i for i in _ids(body) if not repo.store.has(i)]}
 
     @app.post(f"{API}/objects/get", dependencies=[read])
     def get_objects(body: Missing) -> StreamingResponse:
-        if len(body.ids) > MAX_IDS:
-            raise HTTPException(413, f"too many ids in one request (max {MAX_IDS})")
+        _ids(body)
         absent = [i for i in body.ids if not repo.store.has(_check_id(i))]
         if absent:
             raise HTTPException(404, f"object {absent[0]} not found ({len(absent)} missing)")
@@ -202,8 +226,12 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
         repo.store.put(kind, data)
         return {"id": object_id}
 
-    @app.post(f"{API}/refs/{{name:path}}", dependencies=[write])
-    def update_ref(name: str, body: RefUpdate) -> dict:
+    @app.post(f"{API}/refs/{{name:path}}")
+    def update_ref(name: str, body: RefUpdate, request: Request,
+                   authorization: str | None = Header(default=None)) -> dict:
+        scope("write")(authorization)
+        if request.scope["path"] != f"{API}/refs/{name}":  # the router's pattern drops a trailing newline
+            raise HTTPException(400, f"invalid ref name {request.scope['path'].removeprefix(API + '/refs/')!r}")
         try:
             validate_ref_name(name)
             new = ObjectId(body.new)
@@ -212,9 +240,23 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
             raise HTTPException(400, str(exc)) from None
         if not name.startswith(("refs/heads/", "refs/tags/")):
             raise HTTPException(400, "only refs/heads/* and refs/tags/* can be pushed")
-        absent = _complete(repo, new)
-        if absent:
-            raise HTTPException(400, f"{len(absent)} object(s) reachable from {new[:12]} are missing, e.g. {absent[0]}")
+        problem = _closure_problem(repo, new, name)
+        if problem:
+            raise HTTPException(400, problem)
+        current = repo.refs.read(name)
+        if current != old:  # a lost race (or a stale client): fetch and merge, as before any other judgement
+            raise HTTPException(409, f"{name} is {str(current)[:12]}, not {str(old)[:12]}")
+        if current is not None and current != new:
+            # a tag never moves and a branch only moves forward, unless the token may force it
+            forward = name.startswith("refs/heads/") and repo.store.has(current) and is_ancestor(repo, current, new)
+            if not forward:
+                try:
+                    scope("force")(authorization)
+                except HTTPException:
+                    what = "tags never move" if name.startswith("refs/tags/") else \
+                        f"{new[:12]} does not descend from {current[:12]} (not a fast-forward)"
+                    raise HTTPException(403, f"{name}: {what}; moving it needs a token with the 'force' scope") \
+                        from None
         repo.store.sync()
         try:
             repo.refs.update(name, new, expected=old, author="server", message="push")

@@ -223,12 +223,14 @@ class HttpTransport(Transport):
 
     def missing(self, ids: list[str]) -> set[str]:
         out: set[str] = set()
+        ids = list(dict.fromkeys(ids))  # the server refuses an id twice in one request
         for i in range(0, len(ids), 10_000):
             r = self.client.post("/objects/missing", json={"ids": ids[i:i + 10_000]})
             out |= set(self._check(r).json()["missing"])
         return out
 
     def get_many(self, ids: list[str]) -> Iterator[tuple[str, bytes]]:
+        ids = list(dict.fromkeys(ids))
         for i in range(0, len(ids), BATCH_OBJECTS):
             want = ids[i:i + BATCH_OBJECTS]
             with self.client.stream("POST", "/objects/get", json={"ids": want}) as r:

@@ -120,10 +120,13 @@ def _semantic(record: Record, repo: Repository) -> list[str]:
 
 
 def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = True,
-           progress: Callable[[int, int], None] | None = None, workers: int | None = None) -> VerifyReport:
+           progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+           start: dict[ObjectId, list[str]] | None = None) -> VerifyReport:
     """Check everything reachable; ``quick`` checks structure only (no re-hashing of leaves).
 
     ``progress(done, total)`` follows the re-hashing of chunks and blobs (the long part).
+    ``start`` checks only what is reachable from these commits (id → labels), e.g. a
+    commit a client asks the server to point a ref at.
     """
     t0 = time.perf_counter()
     report = VerifyReport(quick=quick)
@@ -139,7 +142,7 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
     def problem(object_id: str, text: str) -> None:
         report.problems.append(Problem(object_id, text, tuple(referrers.get(object_id, []))))
 
-    for object_id, labels in roots(repo, include_reflogs=include_reflogs).items():
+    for object_id, labels in (start if start is not None else roots(repo, include_reflogs=include_reflogs)).items():
         referrers.setdefault(object_id, []).extend(labels)
         queue.append((object_id, Kind.RECORD, ("Commit",), ", ".join(labels)))
 

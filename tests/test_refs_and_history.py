@@ -168,3 +168,17 @@ def test_concurrent_committers_without_retry_get_clear_conflicts(tmp_path):
     assert landed + sum(c for _, c in results) == 32
     assert len(list(repo.log())) == landed == len(repo.population().metadata)
     assert verify(repo).ok
+
+
+def test_names_and_ids_with_a_trailing_newline_are_refused():
+    """Python's `$` matches before a final newline: every name and id check must anchor at the very end."""
+    from cryopool.repo.errors import InvalidInputError
+    from cryopool.repo.hashing import is_object_id
+    from cryopool.repo.records import validate_name
+    from cryopool.repo.refs import validate_ref_name
+    for bad in ("refs/heads/evil\n", "refs/tags/v1\n"):
+        with pytest.raises(InvalidInputError):
+            validate_ref_name(bad)
+    with pytest.raises(InvalidInputError):
+        validate_name("ribosome\n", "species")
+    assert is_object_id("ab" * 32) and not is_object_id("ab" * 32 + "\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import json
 import subprocess
 import sys
 
@@ -10,18 +12,18 @@ import httpx
 import pytest
 
 from conftest import TILT_ARGS, running_server
-from cryopool.repo import Repository
+from cryopool.repo import Repository, canonical
 from cryopool.repo.errors import ConflictError, InvalidInputError
 from cryopool.repo.hashing import Kind, hash_bytes
 from cryopool.repo.importers import import_tilt_series
 from cryopool.repo.merge import merge
-from cryopool.repo.records import Operation
+from cryopool.repo.records import Operation, Population
 from cryopool.repo.remote import add_remote, clone, fetch, push
 from cryopool.repo.store import encode_object_file
 from cryopool.repo.verify import verify
 
 EDIT = Operation(kind="edit", parameters={}, software="test")
-TOKENS = {"writer": ["read", "write"], "reader": ["read"]}
+TOKENS = {"writer": ["read", "write"], "reader": ["read"], "admin": ["read", "write", "force"]}
 
 
 @pytest.fixture
@@ -85,10 +87,10 @@ def test_refusals(served, tmp_path):
 
 PUSHER = """
 import dataclasses, sys
-from cryopool.repo import Repository
+from cryopool.repo import Repository, canonical
 from cryopool.repo.errors import ConflictError
 from cryopool.repo.merge import merge
-from cryopool.repo.records import Operation
+from cryopool.repo.records import Operation, Population
 from cryopool.repo.remote import fetch, push
 repo = Repository.open(sys.argv[1])
 who = sys.argv[2]
@@ -114,3 +116,58 @@ def test_concurrent_pushes_through_the_server_lose_nothing(served, tmp_path):
     assert all(p.wait(timeout=300) == 0 for p in procs)
     assert {f"lab{k}-{i}" for k in range(3) for i in range(3)} <= set(central.population().metadata)
     assert verify(central).ok
+
+
+def _put(api: str, kind: Kind, data: bytes, token: str = "writer") -> httpx.Response:
+    return httpx.put(f"{api}/objects/{hash_bytes(kind, data)}", content=encode_object_file(kind, data, None),
+                     headers={"Authorization": f"Bearer {token}"})
+
+
+def test_a_write_token_cannot_rewrite_history_or_store_junk(served, tmp_path):
+    """Refs name only well-formed commits; branches move forward, tags never, unless the token may force."""
+    central, url = served
+    api, writer = url + "/api/v1", {"Authorization": "Bearer writer"}
+    tip = central.resolve("main")
+    state = sorted(central.store.ids())
+    chunk = next(oid for oid in central.store.ids() if central.store.info(oid).kind == Kind.CHUNK)
+    population = central.get_commit(tip).population.id
+    for not_a_commit in (chunk, population):
+        r = httpx.post(f"{api}/refs/refs/heads/x", json={"old": None, "new": not_a_commit}, headers=writer)
+        assert r.status_code == 400, r.text
+    untyped = canonical.encode({"hello": "world"})  # no _type: not a record
+    assert _put(api, Kind.RECORD, untyped).status_code == 400
+    deep = b"\x91" * 600 + b"\xc0"  # nested 600 levels: a clean 400, never a RecursionError
+    assert _put(api, Kind.RECORD, deep).status_code == 400
+    host, port = url.removeprefix("http://").split(":")
+    raw = http.client.HTTPConnection(host, int(port), timeout=30)  # httpx would drop the encoded newline
+    raw.request("POST", "/api/v1/refs/refs/heads/evil%0A", body=json.dumps({"old": None, "new": tip}),
+                headers={**writer, "Content-Type": "application/json"})
+    assert raw.getresponse().status == 400
+    raw.close()
+    assert sorted(central.store.ids()) == state and set(central.refs.list("refs/")) == {"refs/heads/main"}
+
+    # an unrelated commit: a second history pushed as a branch, then aimed at main
+    other = Repository.init(tmp_path / "other")
+    other.commit(lambda p: Population(name="other", metadata={"x": 1}), message="unrelated", operation=EDIT)
+    add_remote(other, "c", url, token="writer")
+    other.create_branch("side", "main")
+    push(other, "c", "side")
+    unrelated = central.resolve("side")
+    r = httpx.post(f"{api}/refs/refs/heads/main", json={"old": tip, "new": unrelated}, headers=writer)
+    assert r.status_code == 403 and "fast-forward" in r.text and central.resolve("main") == tip
+    assert httpx.post(f"{api}/refs/refs/tags/v1", json={"old": None, "new": tip}, headers=writer).status_code == 200
+    moved = httpx.post(f"{api}/refs/refs/tags/v1", json={"old": tip, "new": unrelated}, headers=writer)
+    assert moved.status_code == 403 and "tags never move" in moved.text
+    admin = {"Authorization": "Bearer admin"}
+    assert httpx.post(f"{api}/refs/refs/heads/main", json={"old": tip, "new": unrelated}, headers=admin).status_code == 200
+    assert central.resolve("main") == unrelated and verify(central).ok
+
+
+def test_read_endpoints_are_bounded(served):
+    central, url = served
+    api, reader = url + "/api/v1", {"Authorization": "Bearer reader"}
+    tip = central.resolve("main")
+    assert httpx.post(f"{api}/objects/get", json={"ids": [tip] * 1000}, headers=reader).status_code == 400
+    huge = b'{"ids": ["' + b"a" * (9 << 20) + b'"]}'
+    r = httpx.post(f"{api}/objects/missing", content=huge, headers={**reader, "content-type": "application/json"})
+    assert r.status_code == 413
