@@ -28,7 +28,7 @@ def verify(obj: Context, quick: bool, no_reflogs: bool, as_json: bool) -> None:
     if as_json:
         emit_json({"ok": report.ok, "quick": quick, "objects": report.objects, "records": report.records,
                    "commits": report.commits, "bytes_hashed": report.bytes_hashed, "seconds": round(report.seconds, 3),
-                   "deferred": report.deferred,
+                   "deferred": report.deferred, "temporary_bytes": report.temporary_bytes,
                    "problems": [{"object": p.object_id, "problem": p.problem, "referrers": list(p.referrers)}
                                 for p in report.problems]})
     else:
@@ -41,6 +41,10 @@ def verify(obj: Context, quick: bool, no_reflogs: bool, as_json: bool) -> None:
                    f"{what} in {report.seconds:.2f} s"
                    + (f"; {report.deferred} chunk(s) of raw data still on the remote (partial clone)"
                       if report.deferred else ""))
+        if report.temporary_bytes:
+            click.echo(f"Note: {human_bytes(report.temporary_bytes)} in .cryopool/tmp left by interrupted "
+                       "operations (not part of the repository); 'cryopool gc' removes it once it is an hour old, "
+                       "'cryopool gc --now' at once (when nothing else writes).")
     if not report.ok:
         sys.exit(1)
 

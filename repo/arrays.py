@@ -200,7 +200,11 @@ class StoredArray:
 
     def _chunk(self, flat_index: int) -> np.ndarray:
         ref = self.chunk_refs[flat_index]
-        kind, data = self.store.get(ref.id)
+        try:
+            kind, data = self.store.get(ref.id)
+        except IntegrityError as exc:  # say which array the damaged chunk belongs to
+            raise IntegrityError(exc.message, path=f"object {ref.id} (chunk {flat_index} of {self.where})",
+                                 expected=exc.expected, found=exc.found, hint=exc.hint) from None
         expected = math.prod(self.chunk_shape) * self.dtype.itemsize
         if kind != Kind.CHUNK or len(data) != expected:
             raise IntegrityError("array chunk has the wrong kind or size", path=f"{self.where} chunk {ref.id}",

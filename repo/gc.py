@@ -47,7 +47,8 @@ def reachable(repo: Repository, *, include_reflogs: bool = True) -> set[str]:
         try:
             if repo.store.info(object_id).kind != Kind.RECORD:
                 continue
-            _, data = repo.store.get(object_id)
+            # walked without re-hashing: a damaged record's children stay alive (verify reports the damage)
+            _, data = repo.store.get(object_id, verify=False)
             value = canonical.decode(data, check_canonical=False)
         except CryopoolError:
             continue  # damaged: verify reports it; keep what we can reach
@@ -62,12 +63,16 @@ def gc(repo: Repository, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fa
     for object_id in list(repo.store.ids()):
         if object_id in live:
             continue
-        info = repo.store.info(object_id)
-        if now - info.mtime < grace_s:
+        try:
+            mtime, size = (info := repo.store.info(object_id)).mtime, info.stored_size
+        except CryopoolError:  # damaged and unreachable: garbage like any other (verify never reaches it)
+            stat = repo.store.path(object_id).stat() if hasattr(repo.store, "path") else None
+            mtime, size = (stat.st_mtime, stat.st_size) if stat else (0.0, 0)
+        if now - mtime < grace_s:
             young += 1
             continue
         removed += 1
-        freed += info.stored_size
+        freed += size
         if not dry_run:
             repo.store.delete(object_id)
     tmp_removed = 0

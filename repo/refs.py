@@ -14,6 +14,7 @@ replaces the ref file atomically (temp file, fsync, rename, fsync dir).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -25,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .fsutil import write_atomic
-from .errors import ConflictError, FormatError, InvalidInputError, LockedError, NotFoundError
-from .hashing import ObjectId
+from .errors import ConflictError, FormatError, IntegrityError, InvalidInputError, LockedError, NotFoundError
+from .hashing import ObjectId, is_object_id
 
 __all__ = ["RefStore", "DiskRefStore", "MemoryRefStore", "ReflogEntry", "validate_ref_name", "ANY", "ZERO_ID"]
 
@@ -41,6 +42,15 @@ class _Any:
 ANY = _Any()  # "don't compare" for update()
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
+_REFLOG_LINE = re.compile(rb"[0-9a-f]{64} [0-9a-f]{64} [0-9]+ [^\t\n]*\t[^\n]*")
+
+
+def _valid_ref(name: str) -> bool:
+    try:
+        validate_ref_name(name)
+    except InvalidInputError:
+        return False
+    return name.startswith("refs/")
 
 
 def validate_ref_name(name: str) -> str:
@@ -228,7 +238,17 @@ class DiskRefStore(RefStore):
         author = author.replace("\n", " ").replace("\t", " ")
         message = message.splitlines()[0] if message else ""
         line = f"{old or ZERO_ID} {new or ZERO_ID} {int(time.time())} {author}\t{message}\n"
-        with open(path, "a", encoding="utf-8") as fh:
+        if any(p.is_symlink() for p in path.parents if self.root in p.parents):
+            raise IntegrityError("a reflog directory is a symbolic link: refusing to write through it",
+                                 path=str(path.parent))
+        try:  # never through a symbolic link: a shared directory remote must not write outside itself
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise IntegrityError("the reflog is a symbolic link: refusing to write through it",
+                                     path=str(path)) from None
+            raise
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(line)
             if self.fsync:
                 fh.flush()
@@ -286,3 +306,37 @@ class DiskRefStore(RefStore):
         if not base.is_dir():
             return []
         return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(file, what is wrong) for HEAD, every ref file and every reflog: each byte must mean something.
+
+        HEAD is ``ref: <valid ref name>\\n`` or ``<id>\\n``; a ref file is ``<id>\\n``; a reflog
+        line is ``old new time author\\tmessage``, and only its last line may be cut short (a crash
+        while appending). Symbolic links are refused anywhere under refs/ and logs/.
+        """
+        out: list[tuple[str, str]] = []
+        head = self.root / "HEAD"
+        try:
+            text = head.read_bytes().decode("utf-8")
+        except (FileNotFoundError, UnicodeDecodeError) as exc:
+            return [(str(head), f"unreadable ({exc})")]
+        body = text[:-1] if text.endswith("\n") else None
+        target = body[5:] if body is not None and body.startswith("ref: ") else None
+        if body is None or not (_valid_ref(target) if target is not None else is_object_id(body)):
+            out.append((str(head), f"expected 'ref: refs/heads/<name>' or a commit id and a newline, found "
+                                   f"{text[:80]!r}"))
+        for base in (self.root / "refs", self.root / "logs"):
+            for path in sorted(base.rglob("*")) if base.is_dir() else []:
+                if path.is_symlink():
+                    out.append((str(path), "symbolic link (refs and reflogs must be plain files)"))
+                elif path.is_file() and base.name == "refs":
+                    raw = path.read_bytes()
+                    if not (raw.endswith(b"\n") and is_object_id(raw[:-1].decode("ascii", "replace"))):
+                        out.append((str(path), f"expected a commit id and a newline, found {raw[:80]!r}"))
+                elif path.is_file():
+                    lines = path.read_bytes().split(b"\n")
+                    for n, line in enumerate(lines[:-1], 1):  # the part after the last newline may be torn
+                        if not _REFLOG_LINE.fullmatch(line):
+                            out.append((str(path), f"line {n} is not a reflog entry: {line[:80]!r}"))
+                            break
+        return out

@@ -103,6 +103,22 @@ def encode_object_parts(kind: Kind, data: bytes | memoryview, level: int | None)
     return HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), codec, 0, len(data)), payload
 
 
+def _zstd_frame_end(body: memoryview) -> int:
+    """Where the (single) zstd frame at the start of ``body`` ends, from its block headers (RFC 8878 §3.1.1)."""
+    pos = zstandard.frame_header_size(body)
+    checksum = body[4] & 0x04
+    while True:
+        header = int.from_bytes(body[pos:pos + 3], "little")
+        if pos + 3 > len(body):
+            raise ValueError("block header cut short")
+        block_type, size = (header >> 1) & 3, header >> 3
+        pos += 3 + (1 if block_type == 1 else size)  # an RLE block holds one byte
+        if block_type == 3:
+            raise ValueError("reserved block type")
+        if header & 1:
+            return pos + (4 if checksum else 0)
+
+
 def decode_object_file(raw: bytes, where: str) -> tuple[Kind, bytes | memoryview]:
     """Inverse of :func:`encode_object_file`; damage raises IntegrityError.
 
@@ -111,10 +127,12 @@ def decode_object_file(raw: bytes, where: str) -> tuple[Kind, bytes | memoryview
     if len(raw) < HEADER_SIZE:
         raise IntegrityError("object file truncated in its header", path=where,
                              expected=f">= {HEADER_SIZE} bytes", found=len(raw))
-    magic, version, kind, codec, _, length = HEADER.unpack_from(raw)
+    magic, version, kind, codec, reserved, length = HEADER.unpack_from(raw)
     if magic != MAGIC or version != FORMAT_VERSION:
         raise IntegrityError("not a cryopool object file", path=where,
                              expected=f"{MAGIC!r} v{FORMAT_VERSION}", found=f"{magic!r} v{version}")
+    if reserved != 0:  # every byte of the file is accounted for
+        raise IntegrityError("reserved header byte is not zero", path=where, found=reserved)
     try:
         kind = Kind(kind)
     except ValueError:
@@ -125,8 +143,11 @@ def decode_object_file(raw: bytes, where: str) -> tuple[Kind, bytes | memoryview
     elif codec == CODEC_ZSTD:
         try:
             data = _decompressor().decompress(body, max_output_size=length)
-        except zstandard.ZstdError as exc:
+            end = _zstd_frame_end(body)
+        except (zstandard.ZstdError, IndexError, ValueError) as exc:
             raise IntegrityError(f"compressed payload is damaged ({exc})", path=where) from None
+        if end != len(body):
+            raise IntegrityError("bytes after the compressed payload", path=where, expected=end, found=len(body))
     else:
         raise IntegrityError("unknown codec in header", path=where, found=codec)
     if len(data) != length:
@@ -149,8 +170,11 @@ class ObjectStore(ABC):
     def has(self, object_id: str) -> bool: ...
 
     @abstractmethod
-    def get(self, object_id: str, *, verify: bool = False) -> tuple[Kind, bytes | memoryview]:
-        """Kind and logical bytes; with ``verify`` the id is recomputed."""
+    def get(self, object_id: str, *, verify: bool = True) -> tuple[Kind, bytes | memoryview]:
+        """Kind and logical bytes, re-hashed: a corrupted object never feeds a computation or a transfer.
+
+        ``verify=False`` only where the bytes are re-hashed elsewhere or merely walked (``verify --quick``).
+        """
 
     @abstractmethod
     def put(self, kind: Kind, data: bytes | memoryview) -> ObjectId: ...
@@ -170,8 +194,10 @@ class ObjectStore(ABC):
     def _check(self, object_id: str, kind: Kind, data: bytes) -> None:
         actual = hash_bytes(kind, data)
         if actual != object_id:
-            raise IntegrityError("content does not hash to its id", path=f"object {object_id}",
-                                 expected=object_id, found=actual)
+            raise IntegrityError("content does not hash to its id (the object is corrupted; nothing was "
+                                 "committed)", path=f"object {object_id}", expected=object_id, found=actual,
+                                 hint="'cryopool verify' lists what refers to it; fetch it again from a "
+                                      "remote that has it")
 
 
 class DiskObjectStore(ObjectStore):
@@ -213,7 +239,7 @@ class DiskObjectStore(ObjectStore):
             if absent:
                 self.fallback(absent)
 
-    def get(self, object_id: str, *, verify: bool = False) -> tuple[Kind, bytes | memoryview]:
+    def get(self, object_id: str, *, verify: bool = True) -> tuple[Kind, bytes | memoryview]:
         kind, data = decode_object_file(self.read_file(object_id), f"object {object_id}")
         if verify:
             self._check(object_id, kind, data)
@@ -309,7 +335,7 @@ class MemoryObjectStore(ObjectStore):
     def has(self, object_id: str) -> bool:
         return object_id in self._objects
 
-    def get(self, object_id: str, *, verify: bool = False) -> tuple[Kind, bytes | memoryview]:
+    def get(self, object_id: str, *, verify: bool = True) -> tuple[Kind, bytes | memoryview]:
         try:
             kind, data, _ = self._objects[object_id]
         except KeyError:
@@ -370,7 +396,7 @@ class StagingStore(ObjectStore):
     def has(self, object_id: str) -> bool:
         return object_id in self._staged or self.base.has(object_id)
 
-    def get(self, object_id: str, *, verify: bool = False) -> tuple[Kind, bytes | memoryview]:
+    def get(self, object_id: str, *, verify: bool = True) -> tuple[Kind, bytes | memoryview]:
         if object_id in self._staged:
             return self._inner.get(object_id, verify=verify)
         return self.base.get(object_id, verify=verify)

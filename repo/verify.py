@@ -53,6 +53,7 @@ class VerifyReport:
     seconds: float = 0.0
     quick: bool = False
     deferred: int = 0  # chunks a partial clone has not fetched yet (not a problem: the remote holds them)
+    temporary_bytes: int = 0  # left in .cryopool/tmp by killed operations (not a problem: `gc` clears it)
 
     @property
     def ok(self) -> bool:
@@ -142,7 +143,15 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
     def problem(object_id: str, text: str) -> None:
         report.problems.append(Problem(object_id, text, tuple(referrers.get(object_id, []))))
 
-    for object_id, labels in (start if start is not None else roots(repo, include_reflogs=include_reflogs)).items():
+    if start is None and hasattr(repo.refs, "problems"):  # HEAD, ref and reflog files, byte for byte
+        for path, text in repo.refs.problems():
+            report.problems.append(Problem(path, text))
+    try:
+        start_at = start if start is not None else roots(repo, include_reflogs=include_reflogs)
+    except CryopoolError as exc:  # a ref that cannot be read at all: reported above, or here
+        report.problems.append(Problem("refs", str(exc)))
+        start_at = {}
+    for object_id, labels in start_at.items():
         referrers.setdefault(object_id, []).extend(labels)
         queue.append((object_id, Kind.RECORD, ("Commit",), ", ".join(labels)))
 
@@ -212,6 +221,9 @@ def verify(repo: Repository, *, quick: bool = False, include_reflogs: bool = Tru
     if not nx.is_directed_acyclic_graph(graph):
         cycle = nx.find_cycle(graph)
         problem(cycle[0][0], "the object graph has a cycle: " + " -> ".join(e[0][:12] for e in cycle))
+    if repo.root is not None and (repo.root / "tmp").is_dir():
+        report.temporary_bytes = sum(p.stat().st_size for p in (repo.root / "tmp").rglob("*")
+                                     if p.is_file() and not p.is_symlink())
     report.seconds = time.perf_counter() - t0
     return report
 

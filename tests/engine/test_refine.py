@@ -132,3 +132,25 @@ def test_refine_command(repo):
     assert bad.exit_code == 2 and "wobble" in bad.output
     nothing = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "--resume"])
     assert nothing.exit_code == 2 and "nothing to resume" in nothing.output
+
+
+@pytest.mark.parametrize("what", ["stack", "half_map_1"])
+def test_a_corrupted_chunk_stops_refinement_and_nothing_is_committed(repo, what):
+    """One flipped byte in a tilt-series or half-map chunk: refine stops naming the object, HEAD stays put."""
+    population = repo.population()
+    if what == "stack":
+        target = next(iter_items(repo, population))[2].stack
+    else:
+        target = repo.get_record(population.species["a"], Species).half_map_1
+    chunk = repo.get_array(target).chunk_refs[0].id
+    path = repo.store.path(chunk)
+    raw = bytearray(path.read_bytes())
+    raw[-7] ^= 0x10  # inside the payload: the file still decodes, its hash no longer matches
+    path.chmod(0o644)
+    path.write_bytes(bytes(raw))
+    head = repo.resolve("HEAD")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["-C", str(repo.work_dir), "refine", "-n", "1", "--groups", "shifts",
+                                 "--lbfgs-iterations", "2"])
+    assert result.exit_code == 1 and chunk in result.output and "corrupted" in result.output, result.output
+    assert repo.resolve("HEAD") == head
