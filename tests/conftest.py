@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from pathlib import Path
 
@@ -20,11 +21,25 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TEST_DATA = Path(__file__).resolve().parent / "data"  # small real files, kept in the project (see its README)
 
 
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def needed(module: str):
+    """A test dependency (installed by the test extras): skipped visibly where absent, a failure under CI."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if _under_ci():
+            pytest.fail(f"test dependency {module} is missing under CI: {exc}")
+        pytest.skip(f"test dependency {module} is not installed ({exc})", allow_module_level=True)
+
+
 def shared_file(relative: str) -> Path:
     """A large real file from ``../shared/data``: skipped visibly where absent, a failure under CI."""
     path = SHARED / "data" / relative
     if not path.is_file():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if _under_ci():
             pytest.fail(f"{path} is missing: CI must run the tests that need it")
         pytest.skip(f"{path} is absent (large real file, kept in ../shared only)")
     return path

@@ -106,7 +106,11 @@ def test_kill_during_commit_loop(tmp_path):
         report = verify(repo)
         assert report.ok, report.problems
         history = list(repo.log())
-        assert history and history[0][1].message == f"commit {history[0][1].message.split()[-1]}"
+        # each process commits 1, 2, 3, …: newest first, every commit is its predecessor's number plus one,
+        # or a new process's first; and each commit's population holds the number its message names
+        numbers = [int(c.message.removeprefix("commit ")) for _, c in history]
+        assert all(newer in (older + 1, 1) for newer, older in zip(numbers, numbers[1:])), numbers
+        assert all(repo.population(cid).metadata["i"] == k for (cid, _), k in zip(history, numbers))
         # the reflog is written just before the ref: its last line names the tip or the one being written
         last = repo.refs.reflog("refs/heads/main")[-1]
         assert history[0][0] in (last.new, last.old)

@@ -8,7 +8,7 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from conftest import add_species_s2, lab_population
+from conftest import add_species_s2, lab_population, needed
 from cryopool.cli.main import cli
 from cryopool.repo import Repository
 from cryopool.repo.errors import ConflictError, IntegrityError
@@ -19,9 +19,9 @@ from cryopool.repo.remote import add_remote, clone, deferred_objects, fetch, pus
 from cryopool.repo.transport import FsspecTransport
 from cryopool.repo.verify import verify
 
-moto_server = pytest.importorskip("moto.server")
-pytest.importorskip("s3fs")
-boto3 = pytest.importorskip("boto3")
+moto_server = needed("moto.server")
+needed("s3fs")
+boto3 = needed("boto3")
 
 EDIT = Operation(kind="edit", parameters={}, software="test")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_DATA
+from conftest import TEST_DATA, needed
 from cryopool.engine.ctf import ctf_2d
 from cryopool.engine.geometry import euler_zyz_to_matrix
 from cryopool.engine.tilt_model import (Imaging, TiltGeometry, particle_defocus, particle_positions_in_tilts,
@@ -33,7 +33,7 @@ class _Unusable(types.ModuleType):
 @pytest.fixture(scope="module")
 def warpylib():
     sys.modules.setdefault("torch_projectors", _Unusable("torch_projectors"))
-    return pytest.importorskip("warpylib")
+    return needed("warpylib")
 
 
 def _our_geometry(model: dict, pixel: float, volume_angstrom) -> tuple[TiltGeometry, Imaging]:

@@ -11,7 +11,7 @@ import starfile
 import torch
 from click.testing import CliRunner
 
-from conftest import TEST_DATA, shared_file, repo_state, write_mrc
+from conftest import TEST_DATA, needed, shared_file, repo_state, write_mrc
 from test_warp import _our_geometry, _Unusable
 from cryopool.cli.main import cli
 from cryopool.engine.records_io import load_item
@@ -30,7 +30,7 @@ VOLUME = np.array(SIZE, dtype=float) * 10.0
 @pytest.fixture(scope="module")
 def warpylib():
     sys.modules.setdefault("torch_projectors", _Unusable("torch_projectors"))
-    return pytest.importorskip("warpylib")
+    return needed("warpylib")
 
 
 def _only_item(repo: Repository, commit):

@@ -11,7 +11,7 @@ from torch_ctf import calculate_ctf_2d
 
 from cryopool.engine.ctf import (aliasing_free_box, band_limited_ctf2, ctf_2d, delocalisation_angstrom,
                                  electron_wavelength_angstrom, premultiply_and_crop, reconstruction_box)
-from cryopool.engine.fourier import crop_center, rfft_frequencies_2d
+from cryopool.engine.fourier import rfft_frequencies_2d
 
 
 def test_wavelength_literature_value():
@@ -39,7 +39,9 @@ def test_defocus_u_lies_along_the_angle():
                spherical_aberration_mm=0.0, amplitude_contrast=0.0, pixel_size_angstrom=2.0, size=256)
     # more defocus -> faster oscillation: along x (U) the first zero comes earlier than along y (V)
     along_x, along_y = c[0, :], c[:128, 0]
-    first_zero = lambda prof: int(np.argmax(np.sign(prof.numpy()[1:]) != np.sign(prof.numpy()[1])))
+
+    def first_zero(prof):
+        return int(np.argmax(np.sign(prof.numpy()[1:]) != np.sign(prof.numpy()[1])))
     assert first_zero(along_x) < first_zero(along_y)
 
 
@@ -83,16 +85,10 @@ def test_aliasing_free_box_is_minimal(defocus, res, pixel):
     assert max_step_on_diagonal(int(0.8 * box) // 2 * 2) > math.pi  # not much larger than needed
 
 
-def test_premultiplied_extraction_and_band_limited_ctf2():
+def test_band_limited_ctf2_averages_to_one_half_without_aliasing():
     big, small = 256, 64
     ctf = ctf_2d(torch.tensor(30000.0), torch.tensor(30000.0), torch.tensor(0.0), voltage_kv=300,
                  spherical_aberration_mm=2.7, amplitude_contrast=0.07, pixel_size_angstrom=2.0, size=big)
-    img = torch.randn(big, big, dtype=torch.float64)
-    out = premultiply_and_crop(torch.fft.rfft2(img), ctf.double(), small)
-    # independent: filter the whole image, then cut the central box
-    filtered = torch.fft.irfft2(torch.fft.rfft2(img) * ctf.double(), s=(big, big))
-    expect = torch.fft.rfft2(torch.fft.ifftshift(crop_center(torch.fft.fftshift(filtered), small)))
-    np.testing.assert_allclose(out.numpy(), expect.numpy(), atol=1e-9)
     c2 = band_limited_ctf2(ctf, small)
     ky, kx = rfft_frequencies_2d(small, 2.0)
     ring = (torch.sqrt(kx**2 + ky**2) > 0.15) & (torch.sqrt(kx**2 + ky**2) < 0.24)
@@ -100,6 +96,28 @@ def test_premultiplied_extraction_and_band_limited_ctf2():
     naive = ctf_2d(torch.tensor(30000.0), torch.tensor(30000.0), torch.tensor(0.0), voltage_kv=300,
                    spherical_aberration_mm=2.7, amplitude_contrast=0.07, pixel_size_angstrom=2.0, size=small) ** 2
     assert abs(naive[ring].mean().item() - 0.5) > abs(c2[ring].mean().item() - 0.5)  # naive CTF² aliases
+
+
+def test_premultiplied_extraction_is_a_circular_convolution_then_a_central_box():
+    """Independent of FFT conventions: the filter's kernel by an explicit DFT sum, the convolution summed
+    directly at each pixel of the box around the origin (boxes carry their centre at pixel 0, as extraction
+    leaves them), against premultiply_and_crop's box brought back to real space."""
+    n, small, pixel, lam, df, amp = 48, 12, 2.0, electron_wavelength_angstrom(300), 20000.0, 0.07
+    f = np.fft.fftfreq(n, d=pixel)  # frequencies of the full DFT grid, 1/Å
+    k2 = f[:, None] ** 2 + f[None, :] ** 2
+    h = np.sin(np.pi * lam * df * k2 - 0.5 * np.pi * 2.7e7 * lam**3 * k2**2 + math.atan(amp / math.sqrt(1 - amp**2)))
+    m = np.arange(n)
+    dft = np.exp(2j * np.pi * np.outer(m, m) / n)
+    kernel = (dft @ h @ dft.T).real / n**2  # inverse DFT, summed
+    img = np.random.default_rng(3).normal(size=(n, n))
+    expect = np.empty((small, small))
+    for i in range(small):
+        for j in range(small):
+            y, x = i - small // 2, j - small // 2  # box pixel (i, j) ↔ image pixel (y, x) mod n
+            expect[i, j] = (img * kernel[(y - m)[:, None] % n, (x - m)[None, :] % n]).sum()
+    out = premultiply_and_crop(torch.fft.rfft2(torch.from_numpy(img)), torch.from_numpy(h[:, :n // 2 + 1]), small)
+    box = torch.fft.fftshift(torch.fft.irfft2(out, s=(small, small))).numpy()
+    np.testing.assert_allclose(box, expect, atol=1e-10)
 
 
 @pytest.mark.parametrize("defocus,res,pixel", [(50000, 10.0, 5.0), (30000, 4.0, 2.0)])

@@ -53,6 +53,15 @@ def test_subpixel_extraction_centres_the_particle():
 
 
 def test_extraction_outside_the_image_is_zero_and_gradient_is_finite():
+    ones = torch.ones(1, 32, 32, dtype=torch.float64)
+    corner = torch.tensor([[[1.0, 30.0]]], dtype=torch.float64)  # whole pixels: no phase ramp, values exact
+    box = torch.fft.fftshift(torch.fft.irfft2(extract_boxes(ones, corner, 12), s=(12, 12)), dim=(-2, -1))[0, 0]
+    x = 1 + torch.arange(12) - 6  # image columns the box covers: -5..6
+    y = 30 + torch.arange(12) - 6  # rows 24..35
+    inside = ((y >= 0) & (y < 32))[:, None] & ((x >= 0) & (x < 32))[None, :]
+    np.testing.assert_allclose(box[~inside].numpy(), 0.0, atol=1e-12)
+    np.testing.assert_allclose(box[inside].numpy(), 1.0, atol=1e-12)
+    assert (~inside).sum() == 12 * 12 - 7 * 8  # 7 columns and 8 rows of the box fall inside
     img = _spot(32, 32, 16, 16)
     pos = torch.tensor([[[1.2, 30.6]]], dtype=torch.float64, requires_grad=True)
     boxes = extract_boxes(img[None], pos, 12)
