@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -29,16 +30,42 @@ def emit_json(payload: dict) -> None:
     click.echo(json.dumps({"format_version": JSON_FORMAT_VERSION, **payload}, indent=2, sort_keys=True, default=str))
 
 
+def _as_error(exc: BaseException) -> CryopoolError | None:
+    """A library error as it is; a full disk, a failed read or write, or a network failure as one."""
+    if isinstance(exc, CryopoolError):
+        return exc
+    if isinstance(exc, OSError) and type(exc).__module__ == "builtins":
+        if exc.errno == errno.ENOSPC:
+            return CryopoolError("no space left on the device", path=exc.filename,
+                                 hint="free some space and run the command again: nothing was committed, and "
+                                      "'cryopool gc' clears what the attempt left in .cryopool/tmp")
+        what = exc.strerror or type(exc).__name__
+        return CryopoolError(f"{what} (nothing was committed)", path=exc.filename)
+    if type(exc).__module__.split(".")[0] in ("httpx", "httpcore"):  # checked by name: httpx is imported lazily
+        return CryopoolError(f"network error: {exc or type(exc).__name__}",
+                             hint="check the remote's URL and that it is reachable; transfers resume where they "
+                                  "stopped")
+    return None
+
+
 def handle_errors(fn):
-    """Map library errors to a one-line message (and a hint) with exit code 1."""
+    """Map errors to one line (and a hint), or a JSON error object under --json; exit code 1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except CryopoolError as exc:
+        except Exception as raw:  # noqa: BLE001 — anything not ours is re-raised below
+            exc = _as_error(raw)
+            if exc is None:
+                raise
             obj = click.get_current_context().find_object(Context)
             if obj is not None and obj.debug:
                 traceback.print_exc()
+            if kwargs.get("as_json"):
+                emit_json({"error": {"type": type(exc).__name__, "message": exc.message, "path": exc.path,
+                                     "field": exc.field, "expected": exc.expected, "found": exc.found,
+                                     "hint": exc.hint, "text": str(exc)}})
+                sys.exit(1)
             click.secho(f"error: {exc}", fg="red", err=True)
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)

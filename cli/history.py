@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import PurePath
 
 import click
@@ -71,19 +72,51 @@ def status(obj: Context, as_json: bool) -> None:
         click.echo(f"Unfinished operation: {name} (see 'cryopool resolve')")
 
 
-def log_graph_lines(entries: list[tuple[str, Commit]]) -> list[str]:
-    """A compact git-style graph: one lane per open line of descent."""
+@dataclass
+class GraphRow:
+    """One commit's place in ``log --graph``: connector lines drawn before it, its own prefix, and after it."""
+
+    before: list[str]
+    prefix: str
+    after: list[str]
+
+
+def _lane_line(n: int, marks: dict[int, str]) -> str:
+    """Lanes at columns 0, 2, 4, …; ``marks`` puts a character at a column (or between two, for / and \\)."""
+    cells = [" "] * max(2 * n - 1, max(marks, default=-1) + 1)
+    for i in range(n):
+        cells[2 * i] = "|"
+    for col, ch in marks.items():
+        cells[col] = ch
+    return "".join(cells).rstrip()
+
+
+def log_graph_lines(entries: list[tuple[str, Commit]]) -> list[GraphRow]:
+    """A git-style graph: one lane per open line of descent; ``|\\`` where a merge opens a lane, ``|/`` where
+    two lanes meet again at their common parent."""
     lanes: list[str] = []
-    prefixes = []
+    rows = []
     for cid, c in entries:
+        before: list[str] = []
         if cid not in lanes:
             lanes.append(cid)
         col = lanes.index(cid)
-        prefixes.append(" ".join("*" if i == col else "|" for i in range(len(lanes))))
+        for j in [i for i, lane in enumerate(lanes) if lane == cid and i != col][::-1]:
+            before.append(_lane_line(len(lanes) - 1, {2 * j - 1: "/"}) if j == col + 1 else
+                          _lane_line(len(lanes), {2 * j: "/"}))
+            del lanes[j]
+        prefix = _lane_line(len(lanes), {2 * col: "*"})
         parents = [p.id for p in c.parents]
-        lanes[col:col + 1] = [p for p in parents[:1] if p not in lanes]
-        lanes.extend(p for p in parents[1:] if p not in lanes)
-    return prefixes
+        after: list[str] = []
+        if parents:
+            lanes[col] = parents[0]
+        else:
+            del lanes[col]
+        for k, parent in enumerate(p for p in parents[1:] if p not in lanes[:col + 1]):
+            lanes.insert(col + 1 + k, parent)
+            after.append(_lane_line(len(lanes) - 1, {2 * col + 1: "\\"}))
+        rows.append(GraphRow(before, prefix, after))
+    return rows
 
 
 @click.command()
@@ -108,12 +141,18 @@ def log(obj: Context, rev: str, oneline: bool, graph: bool, max_count: int | Non
                                 "population": c.population.id} for cid, c in entries]})
         return
     deco = _decorations(repo)
-    prefixes = log_graph_lines(entries) if graph else [""] * len(entries)
-    for (cid, c), prefix in zip(entries, prefixes):
+    rows = log_graph_lines(entries) if graph else [GraphRow([], "", []) for _ in entries]
+    for (cid, c), row in zip(entries, rows):
+        for line in row.before:
+            click.echo(line)
+        prefix = row.prefix
         names = f" ({', '.join(deco[cid])})" if cid in deco else ""
         lead = f"{prefix} " if prefix else ""
         if oneline:
-            click.echo(f"{lead}{click.style(short(cid), fg='yellow')}{names} {c.operation.kind}: {c.message.splitlines()[0]}")
+            click.echo(f"{lead}{click.style(short(cid), fg='yellow')}{names} {c.operation.kind}: "
+                       f"{c.message.splitlines()[0]}")
+            for line in row.after:
+                click.echo(line)
             continue
         pad = (prefix.replace("*", "|") + " ") if prefix else ""
         click.echo(f"{lead}{click.style('commit ' + cid, fg='yellow')}{names}")
@@ -126,6 +165,8 @@ def log(obj: Context, rev: str, oneline: bool, graph: bool, max_count: int | Non
         for line in c.message.splitlines():
             click.echo(f"{pad}    {line}")
         click.echo(pad)
+        for line in row.after:
+            click.echo(line)
 
 
 def render_diff(d: dict) -> list[str]:

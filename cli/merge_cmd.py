@@ -36,7 +36,8 @@ def merge(obj: Context, rev: str, policy: str, factor: float, conflicts: str, me
             policy, as_json)
 
 
-def _finish(action, rev: str, policy: str, as_json: bool) -> None:
+def _finish(action, rev: str, policy: str, as_json: bool, settled: int = 0) -> None:
+    """Run a merge (or its continuation) and report; ``settled``: collisions the user just decided."""
     try:
         report = action()
     except ConflictError as exc:
@@ -44,8 +45,10 @@ def _finish(action, rev: str, policy: str, as_json: bool) -> None:
         if as_json:
             emit_json({"merged": False, "error": exc.message, "collisions": [c.as_dict() for c in collisions]})
         else:
-            click.secho(f"error: {exc.message}" if not collisions else
-                        f"Merge refused: {len(collisions)} particle collision(s):", fg="red", err=True)
+            head = (f"Settled {settled}; {len(collisions)} particle collision(s) still open:" if settled else
+                    f"Merge of {rev} stopped: {len(collisions)} particle collision(s):")
+            click.secho(f"error: {exc.message}" if not collisions else head, fg="red" if not settled else "yellow",
+                        err=True)
             for c in collisions:
                 click.echo(f"  {c}", err=True)
             if exc.hint:
@@ -102,7 +105,7 @@ def resolve(obj: Context, drops: tuple[str, ...], policy: str, abort: bool, mess
         return
     decided = {_particle(d) for d in drops}
     _finish(lambda: run_resolve(repo, policy=policy, drop=decided, message=message), state["theirs_rev"], policy,
-            as_json)
+            as_json, settled=len(decided))
 
 
 COMMANDS = [merge, resolve]

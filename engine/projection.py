@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cryopool.repo import InvalidInputError
+
 from .fourier import crop_center, pad_center
 from .grids import trilinear_scatter
 
@@ -53,7 +55,7 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
     """``(d, d, d)`` real map → its padded, corrected, centred transform (differentiable)."""
     d = volume.shape[-1]
     if volume.shape[-3:] != (d, d, d):
-        raise ValueError(f"volume must be cubic (d, d, d); got {tuple(volume.shape)}")
+        raise InvalidInputError("a map must be cubic", field="shape", expected="(d, d, d)", found=tuple(volume.shape))
     D = d * pad
     corrected = volume / gridding_correction(d, D, device=volume.device, dtype=volume.dtype)
     padded = pad_center(corrected, D, dims=3)

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from cryopool.repo import (DataSource, HalfSetModel, item_refs, Metrics, Operation, Population, Ref, Repository, Species,
-                           TiltSeries, software_version, split_item_key, without_marks)
+from cryopool.repo import (DataSource, HalfSetModel, InvalidInputError, item_refs, Metrics, NotFoundError, Operation,
+                           Population, Ref, Repository, Species, TiltSeries, software_version, split_item_key,
+                           without_marks)
 
 from .forward import ParticleSet, reconstruct_half_maps, species_reconstruction_box
 from .fsc import masked_fsc, resolution_at
@@ -65,9 +66,10 @@ class RefineOptions:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.groups) - set(GROUPS))
         if unknown:
-            raise ValueError(f"unknown parameter groups {unknown}; choose from {list(GROUPS)}")
+            raise InvalidInputError("unknown parameter groups", field="groups", expected=list(GROUPS), found=unknown)
         if not 1 <= self.temporal_samples <= MAX_TEMPORAL_SAMPLES:
-            raise ValueError(f"temporal samples must be 1 to {MAX_TEMPORAL_SAMPLES}, not {self.temporal_samples}")
+            raise InvalidInputError("temporal samples out of range", field="temporal_samples",
+                                    expected=f"1..{MAX_TEMPORAL_SAMPLES}", found=self.temporal_samples)
 
 
 @dataclass
@@ -84,7 +86,8 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+        raise InvalidInputError("no CUDA device is available", field="device", found=name,
+                                hint="use --device cpu (or auto)")
     return torch.device(name)
 
 
@@ -331,7 +334,7 @@ def refine_population(repo: Repository, options: RefineOptions, *, branch: str |
     while run["iteration"] < run["of"] and (max_iterations is None or len(reports) < max_iterations):
         tip = repo.refs.read(ref_name)
         if tip is None:
-            raise ValueError("nothing to refine: the branch has no commits")
+            raise NotFoundError("nothing to refine: the branch has no commits", field=ref_name)
         report = _iteration(repo, tip, options, dict(run), device, regulariser, progress)
         reports.append(report)
         run = {**run, "iteration": run["iteration"] + 1}

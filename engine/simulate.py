@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryopool.repo import (dose_times, DataSource, Metrics, Operation, Population, Ref, Repository, Species, TiltSeries,
-                           software_version)
+from cryopool.repo import (dose_times, DataSource, InvalidInputError, Metrics, Operation, Population, Ref, Repository,
+                           Species, TiltSeries, software_version)
 
 from .ctf import aliasing_free_box, reconstruction_box
 from .forward import ParticleSet, reconstruct_half_maps, render_tilt_series, species_reconstruction_box
@@ -183,7 +183,8 @@ def _place(rng, cfg: SimulationConfig, radii: list[float]) -> np.ndarray:
                 placed.append(i)
                 break
         else:
-            raise ValueError("cannot place all particles without overlap: fewer copies or a larger image")
+            raise InvalidInputError("cannot place all particles without overlap", field="copies",
+                                    hint="fewer copies per tilt series, or a larger image")
     return pts
 
 

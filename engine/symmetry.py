@@ -14,6 +14,8 @@ import re
 import torch
 from scipy.spatial.transform import Rotation
 
+from cryopool.repo import InvalidInputError
+
 __all__ = ["symmetry_operators"]
 
 
@@ -22,7 +24,8 @@ def symmetry_operators(symmetry: str, *, dtype=torch.float32, device=None) -> to
     s = symmetry.upper()
     m = re.fullmatch(r"([CD])([1-9][0-9]*)|([TOI])[1-4]?", s)
     if not m:
-        raise ValueError(f"unknown symmetry {symmetry!r}; expected Cn, Dn, T, O or I")
+        raise InvalidInputError("unknown point-group symmetry", field="symmetry", expected="Cn, Dn, T, O or I",
+                                found=repr(symmetry))
     if m.group(1):
         group = Rotation.create_group(f"{m.group(1)}{m.group(2)}", axis="Z")
     else:

@@ -255,7 +255,7 @@ def _particles(repo: Repository, pop: Population, ours_ids: dict[str, set[int]])
         t = repo.get_record(sp.particles, ParticleTable)
         ids = repo.get_array(t.columns["particle_id"]).read()
         idx = repo.get_array(t.columns["item_index"]).read()
-        pos = repo.get_array(t.columns["position_angstrom"]).read().reshape(t.count, -1, 3)[:, 0]
+        pos = repo.get_array(t.columns["position_angstrom"]).read().reshape(t.count, t.temporal_samples, 3)[:, 0]
         score = repo.get_array(t.columns["score"]).read()
         for row in range(t.count):
             by_item.setdefault(t.item_names[idx[row]], []).append(_Particle(
@@ -304,8 +304,12 @@ def _drop(repo: Repository, pop: Population, drops: dict[str, set[int]]) -> Popu
 
 def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: float = 0.8,
           message: str | None = None, branch: str | None = None,
-          drop: set[tuple[str, int]] | None = None, conflicts: str = "fail") -> MergeReport:
+          drop: set[tuple[str, int]] | None = None, conflicts: str = "fail",
+          theirs_name: str | None = None) -> MergeReport:
     """Merge ``theirs_rev`` into the branch (default: HEAD's). Raises ConflictError with the report on failure.
+
+    ``theirs_name`` is what messages call the other side (default ``theirs_rev``; ``resolve`` passes the
+    branch name the merge was started with, not the commit id it stored).
 
     ``drop`` settles individual collisions: a collision involving one of these (species, particle id)
     pairs drops that particle, whatever the policy; the policy decides the rest. ``conflicts``
@@ -322,6 +326,7 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
     ref_name = repo.branch_ref(branch)
     ours_id = repo.refs.read(ref_name)
     theirs_id = repo.resolve(theirs_rev)
+    theirs_rev = theirs_name or theirs_rev
     if ours_id is None:
         raise InvalidInputError("the branch has no commits to merge into")
     base = merge_base(repo, ours_id, theirs_id)
@@ -392,6 +397,11 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
             elif policy == "theirs":
                 loser = "a" if not a.new else "b"
             else:  # score
+                if not (np.isfinite(a.score) or np.isfinite(b.score)):
+                    raise ConflictError(f"--policy score needs scores, and neither particle has one: {a.species} "
+                                        f"{a.pid} and {b.species} {b.pid} in {item}",
+                                        hint="choose --policy ours, theirs or keep-both, or settle collisions one by "
+                                             "one with 'cryopool resolve --drop SPECIES:ID'")
                 loser = "a" if a.score < b.score else "b"
             if loser:
                 victim = a if loser == "a" else b
@@ -409,6 +419,12 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
                                "conflicts": conflicts,
                                "collisions": [c.as_dict() for c in unsettled]})
             raise error
+        for name, rows in drops.items():  # a species is never emptied by a policy: that is a decision to say aloud
+            count = tx.get_record(tx.get_record(merged.species[name], Species).particles, ParticleTable).count
+            if len(rows) >= count:
+                raise ConflictError(f"resolving the collisions this way would remove every particle of species "
+                                    f"{name} ({count})", hint="keep some (--policy keep-both, or resolve --drop one "
+                                                            "by one), or remove the species deliberately")
         merged = _drop(tx, merged, drops)
         operation = Operation(kind="merge", software=software_version(),
                               inputs={"ours": tx.get_commit(ours_id).population, "theirs":
@@ -453,5 +469,6 @@ def resolve(repo: Repository, *, policy: str = "fail", drop: set[tuple[str, int]
     if repo.refs.read(repo.branch_ref(state["branch"])) != state["ours"]:
         raise ConflictError("the branch moved since the merge stopped", hint="cryopool resolve --abort, then merge again")
     decided = {tuple(x) for x in state["drop"]} | set(drop or ())
-    return merge(repo, state["theirs"], policy=policy, factor=state["factor"], message=message,
+    return merge(repo, state["theirs"], theirs_name=state["theirs_rev"], policy=policy, factor=state["factor"],
+                 message=message,
                  branch=state["branch"], drop=decided, conflicts=state.get("conflicts", "fail"))

@@ -644,7 +644,7 @@ def _export_species(repo: Repository, population: Population, name: str, items: 
     centred = stored - offset
     # import computes (centred + offset) − origin; this origin is the rounding residual, so that is exact
     origin = (centred + offset) - stored
-    angles = cols["orientation_deg"].reshape(n, -1, 3)[np.arange(n), sample].astype(np.float64)
+    angles = cols["orientation_deg"].reshape(n, table.temporal_samples, 3)[np.arange(n), sample].astype(np.float64)
     pixels = sorted({items[k][1].pixel_size_angstrom for k in keys})
     group = {p: i + 1 for i, p in enumerate(pixels)}
     sp_item = {k: items[k][1] for k in set(keys)}

@@ -11,6 +11,8 @@ there, by compare-and-swap. Interrupted transfers resume: what arrived stays.
 
 from __future__ import annotations
 
+import errno
+import shutil
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from . import canonical
 from .errors import AlreadyExistsError, ConflictError, InvalidInputError, NotFoundError
 from .hashing import Kind, ObjectId
 from .refs import validate_ref_name
-from .repository import Repository, default_author
+from .repository import REPO_DIR, Repository, default_author
 from .transport import (DirTransport, Transport, batches, children_first, children_of, is_url, open_transport,
                         receive_object)
 
@@ -262,23 +264,43 @@ def clone(url: str, directory: str, progress=None, token: str | None = None, *, 
     """A new repository with ``origin`` = ``url``, its branches fetched and its HEAD branch checked out.
 
     ``partial``: leave raw tilt-series chunks on the remote; they are fetched
-    (and re-hashed) the first time something reads them.
+    (and re-hashed) the first time something reads them. A clone that was
+    interrupted (killed, network lost) is resumed by running it again into the
+    same directory: what arrived stays. One stopped by a full disk removes
+    the directory it made, to give the space back.
     """
     url = str(url)
-    transport = open_transport(url, token=token, options=options)
-    try:
-        _, head_branch = transport.heads()
-    finally:
-        transport.close()
-    repo = Repository.init(directory, initial_branch=head_branch or "main")
-    add_remote(repo, "origin", url, token, options)
-    if partial:
-        repo.config["partial"] = {"remote": "origin", "deferred": "tilt-series stack chunks"}
+    target = Path(directory)
+    existed = target.exists()
+    if (target / REPO_DIR).exists():
+        repo = Repository.open(target, search_parents=False)
+        if repo.config.get("cloning") != url:
+            raise AlreadyExistsError("a cryopool repository already exists here", path=str(repo.root),
+                                     hint="clone into a new directory")
+    else:
+        transport = open_transport(url, token=token, options=options)
+        try:
+            _, head_branch = transport.heads()
+        finally:
+            transport.close()
+        repo = Repository.init(directory, initial_branch=head_branch or "main")
+        add_remote(repo, "origin", url, token, options)
+        repo.config["cloning"] = url  # until the branches are set: a re-run resumes instead of refusing
+        if partial:
+            repo.config["partial"] = {"remote": "origin", "deferred": "tilt-series stack chunks"}
         repo.save_config()
         repo = Repository.open(repo.work_dir, search_parents=False)
-    _, refs = fetch(repo, "origin", progress)
-    for ref, cid in refs.items():
+    try:
+        fetch(repo, "origin", progress)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            shutil.rmtree(repo.root if existed else target, ignore_errors=True)
+        raise
+    for ref, cid in repo.refs.list("refs/remotes/origin/").items():  # all of them: a resumed clone too
         short = ref.removeprefix("refs/remotes/origin/")
-        repo.refs.update(f"refs/heads/{short}", cid, expected=None, author=default_author(),
+        local = f"refs/heads/{short}"
+        repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(),
                          message=f"clone from {url}")
+    del repo.config["cloning"]
+    repo.save_config()
     return repo

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidInputError
+
 __all__ = ["MAX_TEMPORAL_SAMPLES", "trajectory_weights", "dose_times"]
 
 MAX_TEMPORAL_SAMPLES = 3
@@ -23,7 +25,8 @@ MAX_TEMPORAL_SAMPLES = 3
 def trajectory_weights(times: np.ndarray, samples: int) -> np.ndarray:
     """Weights ``(t, T)`` of ``T`` control points for poses at dose ``times`` ``(t,)`` in [0, 1]."""
     if not 1 <= samples <= MAX_TEMPORAL_SAMPLES:
-        raise ValueError(f"temporal samples must be 1 to {MAX_TEMPORAL_SAMPLES}, not {samples}")
+        raise InvalidInputError("temporal samples out of range", field="temporal_samples",
+                                expected=f"1..{MAX_TEMPORAL_SAMPLES}", found=samples)
     times = np.asarray(times, dtype=np.float64)
     if samples == 1:
         return np.ones((len(times), 1))

@@ -113,6 +113,29 @@ def test_errors_are_one_clear_line(run, inputs, tmp_path):
     assert run("init", run.pop, ok=False).exit_code == 1  # already exists
 
 
+@pytest.mark.parametrize("args, kind, words", [
+    (["status", "--json"], "NotFoundError", "not a cryopool repository"),
+    (["import", "tilt-series", "{ts1}", "--source", "x", "--tilt-angles", "nan:nan:1", "--dose-per-tilt", "3",
+      "--defocus-um", "3", "--json"], "InvalidInputError", "tilt range"),
+    (["import", "tilt-series", "{ts1}", "--source", "x", *TS, "--group-size", "0", "--json"], "InvalidInputError",
+     "group_size"),
+    (["import", "species", "s", "--half1", "{half1}", "--half2", "{half2}", "--particles", "{particles}",
+      "--diameter", "inf", "--json"], "InvalidInputError", "diameter"),
+    (["import", "species", "s", "--half1", "{half1}", "--half2", "{half2}", "--particles", "{particles}",
+      "--diameter", "100", "--symmetry", "C99999999999", "--json"], "InvalidInputError", "symmetry"),
+    (["refine", "--device", "cuda", "--json"], "InvalidInputError", "CUDA"),
+])
+def test_errors_under_json_are_json_objects(run, inputs, args, kind, words):
+    """Bad input under --json: one JSON error object on stdout, exit 1, never a traceback (nor a hang)."""
+    if args[0] != "status":
+        run("init", run.pop)
+        run("import", "tilt-series", inputs["ts1"], "--source", "lab", *TS)
+    result = run(*[a.format(**inputs) for a in args], ok=False)
+    assert result.exit_code == 1, result.output
+    error = _json(result)["error"]
+    assert error["type"] == kind and words in error["text"], error
+
+
 def test_demo_runs(tmp_path):
     result = CliRunner().invoke(cli, ["demo", str(tmp_path / "demo"), "--refine-iterations", "1"],
                                 catch_exceptions=False)

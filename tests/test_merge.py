@@ -344,3 +344,46 @@ def test_ours_and_re_refine_keep_our_version_through_the_cli(labs, inputs, choic
     assert ("Marked for re-refinement: item lab_c/TS_01" in done.output) == bool(marks)
     assert ("Marked for re-refinement by a merge: item lab_c/TS_01" in status) == bool(marks)
     assert verify(labs).ok
+
+
+def test_no_policy_silently_empties_a_species_or_ranks_missing_scores(tmp_path, inputs):
+    """The first-time user's case: `--policy score` with no scores on either side, and a policy that would drop
+    every particle of a species: both refuse, saying why, and nothing changes."""
+    repo = Repository.init(tmp_path / "pop")
+    import_tilt_series(repo, inputs["ts1"], source="lab_a", **TILT_ARGS)
+    unscored = [{k: v for k, v in r.items() if k != "rlnMaxValueProbDistribution"}
+                for r in _rows("TS_01", [(0, 0, 0, 0), (400, 0, 0, 0)])]
+    import_species(repo, "virus", half_map_1=inputs["half1"], half_map_2=inputs["half2"],
+                   particles=write_particles(tmp_path / "v.star", unscored), diameter_angstrom=200)
+    repo.create_branch("lab-b")
+    repo.checkout("lab-b")
+    picks = [{k: v for k, v in r.items() if k != "rlnMaxValueProbDistribution"}
+             for r in _rows("TS_01", [(20, 0, 0, 0), (420, 0, 0, 0)])]
+    import_species(repo, "virus2", half_map_1=inputs["half1"], half_map_2=inputs["half2"],
+                   particles=write_particles(tmp_path / "v2.star", picks), diameter_angstrom=200)
+    repo.checkout("main")
+    _move_main(repo)
+    before = repo.resolve("main")
+    with pytest.raises(ConflictError, match="needs scores"):
+        merge(repo, "lab-b", policy="score")
+    with pytest.raises(ConflictError, match="every particle of species virus2"):
+        merge(repo, "lab-b", policy="ours")
+    assert repo.resolve("main") == before and verify(repo).ok
+    report = merge(repo, "lab-b", policy="keep-both")
+    assert _counts(repo) == {"virus": 2, "virus2": 2} and report.commit
+
+
+def test_a_species_emptied_by_an_older_version_still_exports_and_merges(labs, tmp_path):
+    """Repositories made before the refusal above may hold a 0-particle species: reading it must still work."""
+    from cryopool.repo.merge import _drop
+    from cryopool.repo.relion import export_relion
+    labs.checkout("lab-b")
+    labs.commit(lambda p: _drop(labs, p, {"S2": set(range(6))}), message="emptied",
+                operation=Operation(kind="edit", parameters={}, software="t"))
+    labs.checkout("main")
+    _move_main(labs)
+    assert _counts(labs, "lab-b")["S2"] == 0
+    merge(labs, "lab-b", policy="fail")  # nothing can collide with nothing
+    assert _counts(labs)["S2"] == 0 and verify(labs).ok
+    summary = export_relion(labs, "HEAD", tmp_path / "out")
+    assert "S2" in summary["species"]

@@ -182,3 +182,34 @@ def test_names_and_ids_with_a_trailing_newline_are_refused():
     with pytest.raises(InvalidInputError):
         validate_name("ribosome\n", "species")
     assert is_object_id("ab" * 32) and not is_object_id("ab" * 32 + "\n")
+
+
+def test_log_graph_draws_where_a_merge_opens_and_closes_a_lane(tmp_path):
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from cryopool.cli.main import cli
+    from cryopool.repo import Operation, Population, Repository
+    from cryopool.repo.merge import merge
+    op = Operation(kind="edit", parameters={}, software="t")
+    repo = Repository.init(tmp_path / "pop")
+
+    def edit(key):
+        repo.commit(lambda p: dataclasses.replace(p or Population(name="p"), metadata={**(p.metadata if p else {}),
+                                                                                      key: 1}),
+                    message=key, operation=op)
+    edit("root")
+    repo.create_branch("side", "main")
+    edit("main1")
+    repo.checkout("side")
+    edit("side1")
+    edit("side2")
+    repo.checkout("main")
+    merge(repo, "side", policy="keep-both")
+    out = CliRunner().invoke(cli, ["-C", str(tmp_path / "pop"), "log", "--graph", "--oneline"]).output
+    shape = [line.split(" ")[0] if not line.startswith(("| *", "* |")) else line[:3] for line in out.splitlines()]
+    # the log's order of the two sides may vary with commit times; the shape may not
+    assert shape[:2] == ["*", "|\\"] and shape[-2:] == ["|/", "*"], out
+    assert sorted(shape[2:5]) == ["* |", "| *", "| *"], out
+    assert "Merge side:" in out  # named by branch, not by commit id

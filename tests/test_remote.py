@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from click.testing import CliRunner
 from conftest import add_species_s2, lab_population, repo_state
 from cryopool.cli.main import cli
 from cryopool.repo import Repository
-from cryopool.repo.errors import ConflictError, IntegrityError
+from cryopool.repo.errors import AlreadyExistsError, ConflictError, IntegrityError
+from cryopool.repo import remote as remote_module
 from cryopool.repo.merge import merge
 from cryopool.repo.records import Operation
 from cryopool.repo.remote import add_remote, clone, fetch, push
@@ -141,3 +143,27 @@ def test_concurrent_pushes_lose_no_commit(world, tmp_path):
     for r in labs:  # every commit any lab made is in the central history
         assert {c for c, _ in r.log()} <= history | {r.resolve("main")}
     assert verify(central).ok
+
+
+def test_an_interrupted_clone_resumes_and_a_full_disk_cleans_up(tmp_path, inputs, monkeypatch):
+    source = lab_population(tmp_path / "src", inputs)
+    real_fetch = remote_module.fetch
+
+    def broken(errno_code):
+        def fetch(repo, name, progress=None):
+            real_fetch(repo, name, progress)  # everything arrives, then the line drops before refs are set
+            raise OSError(errno_code, "simulated")
+        return fetch
+    monkeypatch.setattr(remote_module, "fetch", broken(errno.EIO))
+    with pytest.raises(OSError):
+        remote_module.clone(str(source.work_dir), str(tmp_path / "lab"))
+    assert (tmp_path / "lab/.cryopool").is_dir()  # kept: what arrived stays
+    monkeypatch.setattr(remote_module, "fetch", real_fetch)
+    again = remote_module.clone(str(source.work_dir), str(tmp_path / "lab"))  # the same command resumes
+    assert again.resolve("main") == source.resolve("main") and "cloning" not in again.config
+    with pytest.raises(AlreadyExistsError):  # a finished clone is not cloned over
+        remote_module.clone(str(source.work_dir), str(tmp_path / "lab"))
+    monkeypatch.setattr(remote_module, "fetch", broken(errno.ENOSPC))
+    with pytest.raises(OSError):
+        remote_module.clone(str(source.work_dir), str(tmp_path / "full"))
+    assert not (tmp_path / "full").exists()  # the space is given back
