@@ -51,7 +51,8 @@ def relion(obj: Context, folder, rev, species, filtered, as_json) -> None:
     click.echo(f"exported {len(summary['tilt_series'])} tilt series and {len(summary['species'])} species "
                f"to {summary['folder']}")
     for name in summary["species"]:
-        click.echo(f"  relion --ios {name}/optimisation_set.star   (run in {summary['folder']})")
+        click.echo(f"  {name}: {summary['folder']}/{name}/optimisation_set.star (the input optimisation set of "
+                   "RELION 5's subtomogram jobs)")
     for note in summary["notes"]:
         click.echo(f"note: {note}")
 

@@ -22,6 +22,12 @@ def commit_options(fn):
     return fn
 
 
+def _committed(repo, commit: str, message: str) -> None:
+    click.echo(f"[{short(commit)}] {message}")
+    if repo.last_new_data_objects == 0:
+        click.echo("  every image, map and file was already stored (deduplicated): only the records are new")
+
+
 @click.group("import")
 def import_group() -> None:
     """Import data into the current branch (one commit per import)."""
@@ -70,7 +76,7 @@ def tilt_series(obj: Context, stack, source, name, tilt_angles, tlt, mdoc, dose_
     if as_json:
         emit_json({"commit": commit, "item": f"{params['source']}/{params['item']}", "tilts": shape[0]})
     else:
-        click.echo(f"[{short(commit)}] {c.message}")
+        _committed(repo, commit, c.message)
         click.echo(f"  {shape[0]} tilts of {shape[2]}x{shape[1]} px at {params['pixel_size_angstrom']} Å/px "
                    f"({human_bytes(total)} of image data)")
 
@@ -98,7 +104,7 @@ def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetr
     if as_json:
         emit_json({"commit": commit, "species": name, "particles": n})
     else:
-        click.echo(f"[{short(commit)}] {c.message}")
+        _committed(repo, commit, c.message)
 
 
 @import_group.command("relion")
@@ -135,7 +141,7 @@ def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetr
         emit_json({"commit": commit, "source": source, "tilt_series": params["tilt_series"],
                    "species": params["species"]})
     else:
-        click.echo(f"[{short(commit)}] {c.message}")
+        _committed(repo, commit, c.message)
 
 
 @import_group.command("warp")
@@ -168,7 +174,7 @@ def warp(obj: Context, files, source, stacks, pixel_size, tomogram_size, defocus
     if as_json:
         emit_json({"commit": commit, "source": source, "tilt_series": c.operation.parameters["tilt_series"]})
     else:
-        click.echo(f"[{short(commit)}] {c.message}")
+        _committed(repo, commit, c.message)
 
 
 COMMANDS = [import_group]

@@ -25,6 +25,7 @@ __all__ = ["cli", "main", "COMMANDS"]
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("importing", "import_group", "Import data into the current branch (one commit per import)."),
     "export": ("export_cmd", "export_group", "Write the population at a commit in another program's formats."),
+    "config": ("config_cmd", "config", "Show all settings, show KEY, or set KEY to VALUE (keys: user.name, user.email)."),
     "status": ("history", "status", "Where HEAD is, and what the population holds."),
     "log": ("history", "log", "History of REV (default HEAD), newest first."),
     "show": ("history", "show", "Show a commit, or REV:species/NAME, or REV:SOURCE/ITEM (or an object id with --raw)."),

@@ -38,7 +38,8 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
                                                      "[default: from the species' FSC].")
 @click.option("--lbfgs-iterations", default=40, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--memory-budget", "memory_gb", default=2.0, show_default=True, help="GiB for particle batches; half of it bounds the reconstruction accumulators.")
+@click.option("--memory-budget", "memory_gb", default=2.0, show_default=True,
+              help="GiB for particle batches; half of it bounds the reconstruction accumulators.")
 @click.option("--warp-regularisation", default=1e-4, show_default=True, help="L2 weight per Å² of warp grids.")
 @click.option("--temporal-samples", type=click.IntRange(1, 3), default=1, show_default=True,
               help="Control points of each particle's pose trajectory over the exposure (M: 1–3).")

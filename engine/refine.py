@@ -303,7 +303,8 @@ def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res
             data_sources[src] = tx.put_record(replace(ds, items={**ds.items, **sources.get(src, {})}))
         new_pop = without_marks(replace(pop, data_sources=data_sources, species={**pop.species, **new_species}),
                                 items=list(item_refs), species=list(new_species))  # a merge's marks, now done
-        params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before, "resolution_after": after,
+        params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before,
+                  "resolution_after": after,
                   "regulariser": "fsc-wiener", "ncc": ncc_history, "reconstruction_box": rec_box}
         operation = Operation(kind="refine", parameters=params, software=software_version(),
                               inputs={"population": repo.get_commit(tip).population})

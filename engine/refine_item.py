@@ -304,7 +304,8 @@ def _max_defocus(settings: RefineSettings, geom: TiltGeometry, imaging: Imaging)
 
 
 def _band_edges(settings: RefineSettings, species: SpeciesInput, pre: torch.Tensor, exposure: torch.Tensor) -> list[float]:
-    """Each tilt's band edge (1/Å): the species' working resolution, or where the exposure weight falls below the crop weight."""
+    """Each tilt's band edge (1/Å): the species' working resolution, or where the exposure weight falls below
+    the crop weight."""
     edges = []
     for dose in mid_exposure(pre, exposure).tolist():
         edge = 1.0 / _resolution(species, settings)

@@ -268,7 +268,8 @@ def _item(cfg: SimulationConfig, rng, source: str, name: str, maps, boxes) -> Si
     noise = clean.std() / np.sqrt(cfg.snr)
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     stack = clean + noise * torch.randn(clean.shape, generator=gen)
-    init_geom = replace(true_geom, angle_corrections_deg=torch.zeros(t, 3, dtype=torch.float64), image_warp=None, volume_warp=None,
+    init_geom = replace(true_geom, angle_corrections_deg=torch.zeros(t, 3, dtype=torch.float64), image_warp=None,
+                        volume_warp=None,
                         shifts_angstrom=true_geom.shifts_angstrom + torch.tensor(
                             rng.normal(0, cfg.initial_shift_error_angstrom, (t, 2))))
     jitter = torch.tensor(rng.normal(0, cfg.initial_defocus_error_angstrom, t))

@@ -44,8 +44,10 @@ __all__ = [
     "Ref", "Kind", "ObjectId", "hash_bytes", "Repository", "Head", "__version__",
     "CryopoolError", "NotFoundError", "AlreadyExistsError", "ConflictError", "LockedError", "IntegrityError",
     "FormatError", "InvalidInputError",
-    "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "HalfSetModel", "ImagingModel", "Metrics", "Operation",
+    "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "HalfSetModel", "ImagingModel", "Metrics",
+    "Operation",
     "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
-    "item_key", "item_refs", "split_item_key", "iter_items", "with_item", "with_species", "population_summary", "software_version",
+    "item_key", "item_refs", "split_item_key", "iter_items", "with_item", "with_species", "population_summary",
+    "software_version",
     "refinement_marks", "with_marks", "without_marks", "MAX_TEMPORAL_SAMPLES", "dose_times", "trajectory_weights",
 ]

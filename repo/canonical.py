@@ -73,7 +73,8 @@ def _normalise(value: Any, where: str) -> Any:
             out[k] = _normalise(value[k], f"{where}.{k}" if where else k)
         return out
     raise InvalidInputError(
-        "value cannot be stored in a record", field=where or "<root>", expected="None/bool/int/float/str/bytes/list/dict/Ref",
+        "value cannot be stored in a record", field=where or "<root>",
+        expected="None/bool/int/float/str/bytes/list/dict/Ref",
         found=type(value).__name__,
     )
 

@@ -35,12 +35,12 @@ def touch(path: Path) -> None:
         pass
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new file, never a mix."""
+def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, fsync: bool = True, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never a mix (``mode``: its permissions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"w-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as fh:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
         fh.write(data)
         if fsync:
             fh.flush()

@@ -35,8 +35,8 @@ from .canonical import Ref
 from .records import DataSource, Operation, ParticleTable, Population, Species
 from .repository import Repository, software_version
 
-__all__ = ["POLICIES", "CONFLICT_CHOICES", "Collision", "MergeReport", "merge_base", "find_collisions", "merge", "resolve", "load_state",
-           "clear_state"]
+__all__ = ["POLICIES", "CONFLICT_CHOICES", "Collision", "MergeReport", "merge_base", "find_collisions",
+           "merge", "resolve", "load_state", "clear_state"]
 
 POLICIES = ("fail", "ours", "theirs", "score", "keep-both")
 # items, species and metadata keys changed on both sides; "re-refine" keeps ours and marks the item or species
@@ -334,7 +334,8 @@ def merge(repo: Repository, theirs_rev: str, *, policy: str = "fail", factor: fl
     if base == theirs_id:
         return report  # already contained
     if base == ours_id:  # fast-forward: nothing of ours to reconcile, no new particles against ours
-        repo.refs.update(ref_name, theirs_id, expected=ours_id, author="merge", message=f"merge: fast-forward to {theirs_rev}")
+        repo.refs.update(ref_name, theirs_id, expected=ours_id, author="merge",
+                         message=f"merge: fast-forward to {theirs_rev}")
         report.commit, report.fast_forward = theirs_id, True
         return report
     pb = repo.population(base) if base else Population(name="population")

@@ -133,7 +133,8 @@ class MemoryRefStore(RefStore):
     def update(self, name: str, new: str | None, *, expected, author: str, message: str) -> None:
         with self._lock:
             real = self._resolve_head_name(name)
-            current = self.read(real) if real != "HEAD" else (None if self._head.startswith("refs/") else ObjectId(self._head))
+            detached = None if self._head.startswith("refs/") else ObjectId(self._head)
+            current = self.read(real) if real != "HEAD" else detached
             _compare(real, current, expected)
             self._logs.setdefault(real, []).append(
                 ReflogEntry(current, None if new is None else ObjectId(new), time.time(), author, message))

@@ -22,7 +22,7 @@ from . import canonical
 from .errors import AlreadyExistsError, ConflictError, InvalidInputError, NotFoundError
 from .hashing import Kind, ObjectId
 from .refs import validate_ref_name
-from .repository import REPO_DIR, Repository, default_author
+from .repository import REPO_DIR, Repository
 from .transport import (DirTransport, Transport, batches, children_first, children_of, is_url, open_transport,
                         receive_object)
 
@@ -160,7 +160,7 @@ def remove_remote(repo: Repository, name: str) -> None:
     del _remotes(repo)[name]
     repo.save_config()
     for ref in repo.refs.list(f"refs/remotes/{name}/"):
-        repo.refs.update(ref, None, expected=repo.refs.read(ref), author=default_author(), message="remote removed")
+        repo.refs.update(ref, None, expected=repo.refs.read(ref), author=repo.author(), message="remote removed")
 
 
 def open_remote(repo: Repository, name: str) -> Transport:
@@ -196,7 +196,7 @@ def fetch(repo: Repository, name: str, progress=None) -> tuple[TransferStats, di
     for ref, cid in heads.items():
         local = f"refs/remotes/{name}/{ref.removeprefix('refs/heads/')}"
         if repo.refs.read(local) != cid:
-            repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(),
+            repo.refs.update(local, cid, expected=repo.refs.read(local), author=repo.author(),
                              message=f"fetch from {name}")
             updated[local] = cid
     return stats, updated
@@ -251,11 +251,11 @@ def push(repo: Repository, name: str, branch: str | None = None, *, force: bool 
             raise ConflictError(f"push to {name}/{branch} refused: not a fast-forward",
                                 hint=f"fetch and merge {name}/{branch} first (or --force)")
         stats = send(repo, transport, cid, progress)
-        transport.update_ref(target, current, cid, author=default_author())
+        transport.update_ref(target, current, cid, author=repo.author())
     finally:
         transport.close()
     local = f"refs/remotes/{name}/{branch}"
-    repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(), message=f"push to {name}")
+    repo.refs.update(local, cid, expected=repo.refs.read(local), author=repo.author(), message=f"push to {name}")
     return stats, cid
 
 
@@ -299,7 +299,7 @@ def clone(url: str, directory: str, progress=None, token: str | None = None, *, 
     for ref, cid in repo.refs.list("refs/remotes/origin/").items():  # all of them: a resumed clone too
         short = ref.removeprefix("refs/remotes/origin/")
         local = f"refs/heads/{short}"
-        repo.refs.update(local, cid, expected=repo.refs.read(local), author=default_author(),
+        repo.refs.update(local, cid, expected=repo.refs.read(local), author=repo.author(),
                          message=f"clone from {url}")
     del repo.config["cloning"]
     repo.save_config()

@@ -61,10 +61,40 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def default_author() -> str:
+def user_config_path() -> Path:
+    """The per-user settings file (``cryopool config --global``): $XDG_CONFIG_HOME/cryopool/config.json."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "cryopool" / "config.json"
+
+
+def read_user_config() -> dict:
+    try:
+        value = json.loads(user_config_path().read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FormatError(f"settings file is unreadable ({exc})", path=str(user_config_path())) from None
+    return value if isinstance(value, dict) else {}
+
+
+def author_of(user: dict) -> str | None:
+    """``Name <email>`` from a ``user`` settings section, if it names someone."""
+    name, email = user.get("name"), user.get("email")
+    if not name:
+        return None
+    return f"{name} <{email}>" if email else str(name)
+
+
+def default_author(config: dict | None = None) -> str:
+    """Who is committing: $CRYOPOOL_AUTHOR, else the repository's user.name/email, else the user's settings
+    (``cryopool config --global``), else login@host."""
     env = os.environ.get("CRYOPOOL_AUTHOR")
     if env:
         return env
+    for user in ((config or {}).get("user", {}), read_user_config().get("user", {})):
+        who = author_of(user)
+        if who:
+            return who
     try:
         user = getpass.getuser()
     except Exception:
@@ -99,6 +129,8 @@ class Repository:
     root: Path | None = None  # the .cryopool directory, None in memory
     config: dict[str, Any] = field(default_factory=dict)
     _staging: StagingStore | None = None
+    # after a transaction: how many chunks and blobs it added (0: everything was already stored, deduplicated)
+    last_new_data_objects: int | None = None
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -159,11 +191,15 @@ class Repository:
     def work_dir(self) -> Path | None:
         return None if self.root is None else self.root.parent
 
+    def author(self) -> str:
+        return default_author(self.config)
+
     def save_config(self) -> None:
         if self.root is None:
             return
         data = (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode()
-        write_atomic(self.root / "config", data, self.root / "tmp")
+        write_atomic(self.root / "config", data, self.root / "tmp", mode=0o600)  # it may hold remote tokens
+        os.chmod(self.root / "config", 0o600)  # umask may have narrowed it further; never wider
 
     # -- objects ----------------------------------------------------------------------
     def put_record(self, record: Record) -> Ref:
@@ -304,6 +340,7 @@ class Repository:
         try:
             yield tx
         finally:
+            self.last_new_data_objects = staging.published_data_objects
             staging.discard()
 
     def publish(self) -> int:
@@ -330,7 +367,7 @@ class Repository:
         if not isinstance(message, str) or not message.strip():
             raise InvalidInputError("a commit needs a message", field="message")
         ref_name = self.branch_ref(branch)
-        author = author or self.config.get("user", {}).get("name") or default_author()
+        author = author or self.author()
         for attempt in range(retries + 1):
             tip = self.refs.read(ref_name)
             base = self.population(tip) if tip else None
@@ -368,7 +405,7 @@ class Repository:
     def create_branch(self, name: str, rev: str = "HEAD", *, force: bool = False) -> ObjectId:
         ref_name = validate_ref_name(f"refs/heads/{name}")
         target = self.resolve(rev)
-        self.refs.update(ref_name, target, expected=ANY if force else None, author=default_author(),
+        self.refs.update(ref_name, target, expected=ANY if force else None, author=self.author(),
                          message=f"branch: created from {rev}")
         return target
 
@@ -378,13 +415,13 @@ class Repository:
             raise NotFoundError(f"no such ref {ref_name}")
         if ref_name == self.refs.head_target():
             raise ConflictError(f"cannot delete {ref_name}: it is checked out", hint="check out another branch first")
-        self.refs.update(ref_name, None, expected=current, author=default_author(), message="deleted")
+        self.refs.update(ref_name, None, expected=current, author=self.author(), message="deleted")
 
     def create_tag(self, name: str, rev: str = "HEAD") -> ObjectId:
         ref_name = validate_ref_name(f"refs/tags/{name}")
         target = self.resolve(rev)
         try:
-            self.refs.update(ref_name, target, expected=None, author=default_author(), message=f"tag: {rev}")
+            self.refs.update(ref_name, target, expected=None, author=self.author(), message=f"tag: {rev}")
         except ConflictError:
             raise AlreadyExistsError(f"tag '{name}' already exists") from None
         return target

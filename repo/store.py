@@ -376,6 +376,7 @@ class StagingStore(ObjectStore):
     def __init__(self, base: ObjectStore, staging_dir: Path | None = None) -> None:
         self.base = base
         self._staged: dict[ObjectId, Kind] = {}
+        self.published_data_objects: int | None = None  # chunks and blobs that were new, once published
         self._lock = threading.Lock()
         if isinstance(base, DiskObjectStore):
             assert staging_dir is not None
@@ -440,6 +441,7 @@ class StagingStore(ObjectStore):
         """
         staged = self.staged
         records = [o for o in staged if self._staged[o] == Kind.RECORD]
+        self.published_data_objects = len(staged) - len(records)
         order = [[o for o in staged if self._staged[o] != Kind.RECORD]]
         order += children_first({o: self._record_children(o) for o in records})
         for level in order:

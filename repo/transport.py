@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import fsspec
 import httpx
@@ -378,10 +379,19 @@ def is_url(text) -> bool:
     return "://" in str(text)
 
 
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
 def open_transport(url: str, *, token: str | None = None, options: dict | None = None) -> Transport:
     """The transport for a remote's URL: http(s) → server, other ``scheme://`` → fsspec, else a path."""
     text = str(url)
     if text.startswith(("http://", "https://")):
+        host = urlsplit(text).hostname or ""
+        if text.startswith("http://") and host not in LOOPBACK and os.environ.get("CRYOPOOL_ALLOW_HTTP") != "1":
+            raise InvalidInputError("plain http to another machine would send tokens and data in clear", path=text,
+                                    hint="use https (a TLS proxy in front of 'cryopool serve'), or set "
+                                         "CRYOPOOL_ALLOW_HTTP=1 on a network you trust")
+        # $CRYOPOOL_TOKEN stands in only where the remote has no token of its own
         return HttpTransport(text, token or os.environ.get("CRYOPOOL_TOKEN"))
     if text.startswith("file://"):
         return DirTransport(text.removeprefix("file://"))

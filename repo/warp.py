@@ -29,8 +29,9 @@ from .formats.star import numeric_column, read_star_blocks, require_table, strin
 from .formats.tilts import exposure_from_pre_exposure
 from .physical import check, check_item_model
 
-__all__ = ["WarpTiltSeries", "read_warp_xml", "parse_warp_xml", "interpolating_to_bspline", "bspline_to_interpolating", "warp_model",
-           "warp_xml_text", "centre_shift", "Tomostar", "read_tomostar", "tomostar_table"]
+__all__ = ["WarpTiltSeries", "read_warp_xml", "parse_warp_xml", "interpolating_to_bspline",
+           "bspline_to_interpolating", "warp_model", "warp_xml_text", "centre_shift", "Tomostar",
+           "read_tomostar", "tomostar_table"]
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,8 @@ def centre_shift(size_px: tuple[int, int], pixel: float) -> np.ndarray:
 XML_FIELDS = {
     "tilt_angles_deg": "<Angles>", "tilt_axis_angle_deg": "<AxisAngle>",
     "angle_corrections_deg": "<AxisAngle>/LevelAngleX/LevelAngleY", "shifts_angstrom": "<AxisOffsetX/Y>",
-    "image_warp": "<GridMovementX/Y>", "volume_warp": "<GridVolumeWarpX/Y/Z>", "orientation_corrections_deg": "<GridAngleX/Y/Z>",
+    "image_warp": "<GridMovementX/Y>", "volume_warp": "<GridVolumeWarpX/Y/Z>",
+    "orientation_corrections_deg": "<GridAngleX/Y/Z>",
     "defocus_u_angstrom": "<GridCTF>/<GridCTFDefocusDelta> (or CTF Defocus/DefocusDelta)",
     "defocus_v_angstrom": "<GridCTF>/<GridCTFDefocusDelta> (or CTF Defocus/DefocusDelta)",
     "defocus_angle_deg": "<GridCTFDefocusAngle>", "pre_exposure": "<Dose>", "exposure": "<Dose>",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,28 @@ def test_simulate_command(tmp_path):
     assert "truth" in commit.attachments
     bad = CliRunner().invoke(cli, ["simulate", str(pop), "--species", "oops"])
     assert bad.exit_code == 2 and "NAME:DIAMETER" in bad.output
+
+
+def test_config_names_the_author_and_keeps_tokens_private(run, inputs, tmp_path, monkeypatch):
+    monkeypatch.delenv("CRYOPOOL_AUTHOR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    run("init", run.pop)
+    run("config", "--global", "user.name", "Someone Else")
+    run("config", "user.name", "Jane Doe")
+    run("config", "user.email", "jane@lab.example")
+    assert run("config", "user.name").output.strip() == "user.name=Jane Doe"
+    run("import", "tilt-series", inputs["ts1"], "--source", "lab", *TS)
+    assert Repository.open(run.pop).get_commit("HEAD").author == "Jane Doe <jane@lab.example>"
+    run("config", "--unset", "user.name")  # falls back to the user's settings
+    run("import", "tilt-series", inputs["ts2"], "--source", "lab", *TS)
+    assert Repository.open(run.pop).get_commit("HEAD").author == "Someone Else"
+    assert run("config", "colour", "blue", ok=False).exit_code == 1
+    run("remote", "add", "central", "http://127.0.0.1:9", "--token", "s3cret")
+    assert (Path(run.pop) / ".cryopool/config").stat().st_mode & 0o077 == 0  # a token is inside: owner only
+
+
+def test_an_import_that_stores_nothing_new_says_so(run, inputs):
+    run("init", run.pop)
+    first = run("import", "tilt-series", inputs["ts1"], "--source", "lab", *TS).output
+    again = run("import", "tilt-series", inputs["ts1"], "--source", "lab", "--name", "same_pixels", *TS).output
+    assert "deduplicated" not in first and "deduplicated" in again

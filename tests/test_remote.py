@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import add_species_s2, lab_population, repo_state
 from cryopool.cli.main import cli
 from cryopool.repo import Repository
-from cryopool.repo.errors import AlreadyExistsError, ConflictError, IntegrityError
+from cryopool.repo.errors import AlreadyExistsError, ConflictError, IntegrityError, InvalidInputError
 from cryopool.repo import remote as remote_module
 from cryopool.repo.merge import merge
 from cryopool.repo.records import Operation
@@ -167,3 +167,13 @@ def test_an_interrupted_clone_resumes_and_a_full_disk_cleans_up(tmp_path, inputs
     with pytest.raises(OSError):
         remote_module.clone(str(source.work_dir), str(tmp_path / "full"))
     assert not (tmp_path / "full").exists()  # the space is given back
+
+
+def test_plain_http_off_this_machine_is_refused_unless_asked(monkeypatch):
+    from cryopool.repo.transport import open_transport
+    monkeypatch.delenv("CRYOPOOL_ALLOW_HTTP", raising=False)
+    with pytest.raises(InvalidInputError, match="in clear"):
+        open_transport("http://central.example.org:8765", token="t")
+    open_transport("http://127.0.0.1:8765", token="t").close()  # loopback: the tests' and a tunnel's case
+    monkeypatch.setenv("CRYOPOOL_ALLOW_HTTP", "1")
+    open_transport("http://central.example.org:8765", token="t").close()

@@ -40,7 +40,8 @@ def require_table(blocks: dict, path: str | Path, names: tuple[str, ...]) -> tup
     tables = [k for k, v in blocks.items() if isinstance(v, pd.DataFrame)]
     if len(tables) == 1 and "" in names:
         return tables[0], blocks[tables[0]]
-    raise FormatError("STAR file lacks the data block", path=str(path), expected=" or ".join(f"data_{n}" for n in names if n),
+    raise FormatError("STAR file lacks the data block", path=str(path),
+                      expected=" or ".join(f"data_{n}" for n in names if n),
                       found=[f"data_{k}" for k in blocks])
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import FormatError, InvalidInputError, NotFoundError
 
-__all__ = ["mdoc_number", "read_tlt", "read_xf", "xf_alignment", "Mdoc", "read_mdoc", "dose_symmetric_order", "pre_exposure", "exposure_from_pre_exposure", "parse_tilt_range"]
+__all__ = ["mdoc_number", "read_tlt", "read_xf", "xf_alignment", "Mdoc", "read_mdoc", "dose_symmetric_order",
+           "pre_exposure", "exposure_from_pre_exposure", "parse_tilt_range"]
 
 
 def _text(path: Path) -> str:
