@@ -43,13 +43,16 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
 @click.option("--warp-regularisation", default=1e-4, show_default=True, help="L2 weight per Å² of warp grids.")
 @click.option("--temporal-samples", type=click.IntRange(1, 3), default=1, show_default=True,
               help="Control points of each particle's pose trajectory over the exposure (M: 1–3).")
+@click.option("--allow-unmodelled", is_flag=True,
+              help="Refine items whose records hold optics the engine does not model (phase shift, magnification "
+                   "anisotropy, beam tilt, CTF/movie grids): they are ignored, and the commit records that.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run at the branch tip.")
 @click.option("-b", "--branch", help="Refine this branch [default: the checked-out one].")
 @json_option
 @click.pass_obj
 @handle_errors
 def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, device,
-           memory_gb, warp_regularisation, temporal_samples, resume, branch, as_json) -> None:
+           memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, resume, branch, as_json) -> None:
     """Refine all species jointly in every tilt series and commit each iteration.
 
     For each item, all particles of all species form one system: per-tilt
@@ -68,7 +71,8 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
     options = RefineOptions(iterations=iterations, groups=chosen, image_warp_grid=_grid(image_warp, 2),
                             volume_warp_grid=_grid(volume_warp, 4), start_resolution_angstrom=start_resolution,
                             lbfgs_iterations=lbfgs_iterations, device=device, memory_budget_gb=memory_gb,
-                            warp_regularisation=warp_regularisation, temporal_samples=temporal_samples)
+                            warp_regularisation=warp_regularisation, temporal_samples=temporal_samples,
+                            allow_unmodelled=allow_unmodelled)
     if resume and resume_point(repo, branch) is None:
         raise click.UsageError("nothing to resume: the branch tip is not an unfinished refine run")
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from cryopool.repo import (dose_times, DeformationModel, Grid, ImagingModel, Par
 from .geometry import euler_zyz_to_matrix, matrix_to_euler_zyz
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["ItemModel", "load_item", "item_records", "ParticleColumns", "load_particles", "particle_table_record",
+__all__ = ["ItemModel", "load_item", "item_records", "unmodelled_optics", "ParticleColumns", "load_particles", "particle_table_record",
            "load_map"]
 
 
@@ -64,6 +64,22 @@ def load_item(repo: Repository, item: TiltSeries, *, with_stack: bool = True) ->
                     item.amplitude_contrast, float(item.handedness))
     stack = torch.from_numpy(stack_array.read().astype(np.float32)) if with_stack else torch.empty(0)
     return ItemModel(stack, geometry, model, pre, exposure)
+
+
+def unmodelled_optics(repo: Repository, item: TiltSeries) -> list[str]:
+    """What an item's records hold that the engine's forward model leaves out (refining would ignore it)."""
+    imaging = repo.get_record(item.imaging, ImagingModel)
+    deformation = repo.get_record(item.deformation, DeformationModel)
+    out = []
+    if imaging.phase_shift_deg is not None and np.any(repo.get_array(imaging.phase_shift_deg).read() != 0):
+        out.append("phase shift (phase plate)")
+    mag = imaging.magnification_anisotropy
+    if mag is not None and (abs(mag[0] - 1) > 1e-6 or abs(mag[1] - 1) > 1e-6):
+        out.append(f"magnification anisotropy {mag}")
+    if imaging.beam_tilt_mrad is not None and any(abs(b) > 0 for b in imaging.beam_tilt_mrad):
+        out.append(f"beam tilt {imaging.beam_tilt_mrad} mrad")
+    out += [f"CTF grid {name}" for name in imaging.grids] + [f"movie grid {name}" for name in deformation.movie_grids]
+    return out
 
 
 def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> tuple[DeformationModel, ImagingModel]:

@@ -29,14 +29,15 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from cryopool.repo import (DataSource, HalfSetModel, InvalidInputError, item_refs, Metrics, NotFoundError, Operation,
-                           Population, Ref, Repository, Species, TiltSeries, software_version, split_item_key,
-                           without_marks)
+from cryopool.repo import (DataSource, HalfSetModel, InvalidInputError, item_refs, iter_items, Metrics, NotFoundError,
+                           Operation, Population, Ref, Repository, Species, TiltSeries, software_version,
+                           split_item_key, without_marks)
 
 from .forward import ParticleSet, reconstruct_half_maps, species_reconstruction_box
 from .fsc import masked_fsc, resolution_at
 from .projection import FourierAccumulator, prepare_volume
-from .records_io import ItemModel, item_records, load_item, load_map, load_particles, particle_table_record
+from .records_io import (ItemModel, item_records, load_item, load_map, load_particles, particle_table_record,
+                         unmodelled_optics)
 from .refine_item import GROUPS, RefineSettings, SpeciesInput, refine_item_half
 from .regularise import FSCWienerFilter, Regulariser, working_resolution
 from .symmetry import symmetry_operators
@@ -62,6 +63,7 @@ class RefineOptions:
     wiener_constant: float = 1e-3
     warp_regularisation: float = 1e-4  # L2 per Å² of warp, so global parameters explain what they can
     temporal_samples: int = 1  # control points of each particle's pose trajectory over the exposure (1–3)
+    allow_unmodelled: bool = False  # refine items whose records hold optics the engine does not model
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.groups) - set(GROUPS))
@@ -331,6 +333,14 @@ def refine_population(repo: Repository, options: RefineOptions, *, branch: str |
     else:
         run = {"id": uuid.uuid4().hex, "iteration": 0, "of": options.iterations,
                "options": asdict(options)}
+    tip = repo.refs.read(ref_name)
+    if tip is not None and not options.allow_unmodelled:
+        found = {key: what for key, _, item in iter_items(repo, repo.population(tip))
+                 if (what := unmodelled_optics(repo, item))}
+        if found:
+            raise InvalidInputError("items hold optics the engine does not model: refining would ignore them",
+                                    found="; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(found.items())),
+                                    hint="--allow-unmodelled refines them anyway (recorded in the commit)")
     reports = []
     while run["iteration"] < run["of"] and (max_iterations is None or len(reports) < max_iterations):
         tip = repo.refs.read(ref_name)

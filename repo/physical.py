@@ -120,7 +120,7 @@ _MODEL_QUANTITIES = {
     "defocus_v_angstrom": "defocus_angstrom", "defocus_angle_deg": "angle_deg",
     "pre_exposure": "pre_exposure_e_per_angstrom2", "exposure": "exposure_e_per_angstrom2",
     "voltage_kv": "voltage_kv", "spherical_aberration_mm": "spherical_aberration_mm",
-    "amplitude_contrast": "amplitude_contrast",
+    "amplitude_contrast": "amplitude_contrast", "phase_shift_deg": "phase_shift_deg",
 }
 
 

@@ -306,6 +306,7 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
     half_delta = per_tilt("GridCTFDefocusDelta", param("DefocusDelta", 0)) * 1e4 / 2
     lx, ly = ts.level_angles
     axis = ts.axis_angles[keep]
+    phase = per_tilt("GridCTFPhase", param("PhaseShift", 0)) * 180.0  # Warp: fractions of π
     model = {
         "tilt_angles_deg": -ts.angles[keep], "tilt_axis_angle_deg": float(axis[0]),
         "angle_corrections_deg": np.stack([np.full(len(keep), lx), np.full(len(keep), -ly), axis - axis[0]], 1),
@@ -319,6 +320,7 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
         "image_size_px": tuple(image_size_px), "tomogram_size_px": list(tomogram_size_px),
         "voltage_kv": param("Voltage", 300), "spherical_aberration_mm": param("Cs", 2.7),
         "amplitude_contrast": param("Amplitude", 0.07),
+        "phase_shift_deg": phase[keep] if np.any(phase != 0) else None,
     }
     check_item_model(model, path=str(ts.path), fields=XML_FIELDS)
     return model
@@ -382,6 +384,9 @@ def warp_xml_text(model: dict, pixel_size_angstrom: float, movie_paths: list[str
         ET.SubElement(ctf, "Param", {"Name": name, "Value": repr(float(value))})
     for tag, values in (("GridCTF", mean), ("GridCTFDefocusDelta", delta), ("GridCTFDefocusAngle", angle)):
         root.append(_grid_element(tag, values.reshape(n, 1, 1)))
+    if model.get("phase_shift_deg") is not None:
+        phase = np.asarray(model["phase_shift_deg"], dtype=np.float64) / 180.0
+        root.append(_grid_element("GridCTFPhase", phase.reshape(n, 1, 1)))
     if model.get("orientation_corrections_deg") is not None:
         corrections = np.asarray(model["orientation_corrections_deg"], dtype=np.float64)
         root.extend(_grid_element(f"GridAngle{a}", corrections[:, i].reshape(n, 1, 1)) for i, a in enumerate("XYZ"))

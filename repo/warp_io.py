@@ -206,9 +206,11 @@ def import_warp(
                 tilt_angle_corrections_deg=tx.put_array(m["angle_corrections_deg"]),
                 image_warp=grid.get("image_warp"), volume_warp=grid.get("volume_warp"),
                 orientation_corrections_deg=None if corrections is None else tx.put_array(corrections))
+            phase = m.get("phase_shift_deg")
             imaging = ImagingModel(defocus_u_angstrom=tx.put_array(m["defocus_u_angstrom"]),
                                    defocus_v_angstrom=tx.put_array(m["defocus_v_angstrom"]),
-                                   defocus_angle_deg=tx.put_array(m["defocus_angle_deg"]))
+                                   defocus_angle_deg=tx.put_array(m["defocus_angle_deg"]),
+                                   phase_shift_deg=None if phase is None else tx.put_array(phase))
             warp_meta: dict = {"tilts": m["tilts"]}
             if s.xml is not None:
                 warp_meta["xml"] = tx.put_blob(s.xml.raw)
@@ -278,7 +280,8 @@ def _item_model(repo: Repository, item: TiltSeries) -> dict:
         "exposure": np.array(item.exposure_e_per_angstrom2), "handedness": item.handedness,
         "image_size_px": tuple(repo.get_array(item.stack).shape[1:]), "tomogram_size_px": list(item.tomogram_size_px),
         "voltage_kv": item.voltage_kv, "spherical_aberration_mm": item.spherical_aberration_mm,
-        "amplitude_contrast": item.amplitude_contrast}
+        "amplitude_contrast": item.amplitude_contrast,
+        "phase_shift_deg": None if imaging.phase_shift_deg is None else arr(imaging.phase_shift_deg)}
 
 
 def _same_model(a: dict, b: dict) -> bool:

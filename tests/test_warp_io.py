@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import mrcfile
@@ -336,3 +337,21 @@ def test_written_xml_holds_u_minus_v_as_warp_reads_it(tmp_path, warpylib):
     ts_w = warpylib.TiltSeries(str(path))
     assert [ts_w.get_tilt_defocus_delta(t) for t in range(n)] == pytest.approx([0.06] * n, abs=1e-6)
     assert [ts_w.get_tilt_defocus(t) for t in range(n)] == pytest.approx([3.0] * n, abs=1e-6)
+
+
+def test_phase_plate_data_keeps_its_phase_shift(tmp_path, warpylib):
+    """Warp's phase shift (fractions of π) becomes the item's phase_shift_deg and is written back as Warp reads it."""
+    xml = read_warp_xml(TEST_DATA / "warp/TS_1.xml")
+    text = xml.raw.decode("utf-8-sig").replace('<Param Name="PhaseShift" Value="0" />',
+                                               '<Param Name="PhaseShift" Value="0.5" />')
+    text = re.sub(r"<GridCTFPhase .*?</GridCTFPhase>", "", text, flags=re.S)  # its per-tilt grid would win
+    assert 'Name="PhaseShift" Value="0.5"' in text, "TS_1.xml names its phase shift"
+    path = tmp_path / "TS_1.xml"
+    path.write_text(text)
+    model = warp_model(read_warp_xml(path), 0.834)
+    np.testing.assert_allclose(model["phase_shift_deg"], 90.0)
+    n = len(model["tilt_angles_deg"])
+    out = tmp_path / "back.xml"
+    out.write_text(warp_xml_text(model, 0.834, [f"m{i}.tif" for i in range(n)])[0])
+    ts_w = warpylib.TiltSeries(str(out))
+    assert [ts_w.get_tilt_phase(t) for t in range(n)] == pytest.approx([0.5] * n, abs=1e-6)

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from cryopool.cli.main import cli
 from cryopool.engine.refine import RefineOptions, refine_population, resume_point
 from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate, write_simulation
-from cryopool.repo import (Operation, ParticleTable, Repository, Species, iter_items, refinement_marks, software_version,
-                           with_marks)
+from cryopool.repo import (ImagingModel, InvalidInputError, Operation, ParticleTable, Repository, Species, iter_items,
+                           refinement_marks, software_version, with_item, with_marks)
 from cryopool.repo.verify import verify
 
 FAST = dict(groups=("shifts", "poses"), lbfgs_iterations=4, rounds=1, image_warp_grid=(2, 2))
@@ -154,3 +154,21 @@ def test_a_corrupted_chunk_stops_refinement_and_nothing_is_committed(repo, what)
                                  "--lbfgs-iterations", "2"])
     assert result.exit_code == 1 and chunk in result.output and "corrupted" in result.output, result.output
     assert repo.resolve("HEAD") == head
+
+
+def test_optics_the_engine_does_not_model_are_refused_unless_allowed(repo):
+    """A phase-plate item (phase shift in its imaging model) is not refined as if it had none, silently."""
+    population = repo.population()
+    key, ref, item = next(iter_items(repo, population))
+    imaging = repo.get_record(item.imaging, ImagingModel)
+    with repo.transaction() as tx:
+        phased = replace(imaging, phase_shift_deg=tx.put_array(np.full(item.n_tilts, 90.0)))
+        new_item = tx.put_record(replace(item, imaging=tx.put_record(phased)))
+        tx.commit(with_item(tx, population, *key.split("/"), new_item, replace_existing=True), message="phase plate",
+                  operation=Operation(kind="edit", parameters={}, software="t"))
+    head = repo.resolve("HEAD")
+    with pytest.raises(InvalidInputError, match="phase shift"):
+        refine_population(repo, RefineOptions(iterations=1, **FAST))
+    assert repo.resolve("HEAD") == head
+    (report,) = refine_population(repo, RefineOptions(iterations=1, allow_unmodelled=True, **FAST))
+    assert repo.get_commit(report.commit).operation.parameters["allow_unmodelled"] is True
