@@ -16,8 +16,8 @@ from cryopool.repo import (dose_times, DeformationModel, Grid, ImagingModel, Par
 from .geometry import euler_zyz_to_matrix, matrix_to_euler_zyz
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["ItemModel", "load_item", "item_records", "unmodelled_optics", "ParticleColumns", "load_particles", "particle_table_record",
-           "load_map"]
+__all__ = ["ItemModel", "load_item", "item_records", "unmodelled_optics", "ParticleColumns", "load_particles",
+           "particle_table_record", "load_map"]
 
 
 @dataclass
