@@ -11,7 +11,7 @@ from .records import DataSource, ParticleTable, Population, Species, TiltSeries,
 
 __all__ = ["item_key", "export_names", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_species",
            "empty_population", "population_summary", "NEEDS_REFINEMENT", "refinement_marks", "with_marks",
-           "without_marks"]
+           "without_marks", "without_species", "without_item"]
 
 NEEDS_REFINEMENT = "needs_refinement"  # population metadata: ["item SRC/ITEM", "species NAME", ...]
 
@@ -87,7 +87,8 @@ def with_item(repo, population: Population, source_name: str, item_name: str, it
         source = repo.get_record(population.data_sources[source_name], DataSource)
         if item_name in source.items and not replace_existing:
             raise AlreadyExistsError(f"item '{item_key(source_name, item_name)}' already exists",
-                                     hint="choose another --name, or another --source to keep both")
+                                     hint="to correct it: 'cryopool rm item SOURCE/ITEM', then import again "
+                                          "(history keeps the old version); to keep both: another --name or --source")
     else:
         source = DataSource(name=source_name, items={})
     source = replace(source, items={**source.items, item_name: item})
@@ -99,6 +100,37 @@ def with_species(repo, population: Population, species: Ref, *, replace_existing
     if record.name in population.species and not replace_existing:
         raise AlreadyExistsError(f"species '{record.name}' already exists")
     return replace(population, species={**population.species, record.name: species})
+
+
+def without_species(population: Population, name: str) -> Population:
+    """The population without species ``name`` (its versions stay in history)."""
+    if name not in population.species:
+        raise NotFoundError(f"no species '{name}' in the population")
+    return replace(population, species={k: v for k, v in population.species.items() if k != name})
+
+
+def without_item(repo, population: Population, key: str) -> Population:
+    """The population without item ``source/item``; refused while a species has particles in it."""
+    key, _ = find_item(repo, population, key)
+    users = []
+    for name, ref in sorted(population.species.items()):
+        table = repo.get_record(repo.get_record(ref, Species).particles, ParticleTable)
+        if key in table.item_names:
+            index = table.item_names.index(key)
+            if (repo.get_array(table.columns["item_index"]).read() == index).any():
+                users.append(name)
+    if users:
+        raise InvalidInputError(f"species {', '.join(users)} have particles in {key}", field="item", found=key,
+                                hint="remove those species (or their particles in it) first")
+    source_name, item_name = split_item_key(key)
+    source = repo.get_record(population.data_sources[source_name], DataSource)
+    items = {k: v for k, v in source.items.items() if k != item_name}
+    sources = dict(population.data_sources)
+    if items:
+        sources[source_name] = repo.put_record(replace(source, items=items))
+    else:
+        del sources[source_name]
+    return replace(population, data_sources=sources)
 
 
 def population_summary(repo, population: Population) -> dict:

@@ -409,6 +409,21 @@ class Repository:
                          message=f"branch: created from {rev}")
         return target
 
+    def reset(self, rev: str, *, branch: str | None = None) -> tuple[ObjectId | None, ObjectId]:
+        """Move a branch (default: the checked-out one) to ``rev``; returns (old tip, new tip).
+
+        Nothing is lost: the old tip stays reachable through the reflog (``reflog``) until ``gc`` and its
+        grace period, so a reset is undone by resetting to it.
+        """
+        ref_name = self.branch_ref(branch)
+        target = self.resolve(rev)
+        self.get_commit(target)  # a commit, not some other object an id prefix names
+        if self.root is not None and (self.root / "state").is_dir() and any((self.root / "state").iterdir()):
+            raise ConflictError("an unfinished operation is waiting", hint="cryopool resolve or resolve --abort first")
+        old = self.refs.read(ref_name)
+        self.refs.update(ref_name, target, expected=old, author=self.author(), message=f"reset: moving to {rev}")
+        return old, target
+
     def delete_ref(self, ref_name: str) -> None:
         current = self.refs.read(ref_name)
         if current is None:

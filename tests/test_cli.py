@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from conftest import write_mrc
 from cryopool.cli.main import cli
-from cryopool.repo import Repository
+from cryopool.repo import Repository, TiltSeries
+from cryopool.repo.population import find_item
 
 
 @pytest.fixture
@@ -192,3 +193,41 @@ def test_an_import_that_stores_nothing_new_says_so(run, inputs):
     first = run("import", "tilt-series", inputs["ts1"], "--source", "lab", *TS).output
     again = run("import", "tilt-series", inputs["ts1"], "--source", "lab", "--name", "same_pixels", *TS).output
     assert "deduplicated" not in first and "deduplicated" in again
+
+
+def test_a_mistake_is_corrected_and_nothing_is_lost(run, inputs):
+    """Import with the wrong dose, remove the item, import it again corrected; reset back and forth via reflog."""
+    run("init", run.pop)
+    run("import", "tilt-series", inputs["ts1"], "--source", "lab", "--tilt-angles", "-12:12:3",
+        "--dose-per-tilt", "30", "--defocus-um", "3")
+    wrong = Repository.open(run.pop).resolve("HEAD")
+    again = run("import", "tilt-series", inputs["ts1"], "--source", "lab", *TS, ok=False)
+    assert "already exists" in again.output
+    assert "cryopool rm item" in again.output  # the hint says how to correct it
+    refused = run("rm", "item", "lab/nothing", ok=False)
+    assert refused.exit_code == 1 and "no item" in refused.output
+    run("rm", "item", "lab/TS_01")
+    run("import", "tilt-series", inputs["ts1"], "--source", "lab", *TS)
+    repo = Repository.open(run.pop)
+    item = repo.get_record(find_item(repo, repo.population(), "lab/TS_01")[1], TiltSeries)
+    assert item.exposure_e_per_angstrom2[0] == 3.0
+    corrected = repo.resolve("HEAD")
+    run("reset", wrong[:12])
+    assert Repository.open(run.pop).resolve("HEAD") == wrong
+    log = run("reflog").output.splitlines()
+    assert log[0].startswith(wrong[:12]) and "reset" in log[0] and log[1].startswith(corrected[:12])
+    run("reset", corrected[:12])  # the reflog brought it back
+    assert Repository.open(run.pop).resolve("HEAD") == corrected and run("verify").exit_code == 0
+
+
+def test_rm_refuses_an_item_that_particles_sit_in(run, inputs):
+    run("init", run.pop)
+    for ts in ("ts1", "ts2"):
+        run("import", "tilt-series", inputs[ts], "--source", "lab", *TS)
+    run("import", "species", "ribo", "--half1", inputs["half1"], "--half2", inputs["half2"],
+        "--particles", inputs["particles"], "--diameter", "100")
+    refused = run("rm", "item", "lab/TS_01", ok=False)
+    assert refused.exit_code == 1 and "ribo" in refused.output
+    run("rm", "species", "ribo")
+    run("rm", "item", "lab/TS_01")
+    assert list(Repository.open(run.pop).population().species) == []
