@@ -110,8 +110,11 @@ def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetr
 @import_group.command("relion")
 @click.argument("star_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--source", required=True, help="Data source the tilt series go into (namespaces their names).")
-@click.option("--species", help="Species name [default: the optimisation set's, if cryopool wrote it].")
-@click.option("--diameter", "diameter_angstrom", type=float, help="Particle diameter in Å.")
+@click.option("--species", multiple=True,
+              help="Species name, once per optimisation set with particles, in order [default: the set's, if "
+                   "cryopool wrote it].")
+@click.option("--diameter", "diameter_angstrom", type=float, multiple=True,
+              help="Particle diameter in Å, once per optimisation set with particles [default: from its mask].")
 @click.option("--symmetry", help="Point group [default: the optimisation set's, else C1].")
 @click.option("--half1", type=click.Path(dir_okay=False), help="Half-map 1 [default: _rlnTomoReferenceMap1File].")
 @click.option("--half2", type=click.Path(dir_okay=False), help="Half-map 2 [default: _rlnTomoReferenceMap2File].")
@@ -130,8 +133,8 @@ def relion(obj: Context, star_files, source, species, diameter_angstrom, symmetr
         raise click.UsageError("give both --half1 and --half2, or neither")
     repo = obj.repo()
     with progress_bar(None, "importing RELION project", enabled=not as_json) as bar:
-        commit = import_relion(repo, list(star_files), source=source, species=species,
-                               diameter_angstrom=diameter_angstrom, symmetry=symmetry,
+        commit = import_relion(repo, list(star_files), source=source, species=list(species) or None,
+                               diameter_angstrom=list(diameter_angstrom) or None, symmetry=symmetry,
                                half_maps=(half1, half2) if half1 else None, mask=mask,
                                temporal_samples=temporal_samples, branch=branch,
                                message=message, progress=bar.tick)

@@ -288,6 +288,26 @@ def _read_optimisation_set(path: Path) -> _OptimisationSet:
         symmetry=values.get("cryopoolSymmetry"), trajectories=file("rlnTomoTrajectoriesFile"))
 
 
+def _per_set(value, sets: list, what: str) -> list:
+    """An option given once per optimisation set with particles (a single value for a single set)."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return [None] * len(sets)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) != len(sets):
+        raise InvalidInputError(f"one --{what} per optimisation set with particles, in order", field=what,
+                                expected=len(sets), found=len(values))
+    return values
+
+
+def _mask_diameter(mask: np.ndarray, pixel: float) -> float:
+    """The widest extent of a mask (where it exceeds 0.5), in Å: the particle diameter RELION's masks imply."""
+    inside = np.argwhere(mask > 0.5)
+    if len(inside) == 0:
+        raise InvalidInputError("the mask is empty (nothing above 0.5)", field="mask")
+    centre = (np.array(mask.shape) - 1) / 2
+    return float(2 * np.sqrt(((inside - centre) ** 2).sum(axis=1)).max() * pixel + pixel)
+
+
 def _read_trajectories(path: Path, parts: StarParticles, particles_path: Path, doses: dict[str, tuple],
                        samples: int) -> np.ndarray:
     """Each particle's position trajectory ``(n, samples, 3)`` from RELION's motion.star.
@@ -326,9 +346,9 @@ def import_relion(
     paths: list[str | Path],
     *,
     source: str,
-    species: str | None = None,
+    species: str | list[str] | None = None,
     temporal_samples: int = MAX_TEMPORAL_SAMPLES,
-    diameter_angstrom: float | None = None,
+    diameter_angstrom: float | list[float] | None = None,
     symmetry: str | None = None,
     half_maps: tuple[str | Path, str | Path] | None = None,
     mask: str | Path | None = None,
@@ -339,10 +359,14 @@ def import_relion(
     """Import RELION 5 optimisation sets (or tomograms.star files) into data source ``source``; one commit.
 
     Each optimisation set brings its tilt series and, with a particles file and
-    half-maps, one species. Tilt series already in ``source`` with identical
-    content are reused; a different one under the same name is refused.
-    ``species``/``diameter_angstrom``/``symmetry``/``half_maps``/``mask`` override
-    what an optimisation set says (and are needed where it says nothing). Particle
+    half-maps, one species: several sets (one per species, as RELION writes
+    them) import as one population, their tilt series once. Tilt series already
+    in ``source`` with identical content are reused; a different one under the
+    same name is refused. ``species`` and ``diameter_angstrom`` name each set's
+    species and particle diameter, in order (one value: one set); without a
+    diameter it is taken from the mask (the widest extent where it is above
+    0.5). ``symmetry``/``half_maps``/``mask`` override what a single set says.
+    Particle
     trajectories (motion.star, ``rlnTomoTrajectoriesFile``) are stored with
     ``temporal_samples`` control points over the exposure (``trajectory``).
     """
@@ -358,9 +382,12 @@ def import_relion(
         else:
             sets.append(_read_optimisation_set(p))
     with_species_sets = [s for s in sets if s.particles is not None]
-    if (species or half_maps or mask or diameter_angstrom) and len(with_species_sets) != 1:
-        raise InvalidInputError("species options need exactly one optimisation set with a particles file",
-                                found=len(with_species_sets))
+    names = _per_set(species, with_species_sets, "species")
+    diameters = _per_set(diameter_angstrom, with_species_sets, "diameter")
+    if (half_maps or mask or symmetry) and len(with_species_sets) != 1:
+        raise InvalidInputError("--half1/--half2, --mask and --symmetry override one optimisation set",
+                                found=f"{len(with_species_sets)} sets with particles",
+                                hint="with several, each set names its own maps (and cryopoolSymmetry)")
     # tilt series: read and check everything before writing
     tilt_series: dict[str, _TiltSeriesIn] = {}
     for s in sets:
@@ -382,16 +409,15 @@ def import_relion(
     for name, (_, item) in existing.items():
         known.setdefault(name, {"pixel": item.pixel_size_angstrom, "size_px": item.tomogram_size_px})
     species_in = []
-    for s in with_species_sets:
-        name = species or s.species
+    for s, given_name, given_diameter in zip(with_species_sets, names, diameters):
+        name = given_name or s.species
         if name is None:
-            raise InvalidInputError("the species needs a name", path=str(s.path), hint="pass --species NAME")
+            raise InvalidInputError("the species needs a name", path=str(s.path),
+                                    hint="pass --species NAME (once per optimisation set, in order)")
         validate_name(name, "species")
-        diameter = diameter_angstrom if diameter_angstrom is not None else s.diameter
-        if diameter is None:
-            raise InvalidInputError("the particle diameter is unknown", path=str(s.path), field="diameter",
-                                    hint="pass --diameter (Å)")
-        check("diameter_angstrom", diameter, field="diameter")
+        if any(other[0] == name for other in species_in):
+            raise InvalidInputError("two optimisation sets name the same species", path=str(s.path), found=name)
+        diameter = given_diameter if given_diameter is not None else s.diameter
         maps_paths = tuple(map(Path, half_maps)) if half_maps else s.half_maps
         if maps_paths is None:
             raise InvalidInputError("the optimisation set names no half-maps", path=str(s.path),
@@ -410,6 +436,12 @@ def import_relion(
             raise InvalidInputError("mask values must lie in [0, 1]", path=str(mask_path), field="data")
         if not maps[0].voxel_size_angstrom[0] > 0:
             raise InvalidInputError("the half-map has no pixel size", path=str(maps_paths[0]), field="voxel size")
+        if diameter is None and mask_path:
+            diameter = _mask_diameter(maps[2].data, maps[0].voxel_size_angstrom[0])
+        if diameter is None:
+            raise InvalidInputError("the particle diameter is unknown", path=str(s.path), field="diameter",
+                                    hint="pass --diameter (Å), once per optimisation set, or give the set a mask")
+        check("diameter_angstrom", diameter, field="diameter")
         parts = read_star_particles(s.particles, known.get)
         trajectories = None
         if s.trajectories is not None:

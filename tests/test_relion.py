@@ -18,7 +18,8 @@ from cryopool.engine.geometry import euler_zyz_to_matrix, rotvec_to_matrix
 from cryopool.engine.records_io import load_item, load_particles, particle_table_record
 from cryopool.engine.tilt_model import particle_defocus, particle_positions_in_tilts
 from cryopool.engine.trajectories import positions_at
-from cryopool.repo import CryopoolError, Operation, ParticleTable, Repository, Species, software_version, with_species
+from cryopool.repo import (CryopoolError, Operation, ParticleTable, Repository, Species, iter_items, software_version,
+                           with_species)
 from cryopool.repo.relion import export_relion, import_relion
 from cryopool.repo.trajectory import dose_times
 
@@ -431,3 +432,46 @@ def test_cli_import_and_export(project, tmp_path):
     bad = runner.invoke(cli, ["-C", pop, "import", "relion", str(project / "tomograms.star"), "--source", "labA",
                               "--half1", str(project / "ribosome/half1.mrc")])
     assert bad.exit_code == 2 and "--half2" in bad.output
+
+
+def test_a_project_with_two_species_imports_in_one_call(project, tmp_path):
+    """Two optimisation sets as RELION writes them (no cryopool keys): one call, the tilt series once, each species
+    named in order, diameters from the masks."""
+    a = Repository.init(tmp_path / "a")
+    import_project(a, project)
+    out = tmp_path / "export"
+    export_relion(a, "HEAD", out)
+    sets = []
+    for name in ("proteasome", "ribosome"):
+        path = out / name / "optimisation_set.star"
+        text = "\n".join(line for line in path.read_text().splitlines() if "cryopool" not in line) + "\n"
+        path.write_text(text)
+        sets.append(path)
+    b = Repository.init(tmp_path / "b")
+    with pytest.raises(CryopoolError, match="needs a name"):
+        import_relion(b, sets, source="labA")
+    with pytest.raises(CryopoolError, match="one --species per optimisation set"):
+        import_relion(b, sets, source="labA", species=["proteasome"])
+    import_relion(b, sets, source="labA", species=["proteasome", "ribosome"], diameter_angstrom=[110.0, 250.0],
+                  symmetry=None)
+    pop = b.population()
+    assert sorted(pop.species) == ["proteasome", "ribosome"]
+    assert [k for k, _, _ in iter_items(b, pop)] == ["labA/TS_A", "labA/TS_B"]
+    for name in pop.species:
+        ours, theirs = (r.get_record(r.population().species[name], Species) for r in (a, b))
+        assert theirs.diameter_angstrom == ours.diameter_angstrom, name
+        assert theirs.particles == ours.particles and theirs.half_map_1 == ours.half_map_1
+    c = Repository.init(tmp_path / "c")  # no diameters: each from its mask
+    import_relion(c, sets, source="labA", species=["proteasome", "ribosome"])
+    assert all(c.get_record(r, Species).diameter_angstrom > 0 for r in c.population().species.values())
+
+
+@pytest.mark.parametrize("radius_px", [5.0, 9.5, 14.0])
+def test_the_diameter_a_mask_implies(radius_px):
+    """A soft-edged sphere of known radius (the 0.5 level at that radius) gives its diameter within a pixel."""
+    from cryopool.repo.relion import _mask_diameter
+    n = 40
+    g = np.arange(n) - (n - 1) / 2
+    r = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2)
+    mask = 0.5 * (1 - np.tanh((r - radius_px) / 1.5))  # 0.5 exactly at the radius, soft edge
+    assert _mask_diameter(mask, 4.0) == pytest.approx(2 * radius_px * 4.0, abs=4.0)
