@@ -30,7 +30,7 @@ from .formats.tilts import exposure_from_pre_exposure
 from .physical import check, check_item_model
 
 __all__ = ["WarpTiltSeries", "read_warp_xml", "parse_warp_xml", "interpolating_to_bspline",
-           "bspline_to_interpolating", "warp_model", "warp_xml_text", "centre_shift", "Tomostar",
+           "bspline_to_interpolating", "warp_model", "warp_xml_text", "rebuilt_warp_xml", "centre_shift", "Tomostar",
            "read_tomostar", "tomostar_table"]
 
 
@@ -400,6 +400,52 @@ def warp_xml_text(model: dict, pixel_size_angstrom: float, movie_paths: list[str
         nodes = [bspline_to_interpolating(np.asarray(c, dtype=np.float64)) for c in volume]
         root.extend([_grid_element(f"GridVolumeWarp{a}", nodes[i], four=True) for i, a in enumerate("XYZ")])
     ET.indent(root, "\t")
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n", notes
+
+
+# what warp_xml_text writes: in a rebuilt XML these come from the model, everything else from the original
+_MODELLED = {"Angles", "Dose", "UseTilt", "AxisAngle", "AxisOffsetX", "AxisOffsetY", "GridCTF", "GridCTFDefocusDelta",
+             "GridCTFDefocusAngle", "GridCTFPhase", "GridAngleX", "GridAngleY", "GridAngleZ", "GridMovementX",
+             "GridMovementY", "GridVolumeWarpX", "GridVolumeWarpY", "GridVolumeWarpZ"}
+
+
+def rebuilt_warp_xml(original: bytes, model: dict, pixel_size_angstrom: float) -> tuple[str, list[str]] | None:
+    """``original`` (a Warp XML) with what our model holds written over it and every other element and
+    attribute kept as Warp wrote it (movie paths, magnification correction, plane normal, power spectra,
+    dose and location grids, the CTF's Zernike and other parameters, Warp's processing options).
+
+    None when the original has tilts the item left out (``UseTilt = False``): their values cannot be
+    rebuilt, so the caller writes a fresh XML instead.
+    """
+    root = ET.fromstring(original.decode("utf-8-sig"))
+    angles = root.find("Angles")
+    if angles is None or len((angles.text or "").split()) != len(model["tilt_angles_deg"]):
+        return None
+    text, notes = warp_xml_text(model, pixel_size_angstrom, [])
+    fresh = ET.fromstring(text.split("\n", 1)[1])
+    root.attrib.update(fresh.attrib)
+    written = {el.tag for el in fresh}
+    for el in list(root):  # modelled grids the model now holds as zero (absent) go, unless they were zero already
+        if el.tag in _MODELLED and el.tag not in written and \
+                any(float(node.attrib.get("Value", 0)) != 0 for node in el):
+            root.remove(el)
+    for el in fresh:
+        if el.tag == "MoviePath":
+            continue  # Warp's own names stay
+        if el.tag == "CTF" and root.find("CTF") is not None:
+            params = {p.attrib.get("Name"): p for p in root.find("CTF")}
+            for p in el:
+                if p.attrib["Name"] in params:
+                    params[p.attrib["Name"]].set("Value", p.attrib["Value"])
+                else:
+                    root.find("CTF").append(p)
+            continue
+        old = root.find(el.tag)
+        if old is None:
+            root.append(el)
+        else:
+            el.tail = old.tail
+            root[list(root).index(old)] = el
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n", notes
 
 

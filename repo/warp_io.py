@@ -34,8 +34,8 @@ from .importers import default_tomogram_size, input_file
 from .population import export_names, item_key, iter_items, with_item
 from .records import DeformationModel, Grid, ImagingModel, Operation, Population, TiltSeries, validate_name
 from .repository import Repository, software_version
-from .warp import (Tomostar, WarpTiltSeries, centre_shift, parse_warp_xml, read_tomostar, read_warp_xml, tomostar_table,
-                   warp_model, warp_xml_text)
+from .warp import (Tomostar, WarpTiltSeries, centre_shift, parse_warp_xml, read_tomostar, read_warp_xml,
+                   rebuilt_warp_xml, tomostar_table, warp_model, warp_xml_text)
 
 __all__ = ["import_warp", "export_warp"]
 
@@ -314,16 +314,30 @@ def export_warp(repo: Repository, rev: str, out: str | Path, *,
                 progress(f"tilt series {key}")
             model = _item_model(repo, item)
             warp = item.metadata.get("warp", {})
-            original = None
+            original = stored = None
             if isinstance(warp.get("xml"), Ref):
-                original = parse_warp_xml(repo.get_blob(warp["xml"]), f"{key} (stored XML)")
+                stored = repo.get_blob(warp["xml"])
+                original = parse_warp_xml(stored, f"{key} (stored XML)")
                 again = warp_model(original, item.pixel_size_angstrom, image_size_px=model["image_size_px"],
-                                   tomogram_size_px=model["tomogram_size_px"])
+                                   tomogram_size_px=model["tomogram_size_px"],
+                                   # an XML without a CTF estimate was imported with one --defocus-um for all
+                                   defocus_um=float(model["defocus_u_angstrom"][0]) / 1e4)
                 if again["tilts"] != warp.get("tilts") or not _same_model(
                         {k: v for k, v in again.items() if k != "tilts"}, model):
                     original = None
-                    notes.append(f"{key}: refined since import; its Warp XML is rebuilt from the current model "
-                                 "(what cryopool does not model, such as dose B-factor grids, is not carried over)")
+            rebuilt = None if original is not None or stored is None else \
+                rebuilt_warp_xml(stored, model, item.pixel_size_angstrom)
+            if rebuilt is not None:
+                text, more = rebuilt
+                notes.extend(f"{key}: {m}" for m in more)
+                notes.append(f"{key}: refined since import; its Warp XML carries the current model, and every "
+                             "element the model does not hold (dose grids, power spectra, Warp's options) as Warp "
+                             "wrote it")
+                original = parse_warp_xml(text.encode("utf-8"), f"{key} (rebuilt XML)")
+            elif original is None and stored is not None:
+                notes.append(f"{key}: refined since import, and its Warp XML has tilts the item leaves out: the "
+                             "XML is written afresh from the current model (Warp's other elements are not carried "
+                             "over)")
             if original is None:
                 text, more = warp_xml_text(model, item.pixel_size_angstrom,
                                            [f"{name}_{i:03d}.mrc" for i in range(item.n_tilts)])

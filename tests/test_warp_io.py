@@ -20,7 +20,7 @@ from cryopool.engine.tilt_model import _image_warp, particle_defocus, particle_p
 from cryopool.repo import CryopoolError, Repository
 from cryopool.repo.importers import import_tilt_series
 from cryopool.repo.population import iter_items
-from cryopool.repo.warp import read_warp_xml, warp_model, warp_xml_text
+from cryopool.repo.warp import read_warp_xml, rebuilt_warp_xml, warp_model, warp_xml_text
 from cryopool.repo.warp_io import export_warp, import_warp
 
 WARP = TEST_DATA / "warp"
@@ -355,3 +355,38 @@ def test_phase_plate_data_keeps_its_phase_shift(tmp_path, warpylib):
     out.write_text(warp_xml_text(model, 0.834, [f"m{i}.tif" for i in range(n)])[0])
     ts_w = warpylib.TiltSeries(str(out))
     assert [ts_w.get_tilt_phase(t) for t in range(n)] == pytest.approx([0.5] * n, abs=1e-6)
+
+
+def test_a_rebuilt_xml_keeps_every_element_the_model_does_not_hold(tmp_path):
+    """TS_1 refined (shifts and defocus changed): the rebuilt XML carries the new model and, byte for byte,
+    everything else Warp wrote (magnification correction, plane normal, movie paths, power spectra, dose and
+    location grids, Zernike and other CTF parameters, processing options)."""
+    raw = (TEST_DATA / "warp/TS_1.xml").read_bytes()
+    model = warp_model(read_warp_xml(TEST_DATA / "warp/TS_1.xml"), 0.834)
+    model["shifts_angstrom"] = model["shifts_angstrom"] + 5.0
+    model["defocus_u_angstrom"] = model["defocus_u_angstrom"] + 100.0
+    text, _ = rebuilt_warp_xml(raw, model, 0.834)
+    import xml.etree.ElementTree as ET
+    before, after = ET.fromstring(raw.decode("utf-8-sig")), ET.fromstring(text.split("\n", 1)[1])
+    assert sorted(e.tag for e in before) == sorted(e.tag for e in after)
+    modelled = {"Angles", "Dose", "UseTilt", "AxisAngle", "AxisOffsetX", "AxisOffsetY", "CTF"} | \
+        {e.tag for e in before if e.tag.startswith(("GridCTF", "GridAngle", "GridMovement", "GridVolumeWarp"))}
+    kept = [e for e in before if e.tag not in modelled]
+    assert len(kept) > 80  # TiltPS1D, TiltSimulatedScale, FOVFraction, OptionsCTF, dose and location grids, …
+    for old, new in zip(kept, [e for e in after if e.tag not in modelled]):
+        assert ET.tostring(old) == ET.tostring(new), old.tag
+    for name in ("MagnificationCorrection", "PlaneNormal", "DataDirectory", "Bfactor"):
+        assert after.attrib[name] == before.attrib[name]
+    params = {p.attrib["Name"]: p.attrib["Value"] for p in after.find("CTF")}
+    assert params["ZernikeCoeffsOdd"] == {p.attrib["Name"]: p.attrib["Value"] for p in before.find("CTF")}[
+        "ZernikeCoeffsOdd"] and len(params) == len(before.find("CTF"))
+    path = tmp_path / "TS_1.xml"
+    path.write_text(text)
+    back = warp_model(read_warp_xml(path), 0.834)
+    for key in ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_deg"):
+        np.testing.assert_allclose(back[key], model[key], atol=1e-9)
+    volume = np.array(model["tomogram_size_px"]) * 0.834  # the same projections (y tilts folded into Angles)
+    p = torch.tensor(np.random.default_rng(5).uniform(-0.4, 0.4, size=(100, 3)) * volume)
+    a = particle_positions_in_tilts(_our_geometry(model, 0.834, volume)[0], p)
+    b = particle_positions_in_tilts(_our_geometry(back, 0.834, volume)[0], p)
+    np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), atol=1e-6)
