@@ -321,7 +321,8 @@ def export_warp(repo: Repository, rev: str, out: str | Path, *,
                 again = warp_model(original, item.pixel_size_angstrom, image_size_px=model["image_size_px"],
                                    tomogram_size_px=model["tomogram_size_px"],
                                    # an XML without a CTF estimate was imported with one --defocus-um for all
-                                   defocus_um=float(model["defocus_u_angstrom"][0]) / 1e4)
+                                   defocus_um=float(model["defocus_u_angstrom"][0] + model["defocus_v_angstrom"][0])
+                                   / 2e4)
                 if again["tilts"] != warp.get("tilts") or not _same_model(
                         {k: v for k, v in again.items() if k != "tilts"}, model):
                     original = None

@@ -390,3 +390,19 @@ def test_a_rebuilt_xml_keeps_every_element_the_model_does_not_hold(tmp_path):
     a = particle_positions_in_tilts(_our_geometry(model, 0.834, volume)[0], p)
     b = particle_positions_in_tilts(_our_geometry(back, 0.834, volume)[0], p)
     np.testing.assert_allclose(a[0].numpy(), b[0].numpy(), atol=1e-6)
+
+
+def test_an_xml_without_a_ctf_estimate_imports_with_a_defocus_and_exports(tmp_path):
+    root = _warp_project(tmp_path / "project")
+    xml = root / "warp_tiltseries/TS_1.xml"
+    text = re.sub(r"<GridCTF .*?</GridCTF>", "", xml.read_text(), flags=re.S).replace(
+        '<Param Name="Defocus" Value="2" />', '<Param Name="Defocus" Value="0" />')
+    xml.write_text(text)
+    repo = Repository.init(tmp_path / "pop")
+    with pytest.raises(CryopoolError, match="never estimated"):
+        import_warp(repo, [xml], source="lab")
+    _, _, item = _only_item(repo, import_warp(repo, [xml], source="lab", defocus_um=4.0))
+    m = load_item(repo, item, with_stack=False)
+    np.testing.assert_allclose((m.imaging.defocus_u_angstrom + m.imaging.defocus_v_angstrom).numpy() / 2, 4e4)
+    export_warp(repo, "HEAD", tmp_path / "out")  # the stored XML is compared with the model at that defocus
+    assert (tmp_path / "out/warp_tiltseries/TS_1.xml").read_bytes() == xml.read_bytes()
