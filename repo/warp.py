@@ -50,6 +50,7 @@ class WarpTiltSeries:
     grids: dict[str, np.ndarray]  # name → values [w][z][y][x] (4-D) or [z][y][x]
     movie_paths: list[str]
     raw: bytes  # the whole file, kept verbatim
+    magnification: tuple[float, float, float, float] | None = None  # MagnificationCorrection, a 2×2 matrix
 
 
 def _floats(root: ET.Element, tag: str, path: Path, n: int | None = None) -> np.ndarray:
@@ -68,7 +69,8 @@ def _floats(root: ET.Element, tag: str, path: Path, n: int | None = None) -> np.
     return values
 
 
-def _vector(root: ET.Element, name: str, path: Path, k: int) -> tuple[float, ...] | None:
+def _vector(root: ET.Element, name: str, path: Path, k: int, *, lo: float = 0.0, hi: float = 1e9,
+            what: str = "dimensions (Å)") -> tuple[float, ...] | None:
     if name not in root.attrib:
         return None  # older files: Warp derives it from the stack and its settings
     try:
@@ -78,9 +80,9 @@ def _vector(root: ET.Element, name: str, path: Path, k: int) -> tuple[float, ...
                           found=root.attrib[name]) from None
     if len(values) != k:
         raise FormatError(f"{k} values expected", path=str(path), field=f"TiltSeries@{name}", found=len(values))
-    if not all(np.isfinite(v) and 0 < v <= 1e9 for v in values):
-        raise InvalidInputError("dimensions must be finite and positive", path=str(path), field=f"TiltSeries@{name}",
-                                expected="0 < Å <= 1e9", found=values)
+    if not all(np.isfinite(v) and lo < v <= hi for v in values):
+        raise InvalidInputError("value out of range", path=str(path), field=f"TiltSeries@{name}",
+                                expected=f"{what} in ({lo:g}, {hi:g}]", found=values)
     return values
 
 
@@ -169,7 +171,9 @@ def parse_warp_xml(raw: bytes, path: str | Path) -> WarpTiltSeries:
         image_angstrom=_vector(root, "ImageDimensionsAngstrom", path, 2),
         ctf=_ctf_params(root.find("CTF"), path),
         grids={el.tag: _grid(el, path) for el in root if el.tag.startswith("Grid")},
-        movie_paths=(root.findtext("MoviePath") or "").split(), raw=raw)
+        movie_paths=(root.findtext("MoviePath") or "").split(), raw=raw,
+        magnification=_vector(root, "MagnificationCorrection", path, 4, lo=-2.0, hi=2.0,
+                              what="magnification matrix entries"))
 
 
 def _spline_matrix(m: int) -> np.ndarray:
@@ -210,6 +214,19 @@ def centre_shift(size_px: tuple[int, int], pixel: float) -> np.ndarray:
     """Warp's image centre is ``size/2`` px, ours the pixel ``size // 2``: the step between them (x, y Å)."""
     h, w = size_px
     return np.array([(w / 2 - w // 2) * pixel, (h / 2 - h // 2) * pixel])
+
+
+def _anisotropy(matrix: tuple[float, float, float, float] | None) -> list[float] | None:
+    """Warp's MagnificationCorrection as [major scale, minor scale, angle of the major axis (°)], or None for
+    the identity (the engine does not model it: refine refuses such items unless told to ignore it)."""
+    if matrix is None:
+        return None
+    m = np.array(matrix, dtype=np.float64).reshape(2, 2)
+    if np.abs(m - np.eye(2)).max() < 1e-7:
+        return None
+    values, vectors = np.linalg.eigh((m + m.T) / 2)  # Warp's is symmetric: a stretch along two axes
+    angle = float(np.degrees(np.arctan2(vectors[1, 1], vectors[0, 1])))
+    return [float(values[1]), float(values[0]), (angle + 90.0) % 180.0 - 90.0]  # an axis: −90° ≤ angle < 90°
 
 
 # where each of our model's values comes from in a Warp XML (for errors a user can act on)
@@ -321,6 +338,7 @@ def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px:
         "voltage_kv": param("Voltage", 300), "spherical_aberration_mm": param("Cs", 2.7),
         "amplitude_contrast": param("Amplitude", 0.07),
         "phase_shift_deg": phase[keep] if np.any(phase != 0) else None,
+        "magnification_anisotropy": _anisotropy(ts.magnification),
     }
     check_item_model(model, path=str(ts.path), fields=XML_FIELDS)
     return model

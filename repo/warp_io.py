@@ -210,7 +210,8 @@ def import_warp(
             imaging = ImagingModel(defocus_u_angstrom=tx.put_array(m["defocus_u_angstrom"]),
                                    defocus_v_angstrom=tx.put_array(m["defocus_v_angstrom"]),
                                    defocus_angle_deg=tx.put_array(m["defocus_angle_deg"]),
-                                   phase_shift_deg=None if phase is None else tx.put_array(phase))
+                                   phase_shift_deg=None if phase is None else tx.put_array(phase),
+                                   magnification_anisotropy=m.get("magnification_anisotropy"))
             warp_meta: dict = {"tilts": m["tilts"]}
             if s.xml is not None:
                 warp_meta["xml"] = tx.put_blob(s.xml.raw)
@@ -281,7 +282,8 @@ def _item_model(repo: Repository, item: TiltSeries) -> dict:
         "image_size_px": tuple(repo.get_array(item.stack).shape[1:]), "tomogram_size_px": list(item.tomogram_size_px),
         "voltage_kv": item.voltage_kv, "spherical_aberration_mm": item.spherical_aberration_mm,
         "amplitude_contrast": item.amplitude_contrast,
-        "phase_shift_deg": None if imaging.phase_shift_deg is None else arr(imaging.phase_shift_deg)}
+        "phase_shift_deg": None if imaging.phase_shift_deg is None else arr(imaging.phase_shift_deg),
+        "magnification_anisotropy": imaging.magnification_anisotropy}
 
 
 def _same_model(a: dict, b: dict) -> bool:

@@ -406,3 +406,24 @@ def test_an_xml_without_a_ctf_estimate_imports_with_a_defocus_and_exports(tmp_pa
     np.testing.assert_allclose((m.imaging.defocus_u_angstrom + m.imaging.defocus_v_angstrom).numpy() / 2, 4e4)
     export_warp(repo, "HEAD", tmp_path / "out")  # the stored XML is compared with the model at that defocus
     assert (tmp_path / "out/warp_tiltseries/TS_1.xml").read_bytes() == xml.read_bytes()
+
+
+def test_warps_magnification_correction_is_kept_and_refine_is_told(tmp_path):
+    """TS_1's MagnificationCorrection (0.6 % anisotropy) becomes the imaging model's magnification_anisotropy,
+    which the engine does not model: refine refuses the item unless told (tests/engine/test_refine.py)."""
+    model = warp_model(read_warp_xml(TEST_DATA / "warp/TS_1.xml"), 0.834)
+    major, minor, angle = model["magnification_anisotropy"]
+    m = np.array([[1.0062196, 0.00422745], [0.004283654, 1.0009562]])  # the file's matrix
+    for scale, axis in ((major, angle), (minor, angle + 90.0)):
+        v = np.array([np.cos(np.radians(axis)), np.sin(np.radians(axis))])
+        assert np.linalg.norm(m @ v) == pytest.approx(scale, abs=3e-5)  # stretch along each axis, as the matrix
+    root = _warp_project(tmp_path / "project", use=(True,) * 5, sections=5)
+    xml = root / "warp_tiltseries/TS_1.xml"
+    xml.write_text(xml.read_text().replace('LevelAngleX="1.5"',
+                                           'LevelAngleX="1.5" MagnificationCorrection="1.01, 0, 0, 0.99"'))
+    repo = Repository.init(tmp_path / "pop")
+    _, _, item = _only_item(repo, import_warp(repo, [xml], source="lab"))
+    from cryopool.engine.records_io import unmodelled_optics
+    assert any("magnification" in w for w in unmodelled_optics(repo, item))
+    export_warp(repo, "HEAD", tmp_path / "out")  # not refined: the original XML comes back, byte for byte
+    assert (tmp_path / "out/warp_tiltseries/TS_1.xml").read_bytes() == xml.read_bytes()
