@@ -30,9 +30,14 @@ def serve(obj: Context, host: str, port: int, tokens: tuple[str, ...], anonymous
             if not token or not scopes:
                 raise click.BadParameter(f"{t!r}: expected TOKEN:SCOPES", param_hint="--token")
             parsed[token] = [s.strip() for s in scopes.split(",") if s.strip()]
+            unknown = sorted(set(parsed[token]) - {"read", "write", "force"})
+            if unknown:
+                raise click.BadParameter(f"unknown scope(s) {unknown}: read, write, force", param_hint="--token")
     app = create_app(str(obj.repo().work_dir), tokens=parsed, anonymous_read=anonymous_read)
     click.echo(f"Serving {obj.repo().work_dir} on http://{host}:{port} (OpenAPI: /docs)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # idle connections are closed after 5 s and at most 64 are served at once (503 beyond): a slow client
+    # cannot hold the server; on an open network put a TLS proxy with header timeouts in front
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=64)
 
 
 COMMANDS = [serve]
