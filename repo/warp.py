@@ -243,6 +243,7 @@ XML_FIELDS = {
 }
 
 
+@np.errstate(over="ignore", invalid="ignore")  # absurd values overflow to inf here and are refused by the checks
 def warp_model(ts: WarpTiltSeries, pixel_size_angstrom: float, *, image_size_px: tuple[int, int] | None = None,
                tomogram_size_px: list[int] | None = None, defocus_um: float | None = None) -> dict:
     """Our item model (numpy) for a Warp tilt series, for the tilts it uses (``UseTilt``).
