@@ -52,6 +52,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Serve the repository as a shared population (push needs a token with the write scope)."),
     "rm": ("undo_cmds", "rm",
         "Remove species NAME or item SOURCE/ITEM from the population, in a new commit (history keeps it)."),
+    "revert": ("undo_cmds", "revert",
+        "Undo what commit REV changed, in a new commit on top of everything since (history keeps both)."),
     "reset": ("undo_cmds", "reset",
         "Move the branch to REV; the commits it leaves stay reachable through 'cryopool reflog' until gc."),
     "reflog": ("undo_cmds", "reflog", "Where REF (default: the checked-out branch) has pointed, newest first."),

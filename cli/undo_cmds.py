@@ -1,6 +1,7 @@
-"""``rm``, ``reset`` and ``reflog``: correcting a population without losing anything.
+"""``rm``, ``revert``, ``reset`` and ``reflog``: correcting a population without losing anything.
 
-``rm`` commits a population without an item or species (its versions stay in history); ``reset``
+``rm`` commits a population without an item or species (its versions stay in history); ``revert``
+commits the undoing of one earlier commit; ``reset``
 moves a branch to another commit (the old tip stays in the reflog until ``gc``); ``reflog`` shows
 where each branch has been, so any of it can be reached again.
 """
@@ -15,6 +16,7 @@ from cryopool.repo.errors import InvalidInputError
 from cryopool.repo.population import without_item, without_species
 from cryopool.repo.records import Operation
 from cryopool.repo.repository import software_version
+from cryopool.repo.revert import revert as run_revert
 
 from .common import Context, emit_json, handle_errors, json_option, short
 
@@ -45,6 +47,23 @@ def rm(obj: Context, what: str, name: str, message: str | None, branch: str | No
     else:
         click.echo(f"[{short(commit)}] removed {what} {name} (earlier commits still hold it; 'cryopool reset' or "
                    "'cryopool show REV:...' reach it)")
+
+
+@click.command()
+@click.argument("rev")
+@click.option("-m", "--message", help="Commit message.")
+@click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
+@json_option
+@click.pass_obj
+@handle_errors
+def revert(obj: Context, rev: str, message: str | None, branch: str | None, as_json: bool) -> None:
+    """Undo what commit REV changed, in a new commit on top of everything since (history keeps both)."""
+    repo = obj.repo()
+    commit = run_revert(repo, rev, branch=branch, message=message)
+    if as_json:
+        emit_json({"commit": commit, "reverted": repo.resolve(rev)})
+    else:
+        click.echo(f"[{short(commit)}] {repo.get_commit(commit).message}")
 
 
 @click.command()
@@ -85,4 +104,4 @@ def reflog(obj: Context, ref: str, max_count: int | None, as_json: bool) -> None
         click.echo(f"{short(e.new)} {label}@{{{i}}}: {e.message} ({e.author}, {when} UTC)")
 
 
-COMMANDS = [rm, reset, reflog]
+COMMANDS = [rm, revert, reset, reflog]

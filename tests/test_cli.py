@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_mrc
+from conftest import particle_rows, write_mrc, write_particles
 from cryopool.cli.main import cli
 from cryopool.repo import Repository, TiltSeries
-from cryopool.repo.population import find_item
+from cryopool.repo.population import find_item, iter_items
 
 
 @pytest.fixture
@@ -231,3 +231,27 @@ def test_rm_refuses_an_item_that_particles_sit_in(run, inputs):
     run("rm", "species", "ribo")
     run("rm", "item", "lab/TS_01")
     assert list(Repository.open(run.pop).population().species) == []
+
+
+def test_revert_undoes_one_commit_and_refuses_what_changed_since(run, inputs, tmp_path):
+    run("init", run.pop)
+    run("import", "tilt-series", inputs["ts1"], "--source", "lab", *TS)
+    run("import", "tilt-series", inputs["ts2"], "--source", "lab", *TS)  # the commit to undo
+    repo = Repository.open(run.pop)
+    second = repo.resolve("HEAD")
+    run("import", "species", "ribo", "--half1", inputs["half1"], "--half2", inputs["half2"],
+        "--particles", write_particles(tmp_path / "p.star", particle_rows(["TS_01"])), "--diameter", "100")
+    species_commit = Repository.open(run.pop).resolve("HEAD")
+    run("revert", second[:12])
+    repo = Repository.open(run.pop)
+    now = repo.population()
+    assert [k for k, _, _ in iter_items(repo, now)] == ["lab/TS_01"] and list(now.species) == ["ribo"]
+    assert repo.get_commit("HEAD").parents[0].id != second  # a new commit on top, history kept
+    assert "lab/TS_02" in [k for k, _, _ in iter_items(repo, repo.population(second))]
+    run("revert", "HEAD")  # reverting the revert brings it back
+    assert [k for k, _, _ in iter_items(repo, Repository.open(run.pop).population())] == ["lab/TS_01", "lab/TS_02"]
+    run("rm", "species", "ribo")
+    run("import", "species", "ribo", "--half1", inputs["half2"], "--half2", inputs["half1"],
+        "--particles", write_particles(tmp_path / "q.star", particle_rows(["TS_02"])), "--diameter", "100")
+    refused = run("revert", species_commit[:12], ok=False)
+    assert refused.exit_code == 1 and "species ribo" in refused.output
