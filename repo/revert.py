@@ -19,18 +19,20 @@ from .repository import Repository, software_version
 __all__ = ["revert"]
 
 
-def _keys(*maps: dict) -> list[str]:
-    return sorted(set().union(*maps))
-
-
-def _back(name: str, now, changed_to, before, conflicts: list[str]):
-    """The value after undoing one change: ``before`` where ``now`` is still what the commit made it."""
-    if changed_to == before:
-        return now  # the commit did not touch it
-    if now == changed_to:
-        return before
-    conflicts.append(name)
-    return now
+def _undo(what: str, now: dict, after: dict, before: dict, conflicts: list[str]) -> dict:
+    """Key by key: what the commit changed (``before`` → ``after``) and nobody touched since goes back;
+    what was changed again since is a conflict (named in ``conflicts``, left as it is)."""
+    out = {}
+    for key in sorted(set(now) | set(after) | set(before)):
+        value, changed_to, earlier = now.get(key), after.get(key), before.get(key)
+        if changed_to != earlier:  # the commit touched it
+            if value == changed_to:
+                value = earlier
+            else:
+                conflicts.append(f"{what} {key}")
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def revert(repo: Repository, rev: str, *, branch: str | None = None, message: str | None = None) -> ObjectId:
@@ -46,24 +48,9 @@ def revert(repo: Repository, rev: str, *, branch: str | None = None, message: st
         if now is None:
             raise InvalidInputError("the branch has no commits")
         conflicts: list[str] = []
-        items = {}
-        a, b, n = item_refs(repo, after), item_refs(repo, before), item_refs(repo, now)
-        for key in _keys(a, b, n):
-            value = _back(f"item {key}", n.get(key), a.get(key), b.get(key), conflicts)
-            if value is not None:
-                items[key] = value
-        species = {}
-        for name in _keys(after.species, before.species, now.species):
-            value = _back(f"species {name}", now.species.get(name), after.species.get(name),
-                          before.species.get(name), conflicts)
-            if value is not None:
-                species[name] = value
-        metadata = {}
-        for key in _keys(after.metadata, before.metadata, now.metadata):
-            value = _back(f"metadata {key}", now.metadata.get(key), after.metadata.get(key),
-                          before.metadata.get(key), conflicts)
-            if value is not None:
-                metadata[key] = value
+        items = _undo("item", item_refs(repo, now), item_refs(repo, after), item_refs(repo, before), conflicts)
+        species = _undo("species", now.species, after.species, before.species, conflicts)
+        metadata = _undo("metadata", now.metadata, after.metadata, before.metadata, conflicts)
         if conflicts:
             raise ConflictError(f"changed again since {rev}: " + ", ".join(conflicts),
                                 hint="revert the later commits first (newest first), or change these by hand")
