@@ -108,9 +108,9 @@ def _zstd_frame_end(body: memoryview) -> int:
     pos = zstandard.frame_header_size(body)
     checksum = body[4] & 0x04
     while True:
-        header = int.from_bytes(body[pos:pos + 3], "little")
         if pos + 3 > len(body):
             raise ValueError("block header cut short")
+        header = int.from_bytes(body[pos:pos + 3], "little")
         block_type, size = (header >> 1) & 3, header >> 3
         pos += 3 + (1 if block_type == 1 else size)  # an RLE block holds one byte
         if block_type == 3:
@@ -194,8 +194,8 @@ class ObjectStore(ABC):
     def _check(self, object_id: str, kind: Kind, data: bytes) -> None:
         actual = hash_bytes(kind, data)
         if actual != object_id:
-            raise IntegrityError("content does not hash to its id (the object is corrupted; nothing was "
-                                 "committed)", path=f"object {object_id}", expected=object_id, found=actual,
+            raise IntegrityError("content does not hash to its id (the object is corrupted)",
+                                 path=f"object {object_id}", expected=object_id, found=actual,
                                  hint="'cryopool verify' lists what refers to it; fetch it again from a "
                                       "remote that has it")
 
