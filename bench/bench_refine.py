@@ -18,7 +18,7 @@ import torch
 
 from cryopool.engine.geometry import euler_zyz_to_matrix
 from cryopool.engine.projection import prepare_volume
-from cryopool.engine.refine_item import RefineSettings, SpeciesInput, _Model, _Objective
+from cryopool.engine.refine_item import RefineSettings, SpeciesInput, alignment_target, item_parameters
 from cryopool.engine.tilt_model import Imaging, TiltGeometry
 
 PIXEL = 8.0
@@ -45,9 +45,10 @@ def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu", bud
     stack = torch.randn(tilts, size, size, device=device)
     pre = torch.arange(tilts, dtype=torch.float64, device=device) * 3
     settings = RefineSettings(resolution_angstrom=2 * PIXEL, memory_budget_bytes=int(budget_gib * 1024**3))
-    model = _Model(geom, im, species, settings)
-    model.trainable(settings.groups)
-    obj = _Objective(model, stack, pre, torch.full((tilts,), 3.0, dtype=torch.float64, device=device), settings)
+    params = item_parameters(geom, im, species, settings)
+    params.trainable(settings.groups)
+    obj = alignment_target(params, stack, pre, torch.full((tilts,), 3.0, dtype=torch.float64, device=device), settings)
+    obj.prepare()
     return obj, per * n_species * tilts
 
 

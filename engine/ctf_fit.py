@@ -64,10 +64,10 @@ def comparison_box(diameter_angstrom: float, max_defocus_angstrom: float, resolu
 
 
 def circular_mask(box: int, radius_px: float, *, edge_px: float = EDGE_PX, device=None,
-                  dtype=torch.float32) -> torch.Tensor:
-    """A soft circle (raised-cosine edge beyond ``radius_px``) centred at pixel ``box // 2``."""
+                  dtype=torch.float32, dims: int = 2) -> torch.Tensor:
+    """A soft circle (``dims`` = 3: sphere) with a raised-cosine edge beyond ``radius_px``, centred at ``box // 2``."""
     g = torch.arange(box, device=device, dtype=dtype) - box // 2
-    r = torch.sqrt(g[:, None] ** 2 + g[None] ** 2)
+    r = torch.sqrt(sum(x**2 for x in torch.meshgrid(*[g] * dims, indexing="ij")))
     return torch.clamp(0.5 + 0.5 * torch.cos(math.pi * (r - radius_px).clamp(0, edge_px) / edge_px), 0, 1)
 
 

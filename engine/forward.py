@@ -88,8 +88,8 @@ def render_tilt_series(species: list[tuple[VolumeTransform, ParticleSet]], geom:
             continue
         gdtype = geom.tilt_angles_deg.dtype
         xy, z = particle_positions_in_tilts(geom, parts.positions.to(gdtype))
-        rot = particle_rotations_in_tilts(geom, parts.orientations.to(gdtype)).to(vt.ft.real.dtype)
-        z = z.to(vt.ft.real.dtype)
+        rot = particle_rotations_in_tilts(geom, parts.orientations.to(gdtype)).to(vt.dtype)
+        z = z.to(vt.dtype)
         px = angstrom_to_pixel(xy, pixel, (h, w))  # (n, t, 2)
         for i in range(geom.n_tilts):
             defocus = particle_defocus(_tilt(imaging, i), z[:, i])

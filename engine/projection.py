@@ -17,7 +17,8 @@ mates are restored when the reconstruction is finalised.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,8 @@ from cryopool.repo import InvalidInputError
 from .fourier import crop_center, pad_center
 from .grids import trilinear_scatter
 
-__all__ = ["VolumeTransform", "prepare_volume", "extract_slices", "insert_slices", "FourierAccumulator",
-           "gridding_correction", "slice_coordinates"]
+__all__ = ["VolumeTransform", "prepare_volume", "extract_slices", "extract_points", "crop_transform", "insert_slices",
+           "FourierAccumulator", "gridding_correction", "slice_coordinates"]
 
 
 def gridding_correction(size: int, padded: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -40,15 +41,28 @@ def gridding_correction(size: int, padded: int, *, device=None, dtype=torch.floa
 
 @dataclass(frozen=True)
 class VolumeTransform:
-    """A padded, gridding-corrected, centred 3-D FT ready for slicing."""
+    """A padded, gridding-corrected, centred 3-D FT ready for slicing.
 
-    ft: torch.Tensor  # (D, D, D) complex, fftshifted: frequency 0 at index D // 2
+    Held as real and imaginary planes ``(1, 2, D, D, D)``, the layout ``grid_sample`` reads: stored
+    complex, every slicing call would copy the whole transform into that layout first.
+    """
+
+    planes: torch.Tensor  # (1, 2, D, D, D) real, imaginary; fftshifted: frequency 0 at index D // 2
     box: int  # d, the original box
     pad: int
 
     @property
     def padded(self) -> int:
         return self.box * self.pad
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.planes.dtype
+
+    @property
+    def ft(self) -> torch.Tensor:
+        """The transform as one complex grid ``(D, D, D)`` (a copy)."""
+        return torch.complex(self.planes[0, 0], self.planes[0, 1])
 
 
 def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
@@ -61,7 +75,20 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
     padded = pad_center(corrected, D, dims=3)
     ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
                             dim=(-3, -2, -1))
-    return VolumeTransform(ft=ft, box=d, pad=pad)
+    return VolumeTransform(planes=torch.view_as_real(ft).permute(3, 0, 1, 2).unsqueeze(0).contiguous(), box=d, pad=pad)
+
+
+def crop_transform(vt: VolumeTransform, radius: float) -> VolumeTransform:
+    """The same transform holding only frequencies up to ``radius`` (cycles per box) and their interpolation
+    neighbours: what slices limited to a band need. Sampling it gives the same values in the band; the smaller
+    grid is what makes the sampling fast (the whole transform of a 128-px map is 256³ voxels, mostly beyond
+    the band, and memory traffic dominates trilinear interpolation)."""
+    full = vt.planes.shape[-1]
+    size = min(full, 2 * math.ceil(radius * vt.pad + 2) + 2)
+    size += (full - size) % 2  # the centre voxel stays the centre
+    start = full // 2 - size // 2
+    planes = vt.planes[..., start:start + size, start:start + size, start:start + size].contiguous()
+    return replace(vt, planes=planes)
 
 
 def slice_coordinates(rotations: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +114,26 @@ def _grid(q: torch.Tensor, vt_padded: int, pad: int) -> torch.Tensor:
 def extract_slices(vt: VolumeTransform, rotations: torch.Tensor) -> torch.Tensor:
     """Central slices at ``rotations`` ``(..., 3, 3)`` → ``(..., d, d // 2 + 1)`` complex (differentiable)."""
     d = vt.box
+    ky = torch.fft.fftfreq(d, device=rotations.device, dtype=rotations.dtype) * d
+    kx = torch.fft.rfftfreq(d, device=rotations.device, dtype=rotations.dtype) * d
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    inside = (gx**2 + gy**2) <= (d // 2) ** 2
+    out = extract_points(vt, rotations, torch.stack([gx, gy], -1).reshape(-1, 2))
+    return out.reshape(*rotations.shape[:-2], d, d // 2 + 1) * inside
+
+
+def extract_points(vt: VolumeTransform, rotations: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+    """The central slices at ``rotations`` ``(..., 3, 3)``, only at the 2-D ``frequencies`` ``(K, 2)`` (kx, ky in
+    cycles per box) → ``(..., K)`` complex (differentiable in the rotations).
+
+    What a comparison limited to a band needs: the slice's values there and nowhere else.
+    """
     batch = rotations.shape[:-2]
-    q, inside = slice_coordinates(rotations.reshape(-1, 3, 3), d)
-    grid = _grid(q, vt.padded, vt.pad).to(vt.ft.real.dtype)
-    vol = torch.view_as_real(vt.ft).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 2, D, D, D)
-    out = F.grid_sample(vol, grid.unsqueeze(0), mode="bilinear", padding_mode="zeros", align_corners=True)
-    out = torch.complex(out[0, 0], out[0, 1]) * inside
-    return out.reshape(*batch, d, d // 2 + 1)
+    k = torch.cat([frequencies, torch.zeros_like(frequencies[:, :1])], -1).to(rotations.dtype)
+    q = torch.einsum("nji,kj->nki", rotations.reshape(-1, 3, 3), k)  # Aᵀ k, (n, K, 3)
+    grid = _grid(q, vt.planes.shape[-1], vt.pad).to(vt.dtype)
+    out = F.grid_sample(vt.planes, grid[None, :, :, None], mode="bilinear", padding_mode="zeros", align_corners=True)
+    return torch.complex(out[0, 0, ..., 0], out[0, 1, ..., 0]).reshape(*batch, frequencies.shape[0])
 
 
 def insert_slices(data: torch.Tensor, weights: torch.Tensor | None, slices: torch.Tensor,

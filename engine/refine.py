@@ -34,8 +34,9 @@ from cryopool.repo import (DataSource, HalfSetModel, InvalidInputError, item_ref
                            split_item_key, without_marks)
 
 from .forward import ParticleSet, reconstruct_half_maps, species_reconstruction_box
+from .alignment import masked_reference
 from .fsc import masked_fsc, resolution_at
-from .projection import FourierAccumulator, prepare_volume
+from .projection import FourierAccumulator
 from .records_io import (ItemModel, item_records, load_item, load_map, load_particles, particle_table_record,
                          unmodelled_optics)
 from .refine_item import GROUPS, RefineSettings, SpeciesInput, refine_item_half
@@ -205,7 +206,8 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         work_res[name] = res
         filtered = [regulariser(h, s.curve, pixel_size_angstrom=s.record.pixel_size_angstrom, resolution_angstrom=res)
                     for h in s.halves]
-        refs[name] = tuple(prepare_volume(f) for f in filtered)
+        refs[name] = tuple(masked_reference(f, s.record.diameter_angstrom, s.record.pixel_size_angstrom)
+                           for f in filtered)
     # each species is compared within its own band (SpeciesInput.resolution_angstrom, as M does): a species
     # with a poor map cannot narrow the others' bands; the settings keep the finest as the default
     settings = replace(settings_base, resolution_angstrom=min(work_res.values()))

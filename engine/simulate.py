@@ -30,6 +30,7 @@ from cryopool.repo import (dose_times, DataSource, InvalidInputError, Metrics, O
                            Species, TiltSeries, software_version)
 
 from .ctf import aliasing_free_box, reconstruction_box
+from .ctf_fit import circular_mask
 from .forward import ParticleSet, reconstruct_half_maps, render_tilt_series, species_reconstruction_box
 from .geometry import euler_zyz_to_matrix, rotation_x, rotation_y, rotation_z, rotvec_to_matrix
 from .phantoms import atomic_model_from_pdb, pseudo_atomic_model, render_map
@@ -113,11 +114,7 @@ PRESETS: dict[str, SimulationConfig] = {
 
 
 def soft_sphere_mask(box: int, radius_px: float, edge_px: float = 3.0) -> torch.Tensor:
-    g = torch.arange(box, dtype=torch.float32) - box // 2
-    z, y, x = torch.meshgrid(g, g, g, indexing="ij")
-    r = torch.sqrt(x**2 + y**2 + z**2)
-    return torch.clamp(0.5 + 0.5 * torch.cos(torch.pi * (r - radius_px).clamp(0, edge_px) / edge_px), 0, 1) * \
-        (r <= radius_px + edge_px)
+    return circular_mask(box, radius_px, edge_px=edge_px, dims=3)
 
 
 @dataclass

@@ -62,10 +62,10 @@ def test_defocus_stays_where_it_was_when_the_band_cannot_constrain_it(scene):
 
 def test_a_system_too_large_to_hold_gives_the_same_fit(scene, monkeypatch):
     """Under a budget too small to hold the CTF fit's batches they are rebuilt on every pass, with the same result."""
-    from cryopool.engine import refine_item
+    from cryopool.engine import refine_ctf
     passes = []
-    held_iter = refine_item._RebuiltBatches.__iter__
-    monkeypatch.setattr(refine_item._RebuiltBatches, "__iter__", lambda self: passes.append(1) or held_iter(self))
+    held_iter = refine_ctf.RebuiltBatches.__iter__
+    monkeypatch.setattr(refine_ctf.RebuiltBatches, "__iter__", lambda self: passes.append(1) or held_iter(self))
     fits = {}
     for budget in (2 * 1024**3, 1024**2):
         fits[budget] = _fitted(scene, 10.0, memory_budget_bytes=budget)

@@ -61,7 +61,7 @@ def test_insertion_is_the_adjoint_of_extraction():
     torch.manual_seed(0)
     vt = prepare_volume(torch.randn(16, 16, 16, dtype=torch.float64))
     x = torch.randn_like(vt.ft)  # any complex grid
-    x_vt = type(vt)(ft=x, box=vt.box, pad=vt.pad)
+    x_vt = type(vt)(planes=torch.view_as_real(x).permute(3, 0, 1, 2)[None].contiguous(), box=vt.box, pad=vt.pad)
     rotations = _random_rotations(4, seed=2)
     y = torch.randn(4, 16, 9, dtype=torch.complex128)
     px = extract_slices(x_vt, rotations)
