@@ -13,7 +13,7 @@ from .common import Context, emit_json, handle_errors, json_option, short, table
 
 __all__ = ["COMMANDS"]
 
-DEFAULT_GROUPS = ",".join(RefineOptions().groups)
+DEFAULTS = RefineOptions()  # the one place the defaults live: every option below is derived from it
 
 
 def _grid(text: str, n: int) -> tuple[int, ...]:
@@ -27,32 +27,42 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
 
 
 @click.command()
-@click.option("-n", "--iterations", default=3, show_default=True, help="Refinement iterations (one commit each).")
-@click.option("--groups", default=DEFAULT_GROUPS, show_default=True,
+@click.option("-n", "--iterations", default=DEFAULTS.iterations, show_default=True,
+              help="Refinement iterations (one commit each).")
+@click.option("--groups", default=",".join(DEFAULTS.groups), show_default=True,
               help=f"Parameter groups to refine, comma-separated, from: {', '.join(GROUPS)}.")
-@click.option("--image-warp", "image_warp", default="3x3", show_default=True, metavar="YxX",
-              help="Image-warp control points per tilt (M: 3–8 per axis, more with more particles).")
-@click.option("--volume-warp", "volume_warp", default="2x2x2x2", show_default=True, metavar="TxZxYxX",
-              help="Volume-warp control points (time × z × y × x).")
+@click.option("--image-warp", "image_warp", default="x".join(map(str, DEFAULTS.image_warp_grid)), show_default=True,
+              metavar="YxX", help="Image-warp control points per tilt (M: 3–8 per axis, more with more particles).")
+@click.option("--volume-warp", "volume_warp", default="x".join(map(str, DEFAULTS.volume_warp_grid)),
+              show_default=True, metavar="TxZxYxX", help="Volume-warp control points (time × z × y × x).")
 @click.option("--start-resolution", type=float, help="Working resolution of the first iteration, Å "
                                                      "[default: from the species' FSC].")
-@click.option("--lbfgs-iterations", default=40, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--memory-budget", "memory_gb", default=2.0, show_default=True,
+@click.option("--lbfgs-iterations", default=DEFAULTS.lbfgs_iterations, show_default=True,
+              help="L-BFGS iterations per round.")
+@click.option("--rounds", default=DEFAULTS.rounds, show_default=True,
+              help="Rounds per item and half-set: each extracts the particles' images afresh, then runs L-BFGS.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=DEFAULTS.device, show_default=True)
+@click.option("--memory-budget", "memory_gb", default=DEFAULTS.memory_budget_gb, show_default=True,
               help="GiB for particle batches; half of it bounds the reconstruction accumulators.")
-@click.option("--warp-regularisation", default=1e-4, show_default=True, help="L2 weight per Å² of warp grids.")
-@click.option("--temporal-samples", type=click.IntRange(1, 3), default=1, show_default=True,
+@click.option("--warp-regularisation", default=DEFAULTS.warp_regularisation, show_default=True,
+              help="L2 weight per Å² of warp grids.")
+@click.option("--temporal-samples", type=click.IntRange(1, 3), default=DEFAULTS.temporal_samples, show_default=True,
               help="Control points of each particle's pose trajectory over the exposure (M: 1–3).")
 @click.option("--allow-unmodelled", is_flag=True,
               help="Refine items whose records hold optics the engine does not model (phase shift, magnification "
                    "anisotropy, beam tilt, CTF/movie grids): they are ignored, and the commit records that.")
+@click.option("--accept-all", is_flag=True,
+              help="Keep every item's refined geometry and poses, even where the gain is no larger than fitting "
+                   "that many parameters to noise would give (default: such items are left as they were, and the "
+                   "commit says why).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run at the branch tip.")
 @click.option("-b", "--branch", help="Refine this branch [default: the checked-out one].")
 @json_option
 @click.pass_obj
 @handle_errors
-def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, device,
-           memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, resume, branch, as_json) -> None:
+def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, rounds,
+           device, memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, accept_all, resume, branch,
+           as_json) -> None:
     """Refine all species jointly in every tilt series and commit each iteration.
 
     For each item, all particles of all species form one system: per-tilt
@@ -70,18 +80,26 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
         raise click.BadParameter(f"unknown group(s) {bad}; choose from {list(GROUPS)}", param_hint="--groups")
     options = RefineOptions(iterations=iterations, groups=chosen, image_warp_grid=_grid(image_warp, 2),
                             volume_warp_grid=_grid(volume_warp, 4), start_resolution_angstrom=start_resolution,
-                            lbfgs_iterations=lbfgs_iterations, device=device, memory_budget_gb=memory_gb,
+                            lbfgs_iterations=lbfgs_iterations, rounds=rounds, device=device, memory_budget_gb=memory_gb,
                             warp_regularisation=warp_regularisation, temporal_samples=temporal_samples,
-                            allow_unmodelled=allow_unmodelled)
+                            allow_unmodelled=allow_unmodelled, require_significance=not accept_all)
     if resume and resume_point(repo, branch) is None:
         raise click.UsageError("nothing to resume: the branch tip is not an unfinished refine run")
     started = time.perf_counter()
-    state = {"iteration": 0}
+    state = {"iteration": 0, "since": started}
 
     def progress(message: str, done: int, total: int) -> None:
-        if not as_json:
-            click.echo(f"  [{time.perf_counter() - started:6.0f} s] iteration {state['iteration'] + 1}: "
-                       f"{message} ({done + 1 if done < total else done}/{total})", err=True)
+        now = time.perf_counter()
+        if done == 0:
+            state["since"] = now
+        if as_json:
+            return
+        eta = ""
+        if 0 < done < total:  # items take similar times: the rest at this iteration's pace so far
+            left = (now - state["since"]) / done * (total - done)
+            eta = f", ~{left:.0f} s left in this iteration"
+        click.echo(f"  [{now - started:6.0f} s] iteration {state['iteration'] + 1}: "
+                   f"{message} ({done + 1 if done < total else done}/{total}{eta})", err=True)
 
     reports = []
     for report in _iterate(repo, options, branch, resume, progress, state):
@@ -90,10 +108,14 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
             click.echo(f"[{short(report.commit)}] iteration {report.iteration}: " + ", ".join(
                 f"{n} {report.resolution_before[n]:.1f} → {report.resolution_after[n]:.1f} Å"
                 for n in report.resolution_after))
+            for half, d in sorted(report.decisions.items()):
+                if not d["accepted"]:
+                    click.echo(f"  {half}: left as it was ({d['reason']})", err=True)
     if as_json:
         emit_json({"iterations": [{"commit": r.commit, "iteration": r.iteration,
                                    "resolution_before": r.resolution_before,
-                                   "resolution_after": r.resolution_after, "particles": r.particles}
+                                   "resolution_after": r.resolution_after, "particles": r.particles,
+                                   "decisions": r.decisions}
                                   for r in reports]})
         return
     if reports:

@@ -50,7 +50,7 @@ from .tilt_model import Imaging, TiltGeometry, particle_positions_in_tilts
 from .weighting import dose_tilt_weights, exposure_crop_frequency, mid_exposure
 
 __all__ = ["MASK_RADIUS", "TiltGroup", "AlignmentTarget", "ncc", "band_edges", "max_defocus", "comparison_box",
-           "masked_reference"]
+           "masked_reference", "log_likelihood_gain"]
 
 MASK_RADIUS = 0.55  # the particle images' circular mask, in particle diameters
 
@@ -103,6 +103,14 @@ class _Batch:
 
 def ncc(num, d1, d2):
     return num / torch.sqrt(d1 * d2).clamp(min=1e-30)
+
+
+def log_likelihood_gain(before: float, after: float, samples: float) -> float:
+    """The log-likelihood ratio of two fits with normalised correlations ``before`` and ``after`` over ``samples``
+    independent values under white Gaussian noise of unknown level: ``(N / 2) · log((1 − ρ₀²) / (1 − ρ₁²))``
+    (the residual of the best-scaled model is the share 1 − ρ² of the data's power)."""
+    clamp = lambda r: min(max(r, 0.0), 1.0 - 1e-12)  # noqa: E731  a negative correlation explains nothing
+    return 0.5 * samples * (math.log1p(-clamp(before) ** 2) - math.log1p(-clamp(after) ** 2))
 
 
 def max_defocus(defocus_search_angstrom: float, geom: TiltGeometry, imaging: Imaging) -> float:
@@ -302,6 +310,20 @@ class AlignmentTarget:
         if reg.requires_grad:
             reg.backward()
         return float(-m + reg.detach())
+
+    def effective_samples(self) -> float:
+        """How many independent real data values the target compares: per particle-tilt, the band's frequencies
+        of that tilt (2 real values each) times the share of the comparison box the soft mask keeps (Σ mask² / c²).
+
+        The scale that turns a change of M into a log-likelihood ratio (``significant_gain``)."""
+        total = 0.0
+        for b in self.batches:
+            s, g = self.params.species[b.species], b.group
+            radius, edge = _mask_radius_px(s.diameter_angstrom, self.params.base_geom.pixel_size_angstrom)
+            kept = float((circular_mask(g.box, radius, edge_px=edge, dtype=torch.float64) ** 2).mean())
+            per_tilt = (g.weight > 0).flatten(1).sum(1).double()  # (g,) band frequencies of each tilt
+            total += (b.rows.stop - b.rows.start) * 2 * kept * float(per_tilt.sum())
+        return total
 
     def _graph_bytes(self) -> int:
         """What autograd keeps of one evaluation of the whole system: ~160 bytes per particle-tilt frequency."""

@@ -18,7 +18,7 @@ from cryopool.repo import Population, Repository, Species, TiltSeries, iter_item
 
 from .fsc import fsc, resolution_at
 from .records_io import load_item, load_map, load_particles
-from .tilt_model import image_warp_rotation_deg, particle_positions_in_tilts
+from .tilt_model import image_warp_rotation_deg, particle_positions_in_tilts, particle_rotations_in_tilts
 
 __all__ = ["compare_with_truth"]
 
@@ -38,15 +38,32 @@ def _stage_angles(geometry) -> torch.Tensor:
     return angles
 
 
+def _rotation_angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The angle of the rotation between matrices ``a`` and ``b`` (degrees), elementwise over leading dims."""
+    trace = (a * b).sum((-2, -1))  # tr(a bᵀ)
+    return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1, 1)))
+
+
+def _centre_displacement_error(geometry, truth) -> torch.Tensor:
+    """Per tilt, where the tomogram's centre lands (shift + image warp there) against the truth ``(t, 2)`` Å,
+    less the part a translation of the whole specimen explains (a gauge freedom traded with the particles)."""
+    origin = torch.zeros(1, 3, dtype=geometry.shifts_angstrom.dtype)
+    d = (particle_positions_in_tilts(geometry, origin)[0] - particle_positions_in_tilts(truth, origin)[0])[0]
+    rows = truth.rotations()[:, :2, :]  # (t, 2, 3): how a specimen translation moves each tilt's image
+    fit = torch.linalg.lstsq(rows.reshape(-1, 3), d.reshape(-1, 1)).solution
+    return d - (rows @ fit).squeeze(-1)
+
+
 def compare_with_truth(repo: Repository, population: Population, truth: Population) -> dict:
-    """RMS projected-position error (Å), per-tilt defocus RMS error (Å), demeaned tilt-angle error (°),
+    """RMS projected-position error (Å), orientation error in the tilts (°), per-tilt defocus RMS error (Å),
+    demeaned tilt-angle error (°), per-tilt shift error (Å, at the tomogram centre, less a specimen translation),
     and per species the resolution at FSC 0.5 of the half-map average against the true map.
 
     Geometry and defocus are compared per half-set (each half-set is refined on its own); the
     defocus of the published item model (the two half-sets' average) is reported as well.
     """
     true_items = {k: ts for k, _, ts in iter_items(repo, truth)}
-    sq_pos, sq_def, sq_ang, sq_pub = [], [], [], []
+    sq_pos, sq_def, sq_ang, sq_pub, sq_rot, sq_shift = [], [], [], [], [], []
     for key, _, ts in iter_items(repo, population):
         models = _item_models(repo, ts)
         truth_model = load_item(repo, true_items[key], with_stack=False)
@@ -62,6 +79,9 @@ def compare_with_truth(repo: Repository, population: Population, truth: Populati
                 xy, _ = particle_positions_in_tilts(models[half].geometry, cols.positions[sel])
                 txy, _ = particle_positions_in_tilts(truth_model.geometry, tcols.positions[tsel])
                 sq_pos.append(((xy - txy) ** 2).sum(-1).flatten())
+                rot = particle_rotations_in_tilts(models[half].geometry, cols.orientations[sel])
+                trot = particle_rotations_in_tilts(truth_model.geometry, tcols.orientations[tsel])
+                sq_rot.append(_rotation_angle_deg(rot, trot).flatten() ** 2)
         published = load_item(repo, ts, with_stack=False)  # the half-set models' average
         sq_pub.append((published.imaging.defocus_u_angstrom - truth_model.imaging.defocus_u_angstrom) ** 2)
         for half in (1, 2):
@@ -69,7 +89,10 @@ def compare_with_truth(repo: Repository, population: Population, truth: Populati
             sq_def.append((m.imaging.defocus_u_angstrom - truth_model.imaging.defocus_u_angstrom) ** 2)
             a, t = _stage_angles(m.geometry), _stage_angles(truth_model.geometry)
             sq_ang.append(((a - a.mean(0)) - (t - t.mean(0))) ** 2)  # (t, 3): about x, y (the tilt), z
+            sq_shift.append((_centre_displacement_error(m.geometry, truth_model.geometry) ** 2).sum(-1))
     out = {"position_rms_angstrom": float(torch.sqrt(torch.cat(sq_pos).mean())),
+           "orientation_rms_deg": float(torch.sqrt(torch.cat(sq_rot).mean())),
+           "shift_rms_angstrom": float(torch.sqrt(torch.cat(sq_shift).mean())),
            "defocus_rms_angstrom": float(torch.sqrt(torch.cat(sq_def).mean())),
            "published_defocus_rms_angstrom": float(torch.sqrt(torch.cat(sq_pub).mean())),
            "tilt_angle_rms_deg": float(torch.sqrt(torch.cat(sq_ang).mean())),

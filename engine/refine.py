@@ -52,24 +52,36 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass
 class RefineOptions:
+    """Everything a user chooses about a refine run (the CLI's options are derived from these defaults; the
+    per-item ones default to ``RefineSettings``'s)."""
+
     iterations: int = 3
-    groups: tuple[str, ...] = ("tilt_angles", "shifts", "image_warp", "poses", "defocus")
-    image_warp_grid: tuple[int, int] = (3, 3)
-    volume_warp_grid: tuple[int, int, int, int] = (2, 2, 2, 2)
+    groups: tuple[str, ...] = RefineSettings.groups
+    image_warp_grid: tuple[int, int] = RefineSettings.image_warp_grid
+    volume_warp_grid: tuple[int, int, int, int] = RefineSettings.volume_warp_grid
     start_resolution_angstrom: float | None = None  # None: from the recorded (or measured) FSC
-    lbfgs_iterations: int = 40
-    rounds: int = 2
+    lbfgs_iterations: int = RefineSettings.lbfgs_iterations
+    rounds: int = RefineSettings.rounds
     device: str = "auto"
-    memory_budget_gb: float = 2.0
+    memory_budget_gb: float = RefineSettings.memory_budget_bytes / 1024**3
     wiener_constant: float = 1e-3
-    warp_regularisation: float = 1e-4  # L2 per Å² of warp, so global parameters explain what they can
+    warp_regularisation: float = RefineSettings.warp_regularisation  # so global parameters explain what they can
     temporal_samples: int = 1  # control points of each particle's pose trajectory over the exposure (1–3)
     allow_unmodelled: bool = False  # refine items whose records hold optics the engine does not model
+    require_significance: bool = RefineSettings.require_significance  # keep only moves the data support (AIC)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.groups) - set(GROUPS))
         if unknown:
             raise InvalidInputError("unknown parameter groups", field="groups", expected=list(GROUPS), found=unknown)
+        for name, low in (("iterations", 1), ("rounds", 1), ("lbfgs_iterations", 0)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise InvalidInputError(f"{name} must be an integer of at least {low}", field=name,
+                                        expected=f">= {low}", found=getattr(self, name))
+        if not self.memory_budget_gb > 0 or not self.wiener_constant > 0 or not self.warp_regularisation >= 0:
+            raise InvalidInputError("memory budget and Wiener constant must be positive, warp regularisation not "
+                                    "negative", field="options",
+                                    found=(self.memory_budget_gb, self.wiener_constant, self.warp_regularisation))
         if not 1 <= self.temporal_samples <= MAX_TEMPORAL_SAMPLES:
             raise InvalidInputError("temporal samples out of range", field="temporal_samples",
                                     expected=f"1..{MAX_TEMPORAL_SAMPLES}", found=self.temporal_samples)
@@ -83,6 +95,7 @@ class IterationReport:
     resolution_after: dict[str, float]
     particles: dict[str, int]
     ncc: dict[str, list[float]] = field(default_factory=dict)  # item/half -> history
+    decisions: dict[str, dict] = field(default_factory=dict)  # item/half -> kept or not, and why
 
 
 def pick_device(name: str) -> torch.device:
@@ -196,6 +209,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     settings_base = RefineSettings(groups=tuple(opts.groups), image_warp_grid=tuple(opts.image_warp_grid),
                                    volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
                                    rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3),
+                                   require_significance=opts.require_significance,
                                    warp_regularisation=opts.warp_regularisation)
     # 1. references, per half, from the recorded FSC
     refs: dict[str, tuple] = {}
@@ -219,7 +233,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     samples = opts.temporal_samples  # stored trajectories are resampled to it (exactly, when adding samples)
     poses = {name: (resample_positions(s.columns.positions, samples).clone(),
                     resample_orientations(s.columns.orientations, samples).clone()) for name, s in species.items()}
-    ncc_history = {}
+    ncc_history, decisions = {}, {}
     for n_item, (key, _, item) in enumerate(items):
         if progress:
             progress(f"item {key}", n_item, len(items))
@@ -243,6 +257,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
             state = refine_item_half(base.stack, start.geometry, start.imaging, base.pre_exposure, base.exposure,
                                      inputs, settings)
             ncc_history[f"{key}/half{half}"] = [round(v, 5) for v in state.history]
+            decisions[f"{key}/half{half}"] = state.decision
             half_models[half] = (state.geometry, state.imaging)
             for (name, sel), p, o in zip(rows, state.positions, state.orientations):
                 poses[name][0][sel] = p.cpu().to(poses[name][0].dtype)
@@ -261,10 +276,11 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         new_items[key] = (item, half_models)
     if progress:
         progress("reconstructing", len(items), len(items))
-    return _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box)
+    return _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box,
+                   decisions)
 
 
-def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box):
+def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box, decisions):
     with repo.transaction() as tx:
         species_refs_used = [s.ref for s in species.values()]
         item_refs: dict[str, Ref] = {}
@@ -309,13 +325,14 @@ def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res
                                 items=list(item_refs), species=list(new_species))  # a merge's marks, now done
         params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before,
                   "resolution_after": after,
-                  "regulariser": "fsc-wiener", "ncc": ncc_history, "reconstruction_box": rec_box}
+                  "regulariser": "fsc-wiener", "ncc": ncc_history, "reconstruction_box": rec_box,
+                  "decisions": decisions}
         operation = Operation(kind="refine", parameters=params, software=software_version(),
                               inputs={"population": repo.get_commit(tip).population})
         summary = ", ".join(f"{n} {before[n]:.1f}→{after[n]:.1f} Å" for n in species)
         commit = tx.commit(new_pop, message=f"Refine iteration {run['iteration'] + 1}/{run['of']}: {summary}",
                            operation=operation, retries=0)
-    return IterationReport(commit, run["iteration"] + 1, before, after, counts, ncc_history)
+    return IterationReport(commit, run["iteration"] + 1, before, after, counts, ncc_history, decisions)
 
 
 def refine_population(repo: Repository, options: RefineOptions, *, branch: str | None = None,

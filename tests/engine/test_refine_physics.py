@@ -165,3 +165,23 @@ def test_stage_angles_are_recovered_in_a_lamella_thick_enough_to_show_parallax(t
         RefineOptions(iterations=4, image_warp_grid=(2, 2), lbfgs_iterations=20, rounds=1))
     assert before["tilt_angle_y_rms_deg"] > 0.3  # the simulated errors: σ 0.4° about the tilt axis, 0.1° otherwise
     assert after["tilt_angle_rms_deg"] < 0.2 and after["tilt_angle_y_rms_deg"] < 0.2, (before, after)
+
+
+def test_refinement_leaves_alone_what_the_data_cannot_decide(tmp_path):
+    """Issue 21 §5: a few tiny particles at low SNR cannot improve the geometry; refining them must not wreck it.
+    With the significance test (the default) every error stays where it started; without it (``accept_all``) the
+    same run walks the geometry into the noise, which is what makes this test able to fail."""
+    sim = simulate(replace(PRESETS["test"], species=[SpeciesSpec("tiny", 50.0, 8)], items_per_source=1,
+                           pixel_size_angstrom=6.0, image_size_px=(256, 256), snr=0.05, seed=3))
+    runs = {}
+    for accept_all in (False, True):
+        repo, before, after, reports = _refine_against_truth(
+            tmp_path / f"pop{accept_all}", sim, RefineOptions(iterations=1, require_significance=not accept_all))
+        runs[accept_all] = (before, after, reports[-1].decisions)
+    before, after, decisions = runs[False]
+    assert not any(d["accepted"] for d in decisions.values()), decisions
+    measures = ("position_rms_angstrom", "orientation_rms_deg", "tilt_angle_rms_deg", "shift_rms_angstrom")
+    for m in measures:
+        assert after[m] <= 1.02 * before[m] + 1e-6, (m, before[m], after[m])
+    _, unguarded, _ = runs[True]
+    assert any(unguarded[m] > 1.2 * before[m] for m in measures), (before, unguarded)
