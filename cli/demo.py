@@ -125,8 +125,11 @@ def _simulated_part(root: Path, seed: int, iterations: int) -> None:
     before = compare_with_truth(repo, repo.population(start), truth)
     after = compare_with_truth(repo, repo.population("HEAD"), truth)
     click.secho("\nRefinement against the ground truth", bold=True)
-    rows = [["projected particle positions (RMS)", f"{before['position_rms_angstrom']:.1f} Å",
-             f"{after['position_rms_angstrom']:.1f} Å"]]
+    rows = [[label, f"{before[key]:.{digits}f} {unit}", f"{after[key]:.{digits}f} {unit}"]
+            for label, key, unit, digits in (("projected particle positions (RMS)", "position_rms_angstrom", "Å", 1),
+                                             ("particle orientations in the tilts (RMS)", "orientation_rms_deg", "°", 2),
+                                             ("tilt angles, demeaned (RMS)", "tilt_angle_rms_deg", "°", 2),
+                                             ("per-tilt shifts (RMS)", "shift_rms_angstrom", "Å", 1))]
     for name in sorted(after["species"]):
         rows.append([f"{name}: map vs true map (FSC 0.5)", f"{before['species'][name]['fsc_vs_truth_0.5_angstrom']:.1f} Å",
                      f"{after['species'][name]['fsc_vs_truth_0.5_angstrom']:.1f} Å"])

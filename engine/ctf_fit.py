@@ -73,9 +73,8 @@ def circular_mask(box: int, radius_px: float, *, edge_px: float = EDGE_PX, devic
 
 def mask_images(images_rfft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Multiply centred-at-origin transforms ``(..., B, B/2+1)`` by a centred real-space mask ``(..., B, B)``."""
-    b = mask.shape[-1]
-    real = torch.fft.fftshift(torch.fft.irfft2(images_rfft, s=(b, b)), dim=(-2, -1)) * mask
-    return torch.fft.rfft2(torch.fft.ifftshift(real, dim=(-2, -1)))
+    b = mask.shape[-1]  # the mask moved to the transforms' layout (centre at index 0), not the images to the mask's
+    return torch.fft.rfft2(torch.fft.irfft2(images_rfft, s=(b, b)) * torch.fft.ifftshift(mask, dim=(-2, -1)))
 
 
 def pad_projections(slices: torch.Tensor, box: int) -> torch.Tensor:
@@ -121,6 +120,22 @@ def _per_tilt_ncc(batches, imaging, pixel, n_tilts, defocus_offsets: list, astig
     return num / torch.sqrt(d1 * d2).clamp(min=1e-30)
 
 
+def _single_precision(batches: Iterable[CTFBatch]) -> Iterable[CTFBatch]:
+    """The search's view of the batches, in single precision: half the cost of its coarse levels (~80 of its ~85
+    passes). The finest level, whose near-ties float32's summation order could break either way, and the L-BFGS
+    polish that follows (astigmatism included) run in the batches' own double precision."""
+    def cast(b: CTFBatch) -> CTFBatch:
+        return CTFBatch(b.tilts, b.data.to(torch.complex64), b.projections.to(torch.complex64), b.heights.float(),
+                        b.weight.float(), b.attenuation.float(), b.mask.float())
+    if isinstance(batches, list):
+        return [cast(b) for b in batches]
+
+    class Cast:  # batches rebuilt on every pass stay so
+        def __iter__(self):
+            return (cast(b) for b in batches)
+    return Cast()
+
+
 def fit_ctf(batches: Iterable[CTFBatch], imaging: Imaging, pixel_size_angstrom: float, *, search_angstrom: float,
             step_angstrom: float, halvings: int, astigmatism: bool, lbfgs_iterations: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +149,10 @@ def fit_ctf(batches: Iterable[CTFBatch], imaging: Imaging, pixel_size_angstrom: 
     n = int(round(search_angstrom / step_angstrom))
     offsets = (torch.arange(-n, n + 1, dtype=dtype, device=device) * step_angstrom)[None, :].expand(n_tilts, -1)
     step = step_angstrom
+    search = _single_precision(batches)
     with torch.no_grad():
         for level in range(halvings + 1):
-            scores = _per_tilt_ncc(batches, imaging, pixel_size_angstrom, n_tilts,
+            scores = _per_tilt_ncc(search if level < halvings else batches, imaging, pixel_size_angstrom, n_tilts,
                                    [offsets[:, j] for j in range(offsets.shape[1])])
             centres = torch.gather(offsets, 1, torch.topk(scores, k=min(2, scores.shape[1]), dim=1).indices)
             if level == halvings:

@@ -69,6 +69,10 @@ def ctf_zeros_in_band(imaging: Imaging, resolution_angstrom: float) -> int:
 # 1.6 → 152 Å; at 10 Å/px, whose noise per unit of band is 4× higher: 2.5 zeros → 215 Å, 1.6 → 298 Å (worse).
 MIN_CTF_ZEROS_FOR_DEFOCUS = 3
 
+# L-BFGS iterations after the CTF search (whose last step is ~6 Å): the polish, and astigmatism, converge in
+# fewer than the geometry needs; measured on tests/engine/test_defocus.py and test_ctf_fit.py
+CTF_POLISH_ITERATIONS = 15
+
 
 def _resolutions(species: list[SpeciesInput], settings: RefineSettings) -> list[float]:
     """Each species' band edge: its own working resolution (M crops each species to its own), or the settings'."""
@@ -142,7 +146,8 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
             params.imaging(), geometry.pixel_size_angstrom,
             search_angstrom=settings.defocus_search_angstrom if "defocus" in ctf_groups else 0.0,
             step_angstrom=settings.defocus_step_angstrom, halvings=settings.defocus_halvings,
-            astigmatism="astigmatism" in ctf_groups, lbfgs_iterations=settings.lbfgs_iterations)
+            astigmatism="astigmatism" in ctf_groups,
+            lbfgs_iterations=min(settings.lbfgs_iterations, CTF_POLISH_ITERATIONS))
         with torch.no_grad():
             params.p["defocus"] += defocus
             params.p["astigmatism"] += astigmatism

@@ -31,3 +31,37 @@ def test_projection_ctf_splines_on_device(device):
     assert device in str(c.device)
     g = interpolate_bspline_grid(torch.randn(2, 3, 4, device=device), torch.rand(5, 2, device=device))
     assert device in str(g.device)
+
+
+def _moved(obj, device):
+    """A dataclass (geometry, imaging) with every tensor field on ``device``."""
+    from dataclasses import fields, replace
+    return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+                           if isinstance(getattr(obj, f.name), torch.Tensor)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (never a requirement)")
+def test_refinement_on_cuda_gives_the_cpus_refined_parameters():
+    from dataclasses import replace
+
+    from cryopool.engine.alignment import masked_reference
+    from cryopool.engine.refine_item import RefineSettings, SpeciesInput, refine_item_half
+    from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate
+    sim = simulate(replace(PRESETS["test"], species=[SpeciesSpec("a", 100.0, 8)], items_per_source=1,
+                           pixel_size_angstrom=6.0, image_size_px=(128, 128), tilt_step_deg=6.0, seed=2))
+    it, p = sim.items[0], sim.items[0].initial_particles["a"]
+    settings = RefineSettings(lbfgs_iterations=10, rounds=1, resolution_angstrom=18.0)
+    out = {}
+    for device in ("cpu", "cuda"):
+        species = [SpeciesInput("a", masked_reference(sim.maps["a"].to(device), 100.0, 6.0), sim.boxes["a"], 100.0,
+                                p.positions[:, None].to(device), p.orientations[:, None].to(device))]
+        out[device] = refine_item_half(it.stack.to(device), _moved(it.initial_geometry, device),
+                                       _moved(it.initial_imaging, device), it.pre_exposure.to(device),
+                                       it.exposure.to(device), species, settings)
+    cpu, cuda = out["cpu"], out["cuda"]
+    assert "cuda" in str(cuda.positions[0].device)
+    torch.testing.assert_close(cuda.geometry.shifts_angstrom.cpu(), cpu.geometry.shifts_angstrom, atol=0.5, rtol=0)
+    torch.testing.assert_close(cuda.geometry.angle_corrections_deg.cpu(), cpu.geometry.angle_corrections_deg,
+                               atol=0.05, rtol=0)
+    torch.testing.assert_close(cuda.positions[0].cpu(), cpu.positions[0], atol=0.5, rtol=0)
+    assert cuda.history[-1] == pytest.approx(cpu.history[-1], rel=1e-3)
