@@ -121,7 +121,7 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
     assert after["published_defocus_rms_angstrom"] <= 0.5 * before["published_defocus_rms_angstrom"], (before, after)
 
 
-@pytest.mark.slow  # 4–5 min on 2 cores: the default suite stays well under 20 min (issue 22)
+@pytest.mark.slow  # ~2 min on 2 cores; fails since issue 21's target (docs/physics.md, multi-species benefit)
 def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
     """M's 5 %/95 % experiment: the same data and iterations, the rare species refined alone or with an abundant one.
 
