@@ -326,11 +326,13 @@ class AlignmentTarget:
         return total
 
     def _graph_bytes(self) -> int:
-        """What autograd keeps of one evaluation of the whole system: ~160 bytes per particle-tilt frequency."""
+        """What autograd keeps of one evaluation of the whole system (an estimate, ``GRAPH_BYTES_PER_POINT``)."""
         return sum(b.extracted.data.numel() * GRAPH_BYTES_PER_POINT for b in self.batches if b.extracted is not None)
 
 
-GRAPH_BYTES_PER_POINT = 160  # sampling grid, slices, phase ramp, products and their gradients (measured: ~110)
+# per particle-tilt frequency: sampling grid (3 × float64 and float32), slices, phase, ramp, products and their
+# gradients, counted from the operations in ``_terms`` with a margin (an estimate, not a measurement)
+GRAPH_BYTES_PER_POINT = 160
 
 
 def _band_frequencies(box: int, band: torch.Tensor, device, dtype) -> torch.Tensor:

@@ -120,20 +120,19 @@ def _per_tilt_ncc(batches, imaging, pixel, n_tilts, defocus_offsets: list, astig
     return num / torch.sqrt(d1 * d2).clamp(min=1e-30)
 
 
-def _single_precision(batches: Iterable[CTFBatch]) -> Iterable[CTFBatch]:
+class _SinglePrecision:
     """The search's view of the batches, in single precision: half the cost of its coarse levels (~80 of its ~85
     passes). The finest level, whose near-ties float32's summation order could break either way, and the L-BFGS
-    polish that follows (astigmatism included) run in the batches' own double precision."""
-    def cast(b: CTFBatch) -> CTFBatch:
-        return CTFBatch(b.tilts, b.data.to(torch.complex64), b.projections.to(torch.complex64), b.heights.float(),
-                        b.weight.float(), b.attenuation.float(), b.mask.float())
-    if isinstance(batches, list):
-        return [cast(b) for b in batches]
+    polish that follows (astigmatism included) run in the batches' own double precision. Batches rebuilt on every
+    pass are cast on every pass."""
 
-    class Cast:  # batches rebuilt on every pass stay so
-        def __iter__(self):
-            return (cast(b) for b in batches)
-    return Cast()
+    def __init__(self, batches: Iterable[CTFBatch]):
+        self.batches = batches
+
+    def __iter__(self):
+        for b in self.batches:
+            yield CTFBatch(b.tilts, b.data.to(torch.complex64), b.projections.to(torch.complex64), b.heights.float(),
+                           b.weight.float(), b.attenuation.float(), b.mask.float())
 
 
 def fit_ctf(batches: Iterable[CTFBatch], imaging: Imaging, pixel_size_angstrom: float, *, search_angstrom: float,
@@ -149,7 +148,7 @@ def fit_ctf(batches: Iterable[CTFBatch], imaging: Imaging, pixel_size_angstrom: 
     n = int(round(search_angstrom / step_angstrom))
     offsets = (torch.arange(-n, n + 1, dtype=dtype, device=device) * step_angstrom)[None, :].expand(n_tilts, -1)
     step = step_angstrom
-    search = _single_precision(batches)
+    search = list(_SinglePrecision(batches)) if isinstance(batches, list) else _SinglePrecision(batches)  # cast once
     with torch.no_grad():
         for level in range(halvings + 1):
             scores = _per_tilt_ncc(search if level < halvings else batches, imaging, pixel_size_angstrom, n_tilts,

@@ -117,6 +117,7 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
     params = item_parameters(geometry, imaging, species, settings, static_poses=trajectories)
     target = alignment_target(params, stack, pre_exposure, exposure, settings)
     history = [target.value()]
+    trainable: list[torch.Tensor] = []
     for stage in (["static"] if trajectories else []) + ["full"] * settings.rounds:
         trainable = params.trainable(settings.groups)
         if not trainable:
@@ -132,7 +133,7 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
         if stage == "static":
             params.release()
         history.append(target.value())  # and the next round's extraction
-    decision = _decide(params, target, history, settings)
+    decision = _decide(sum(p.numel() for p in trainable), target, history, settings)
     if not decision["accepted"]:
         params = item_parameters(geometry, imaging, species, settings)
         target = alignment_target(params, stack, pre_exposure, exposure, settings)
@@ -156,14 +157,12 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
     return ItemState(geom, im, positions, orientations, history, decision)
 
 
-def _decide(params: ItemParameters, target: AlignmentTarget, history: list[float], settings: RefineSettings) -> dict:
+def _decide(fitted: int, target: AlignmentTarget, history: list[float], settings: RefineSettings) -> dict:
     """Keep the refined geometry and poses only if the data support the move: Akaike's criterion, a log-likelihood
     gain larger than the number of parameters fitted (fitting P parameters to pure noise gains P / 2 on average,
     and more than P with a probability that falls fast with P). Without it, a species too small or too noisy to
     constrain anything walks its own geometry into the noise (issue 21 §5: 3-D positions 9 → 14 Å, tilt angles
     0.24° → 3.3°, maps decorrelated)."""
-    fitted = sum(p.numel() for p in params.trainable(settings.groups))
-    params.trainable(())
     samples = target.effective_samples()
     gain = log_likelihood_gain(history[0], history[-1], samples) if len(history) > 1 else 0.0
     accepted = not settings.require_significance or fitted == 0 or gain > fitted
