@@ -234,6 +234,9 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     poses = {name: (resample_positions(s.columns.positions, samples).clone(),
                     resample_orientations(s.columns.orientations, samples).clone()) for name, s in species.items()}
     ncc_history, decisions = {}, {}
+    op = repo.get_commit(tip).operation  # which item-halves the last refinement fitted and kept (``_decide``)
+    fitted = {k: d.get("fitted", False) for k, d in op.parameters.get("decisions", {}).items()} \
+        if op.kind == "refine" else {}
     for n_item, (key, _, item) in enumerate(items):
         if progress:
             progress(f"item {key}", n_item, len(items))
@@ -255,7 +258,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
                 half_models[half] = (start.geometry, start.imaging)
                 continue
             state = refine_item_half(base.stack, start.geometry, start.imaging, base.pre_exposure, base.exposure,
-                                     inputs, settings)
+                                     inputs, settings, fitted_before=fitted.get(f"{key}/half{half}", False))
             ncc_history[f"{key}/half{half}"] = [round(v, 5) for v in state.history]
             decisions[f"{key}/half{half}"] = state.decision
             half_models[half] = (state.geometry, state.imaging)

@@ -10,6 +10,7 @@ test_ctf_fit.py test the fit where it does; the slow 5 Å/px test runs the pipel
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -121,32 +122,45 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
     assert after["published_defocus_rms_angstrom"] <= 0.5 * before["published_defocus_rms_angstrom"], (before, after)
 
 
-@pytest.mark.slow  # ~2 min on 2 cores; fails since issue 21's target (docs/physics.md, multi-species benefit)
+@pytest.mark.slow  # ~2 min on 2 cores
 def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
     """M's 5 %/95 % experiment: the same data and iterations, the rare species refined alone or with an abundant one.
 
-    Co-refinement constrains the shared per-tilt geometry with the abundant species' signal. Measured
-    (seed 0, 5 iterations): rare species FSC-0.5 against its true map 42.2 Å at the start, 33.7 Å
-    refined alone, 25.9 Å co-refined (stage-angle RMS error 0.63° alone, 0.26° co-refined).
+    Co-refinement constrains the shared per-tilt geometry with the abundant species' signal, and the rare
+    species' poses and map follow. Measured (seed 0, 5 iterations), alone → co-refined: stage-angle RMS error
+    0.56° → 0.23°, per-tilt shifts 3.0 → 1.5 Å, the rare species' orientations 3.2° → 1.7° and positions
+    7.8 → 6.5 Å, its map's mean FSC against the true map from 55 Å to Nyquist 0.43 → 0.47 (0.17 at the start).
+
+    The map is judged by that mean, not by the FSC-0.5 resolution this test used to assert: the curves hover
+    around 0.5 over four shells, so a 0.03 change moves the crossing by 7 Å. The engine before issue 21 passed
+    the old assertion (33.6 → 26.5 Å) with curves that differ by less than 0.03 in every shell (mean 0.511 alone,
+    0.515 co-refined); this engine's curves end 0.04 lower (docs/physics.md, multi-species benefit).
     """
     cfg = replace(PRESETS["test"], species=[SpeciesSpec("abundant", 250.0, 16), SpeciesSpec("rare", 150.0, 6)],
                   tilt_step_deg=4.0, snr=2.0, seed=0)
     sim = simulate(cfg)
+    first = math.ceil(sim.boxes["rare"] * cfg.pixel_size_angstrom / 55.0)  # the shell at 55 Å
     found = {}
     for mode in ("alone", "co-refined"):
         repo = Repository.init(tmp_path / mode)
         start = write_simulation(repo, sim)
         truth = repo.get_record(repo.get_commit(start).attachments["truth"], Population)
+        pop = repo.population(start)
         if mode == "alone":  # the abundant species' particles stay in the images, but not in the population
-            pop = repo.population(start)
             repo.commit(replace(pop, species={"rare": pop.species["rare"]}), message="the rare species only",
                         operation=Operation(kind="edit", parameters={}, software="test"))
         reports = refine_population(repo, RefineOptions(iterations=5, groups=("tilt_angles", "shifts", "image_warp",
                                                                               "poses"),
                                                         image_warp_grid=(2, 2), lbfgs_iterations=20, rounds=1))
-        after = compare_with_truth(repo, repo.population(reports[-1].commit), truth)
-        found[mode] = after["species"]["rare"]["fsc_vs_truth_0.5_angstrom"]
-    assert found["co-refined"] < 0.9 * found["alone"], found
+        final = repo.population(reports[-1].commit)
+        rare = compare_with_truth(repo, replace(final, species={"rare": final.species["rare"]}), truth)
+        curve = rare["species"]["rare"]["fsc_vs_truth"][first:]
+        found[mode] = {"map": sum(curve) / len(curve), "tilt": rare["tilt_angle_rms_deg"],
+                       "orientation": rare["orientation_rms_deg"], "position": rare["position_rms_angstrom"]}
+    alone, co = found["alone"], found["co-refined"]
+    assert co["tilt"] < 0.6 * alone["tilt"], found
+    assert co["orientation"] < 0.7 * alone["orientation"] and co["position"] < 0.95 * alone["position"], found
+    assert co["map"] > alone["map"] + 0.02, found
 
 
 def test_stage_angles_are_recovered_in_a_lamella_thick_enough_to_show_parallax(tmp_path):
@@ -179,7 +193,7 @@ def test_refinement_leaves_alone_what_the_data_cannot_decide(tmp_path):
             tmp_path / f"pop{accept_all}", sim, RefineOptions(iterations=1, require_significance=not accept_all))
         runs[accept_all] = (before, after, reports[-1].decisions)
     before, after, decisions = runs[False]
-    assert not any(d["accepted"] for d in decisions.values()), decisions
+    assert not any(d["accepted"] or d["fitted"] for d in decisions.values()), decisions  # the next iteration pays P too
     measures = ("position_rms_angstrom", "orientation_rms_deg", "tilt_angle_rms_deg", "shift_rms_angstrom")
     for m in measures:
         assert after[m] <= 1.02 * before[m] + 1e-6, (m, before[m], after[m])
