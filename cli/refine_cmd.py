@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import click
@@ -55,14 +56,22 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
               help="Keep every item's refined geometry and poses, even where the gain is no larger than fitting "
                    "that many parameters to noise would give (default: such items are left as they were, and the "
                    "commit says why).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Refine the items on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786); "
+                   "only this process commits (docs/distributed.md).")
+@click.option("--workers", type=click.IntRange(1), metavar="N",
+              help="Refine the items on a local Dask cluster of N worker processes.")
+@click.option("--worker-repository", metavar="PATH|URL",
+              help="Where Dask workers read the repository from: a path they all share, or a URL (cryopool serve, "
+                   "s3://...) [default: this repository's path].")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run at the branch tip.")
 @click.option("-b", "--branch", help="Refine this branch [default: the checked-out one].")
 @json_option
 @click.pass_obj
 @handle_errors
 def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, rounds,
-           device, memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, accept_all, resume, branch,
-           as_json) -> None:
+           device, memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, accept_all, scheduler, workers,
+           worker_repository, resume, branch, as_json) -> None:
     """Refine all species jointly in every tilt series and commit each iteration.
 
     For each item, all particles of all species form one system: per-tilt
@@ -99,18 +108,23 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
             left = (now - state["since"]) / done * (total - done)
             eta = f", ~{left:.0f} s left in this iteration"
         click.echo(f"  [{now - started:6.0f} s] iteration {state['iteration'] + 1}: "
-                   f"{message} ({done + 1 if done < total else done}/{total}{eta})", err=True)
+                   f"{message} ({done}/{total} done{eta})", err=True)
 
-    reports = []
-    for report in _iterate(repo, options, branch, resume, progress, state):
-        reports.append(report)
-        if not as_json:
-            click.echo(f"[{short(report.commit)}] iteration {report.iteration}: " + ", ".join(
-                f"{n} {report.resolution_before[n]:.1f} → {report.resolution_after[n]:.1f} Å"
-                for n in report.resolution_after))
-            for half, d in sorted(report.decisions.items()):
-                if not d["accepted"]:
-                    click.echo(f"  {half}: left as it was ({d['reason']})", err=True)
+    if scheduler and workers:
+        raise click.UsageError("--scheduler and --workers exclude each other: a cluster of your own, or a local one")
+    if worker_repository and not (scheduler or workers):
+        raise click.UsageError("--worker-repository needs --scheduler or --workers")
+    with contextlib.ExitStack() as stack:
+        runner = None
+        if scheduler or workers:
+            try:
+                from cryopool.engine.distributed import DaskRunner, dask_client  # Dask only for runs that use it
+            except ImportError as exc:
+                raise click.UsageError(f"--scheduler and --workers need Dask ({exc}): "
+                                       "pip install 'cryopool[distributed]'") from None
+            runner = DaskRunner(stack.enter_context(dask_client(scheduler, workers)), worker_repository,
+                                device=device)
+        reports = _report(repo, options, branch, resume, progress, state, runner, as_json)
     if as_json:
         emit_json({"iterations": [{"commit": r.commit, "iteration": r.iteration,
                                    "resolution_before": r.resolution_before,
@@ -126,7 +140,22 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
         click.echo(f"{len(reports)} iteration(s) in {time.perf_counter() - started:.0f} s")
 
 
-def _iterate(repo, options, branch, resume, progress, state):
+def _report(repo, options, branch, resume, progress, state, runner, as_json) -> list:
+    """Each iteration's line as soon as its commit exists."""
+    reports = []
+    for report in _iterate(repo, options, branch, resume, progress, state, runner):
+        reports.append(report)
+        if not as_json:
+            click.echo(f"[{short(report.commit)}] iteration {report.iteration}: " + ", ".join(
+                f"{n} {report.resolution_before[n]:.1f} → {report.resolution_after[n]:.1f} Å"
+                for n in report.resolution_after))
+            for half, d in sorted(report.decisions.items()):
+                if not d["accepted"]:
+                    click.echo(f"  {half}: left as it was ({d['reason']})", err=True)
+    return reports
+
+
+def _iterate(repo, options, branch, resume, progress, state, runner):
     """One iteration at a time, so each commit is reported as soon as it exists."""
     first = True
     while True:
@@ -136,9 +165,10 @@ def _iterate(repo, options, branch, resume, progress, state):
                 return
             state["iteration"] = run["iteration"]
             reports = refine_population(repo, options, branch=branch, resume=True, progress=progress,
-                                        max_iterations=1)
+                                        max_iterations=1, runner=runner)
         else:
-            reports = refine_population(repo, options, branch=branch, progress=progress, max_iterations=1)
+            reports = refine_population(repo, options, branch=branch, progress=progress, max_iterations=1,
+                                        runner=runner)
         first = False
         yield from reports
         state["iteration"] += 1

@@ -179,8 +179,8 @@ class FourierAccumulator:
 
     def add(self, other: "FourierAccumulator") -> None:
         """Reduce: accumulators of different items (or machines) simply add."""
-        self.data += other.data
-        self.weights += other.weights
+        self.data += other.data.to(self.data.device)
+        self.weights += other.weights.to(self.weights.device)
 
     def finalise(self, wiener_constant: float = 1e-3, size: int | None = None) -> torch.Tensor:
         """The map, cropped to ``size`` (default: the box): Friedel-symmetrised data / (weights + c · mean

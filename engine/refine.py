@@ -33,15 +33,14 @@ from cryopool.repo import (DataSource, HalfSetModel, InvalidInputError, item_ref
                            Operation, Population, Ref, Repository, Species, TiltSeries, software_version,
                            split_item_key, without_marks)
 
-from .forward import ParticleSet, reconstruct_half_maps, species_reconstruction_box
+from .forward import species_reconstruction_box
 from .alignment import masked_reference
 from .fsc import masked_fsc, resolution_at
-from .projection import FourierAccumulator
-from .records_io import (ItemModel, item_records, load_item, load_map, load_particles, particle_table_record,
+from .records_io import (item_records, load_item, load_map, load_particles, particle_table_record,
                          unmodelled_optics)
-from .refine_item import GROUPS, RefineSettings, SpeciesInput, refine_item_half
+from .refine_item import GROUPS, RefineSettings
+from .refine_job import IterationPlan, SpeciesPlan, new_accumulators, refine_item
 from .regularise import FSCWienerFilter, Regulariser, working_resolution
-from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
 from .trajectories import MAX_TEMPORAL_SAMPLES, resample_orientations, resample_positions
 
@@ -161,27 +160,6 @@ def _average(a: TiltGeometry, b: TiltGeometry, ia: Imaging, ib: Imaging) -> tupl
     return g, im
 
 
-def _to(model: ItemModel, device) -> ItemModel:
-    g = model.geometry
-    move = lambda x: None if x is None else x.to(device)  # noqa: E731
-    geom = replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
-                   angle_corrections_deg=g.angle_corrections_deg.to(device), dose_time=g.dose_time.to(device),
-                   image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
-                   orientation_corrections_deg=move(g.orientation_corrections_deg))
-    im = model.imaging
-    im = replace(im, defocus_u_angstrom=im.defocus_u_angstrom.to(device),
-                 defocus_v_angstrom=im.defocus_v_angstrom.to(device), defocus_angle_deg=im.defocus_angle_deg.to(device))
-    return ItemModel(model.stack.to(device), geom, im, model.pre_exposure.to(device), model.exposure.to(device))
-
-
-def _half_model(repo: Repository, item: TiltSeries, half: int, device) -> ItemModel | None:
-    hm = item.half_set_models.get(str(half))
-    if hm is None:
-        return None
-    alt = replace(item, deformation=hm.deformation, imaging=hm.imaging)
-    return _to(load_item(repo, alt, with_stack=False), device)
-
-
 def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: RefineOptions) -> dict[str, int]:
     """Per species, the box that holds every particle's delocalised image in every item (up to Nyquist).
 
@@ -202,81 +180,91 @@ def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: Re
             for name, s in species.items()}
 
 
-def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, device,
-               regulariser: Regulariser, progress: ProgressFn | None) -> IterationReport:
-    pop = repo.population(tip)
-    species = _load_species(repo, pop, device)
-    settings_base = RefineSettings(groups=tuple(opts.groups), image_warp_grid=tuple(opts.image_warp_grid),
-                                   volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
-                                   rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3),
-                                   require_significance=opts.require_significance,
-                                   warp_regularisation=opts.warp_regularisation)
-    # 1. references, per half, from the recorded FSC
-    refs: dict[str, tuple] = {}
-    work_res: dict[str, float] = {}
-    for name, s in species.items():
+def _plan(repo: Repository, tip: str, species: dict[str, _SpeciesState], items: list, opts: RefineOptions, run: dict,
+          regulariser: Regulariser) -> tuple[IterationPlan, dict[str, float], dict[str, int]]:
+    """What every item of this iteration shares; also the working resolutions and reconstruction boxes."""
+    settings = RefineSettings(groups=tuple(opts.groups), image_warp_grid=tuple(opts.image_warp_grid),
+                              volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
+                              rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3),
+                              require_significance=opts.require_significance,
+                              warp_regularisation=opts.warp_regularisation)
+    rec_box = _reconstruction_boxes(repo, items, species, opts)
+    samples = opts.temporal_samples  # stored trajectories are resampled to it (exactly, when adding samples)
+    plans, work_res = {}, {}
+    for name, s in species.items():  # 1. references, per half, from the recorded FSC
         res = opts.start_resolution_angstrom if (opts.start_resolution_angstrom and run["iteration"] == 0) \
             else working_resolution(s.curve, s.record.pixel_size_angstrom)
         work_res[name] = res
         filtered = [regulariser(h, s.curve, pixel_size_angstrom=s.record.pixel_size_angstrom, resolution_angstrom=res)
                     for h in s.halves]
-        refs[name] = tuple(masked_reference(f, s.record.diameter_angstrom, s.record.pixel_size_angstrom)
-                           for f in filtered)
+        columns = replace(s.columns, positions=resample_positions(s.columns.positions, samples).clone(),
+                          orientations=resample_orientations(s.columns.orientations, samples).clone())
+        plans[name] = SpeciesPlan(name, tuple(masked_reference(f, s.record.diameter_angstrom,
+                                                               s.record.pixel_size_angstrom) for f in filtered),
+                                  s.halves, s.box, s.record.diameter_angstrom, res, rec_box[name],
+                                  s.record.symmetry, columns)
+    fitted = _fitted_starts(repo, tip)
     # each species is compared within its own band (SpeciesInput.resolution_angstrom, as M does): a species
     # with a poor map cannot narrow the others' bands; the settings keep the finest as the default
-    settings = replace(settings_base, resolution_angstrom=min(work_res.values()))
-    # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
+    settings = replace(settings, resolution_angstrom=min(work_res.values()))
+    return IterationPlan(settings, plans, fitted), work_res, rec_box
+
+
+def _fitted_starts(repo: Repository, tip: str) -> dict[str, bool]:
+    """Which item-halves start from a kept fit of these data (``refine_item._decide``): those the last refine commit
+    on the first-parent line says it fitted, where neither the item nor any species' particle table has changed
+    since (an edited half-map changes neither; a merge that brings particles changes the tables)."""
+    pop, commit = repo.population(tip), repo.get_commit(tip)
+    while commit.operation.kind != "refine":
+        if not commit.parents:
+            return {}
+        commit = repo.get_commit(commit.parents[0].id)
+    then = repo.get_record(commit.population, Population)
+    particles = lambda p: {n: repo.get_record(r, Species).particles for n, r in p.species.items()}  # noqa: E731
+    if particles(pop) != particles(then):
+        return {}
+    before = item_refs(repo, then)
+    same = {k for k, r in item_refs(repo, pop).items() if before.get(k) == r}
+    return {k: bool(d.get("fitted", False)) for k, d in commit.operation.parameters.get("decisions", {}).items()
+            if k.rsplit("/half", 1)[0] in same}
+
+
+class InProcess:
+    """Items one after the other in this process, into one set of accumulators."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def run(self, repo: Repository, plan: IterationPlan, items: list, accumulators, progress: ProgressFn | None):
+        for n, (key, _, item) in enumerate(items):
+            if progress:
+                progress(f"item {key}", n, len(items))
+            yield refine_item(repo, plan, key, item, self.device, accumulators)
+
+
+def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, device,
+               regulariser: Regulariser, progress: ProgressFn | None, runner) -> IterationReport:
+    pop = repo.population(tip)
+    species = _load_species(repo, pop, device)
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
-    accs = {name: None for name in species}
-    rec_box = _reconstruction_boxes(repo, items, species, opts)
+    plan, work_res, rec_box = _plan(repo, tip, species, items, opts, run, regulariser)
+    # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
+    accs = new_accumulators(plan, device)
+    poses = {name: (s.columns.positions.clone(), s.columns.orientations.clone()) for name, s in plan.species.items()}
     new_items: dict[str, tuple[TiltSeries, dict]] = {}
-    samples = opts.temporal_samples  # stored trajectories are resampled to it (exactly, when adding samples)
-    poses = {name: (resample_positions(s.columns.positions, samples).clone(),
-                    resample_orientations(s.columns.orientations, samples).clone()) for name, s in species.items()}
     ncc_history, decisions = {}, {}
-    op = repo.get_commit(tip).operation  # which item-halves the last refinement fitted and kept (``_decide``)
-    fitted = {k: d.get("fitted", False) for k, d in op.parameters.get("decisions", {}).items()} \
-        if op.kind == "refine" else {}
-    for n_item, (key, _, item) in enumerate(items):
-        if progress:
-            progress(f"item {key}", n_item, len(items))
-        base = _to(load_item(repo, item), device)
-        half_models = {}
-        for half in (1, 2):
-            start = _half_model(repo, item, half, device) or base
-            inputs, rows = [], []
-            for name, s in species.items():
-                sel = (s.columns.select(key) & (s.columns.half_sets == half)).nonzero().flatten()
-                if len(sel) == 0:
-                    continue
-                inputs.append(SpeciesInput(name, refs[name][half - 1], s.box, s.record.diameter_angstrom,
-                                           poses[name][0][sel].to(device), poses[name][1][sel].to(device),
-                                           resolution_angstrom=work_res[name],
-                                           half_map=s.halves[half - 1]))
-                rows.append((name, sel))
-            if not inputs:
-                half_models[half] = (start.geometry, start.imaging)
-                continue
-            state = refine_item_half(base.stack, start.geometry, start.imaging, base.pre_exposure, base.exposure,
-                                     inputs, settings, fitted_before=fitted.get(f"{key}/half{half}", False))
-            ncc_history[f"{key}/half{half}"] = [round(v, 5) for v in state.history]
-            decisions[f"{key}/half{half}"] = state.decision
-            half_models[half] = (state.geometry, state.imaging)
-            for (name, sel), p, o in zip(rows, state.positions, state.orientations):
-                poses[name][0][sel] = p.cpu().to(poses[name][0].dtype)
-                poses[name][1][sel] = o.cpu().to(poses[name][1].dtype)
-            for name, sel in rows:  # reconstruct this half from this half's geometry only
-                s = species[name]
-                parts = ParticleSet(poses[name][0][sel].to(device), poses[name][1][sel].to(device),
-                                    torch.full((len(sel),), half, dtype=torch.long, device=device))
-                geom, im = half_models[half]
-                pair = accs[name] or (FourierAccumulator(rec_box[name], device=device),
-                                       FourierAccumulator(rec_box[name], device=device))
-                accs[name] = reconstruct_half_maps(base.stack, geom, im, parts, base.pre_exposure, base.exposure,
-                                                   box=rec_box[name],
-                                                   symmetry=symmetry_operators(s.record.symmetry, device=device),
-                                                   accumulators=pair)
-        new_items[key] = (item, half_models)
+    records = {key: item for key, _, item in items}
+    for result in runner.run(repo, plan, items, accs, progress):
+        for name, (rows, positions, orientations) in result.poses.items():
+            poses[name][0][rows] = positions.cpu()
+            poses[name][1][rows] = orientations.cpu()
+        if result.accumulators is not None:  # a worker's own: add them up
+            for name, pair in result.accumulators.items():
+                for total, part in zip(accs[name], pair):
+                    total.add(part)
+        ncc_history.update(result.ncc)
+        decisions.update(result.decisions)
+        new_items[result.key] = (records[result.key], result.half_models)
     if progress:
         progress("reconstructing", len(items), len(items))
     return _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box,
@@ -340,12 +328,16 @@ def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res
 
 def refine_population(repo: Repository, options: RefineOptions, *, branch: str | None = None,
                       resume: bool = False, regulariser: Regulariser | None = None,
-                      progress: ProgressFn | None = None, max_iterations: int | None = None) -> list[IterationReport]:
+                      progress: ProgressFn | None = None, max_iterations: int | None = None,
+                      runner=None) -> list[IterationReport]:
     """Run ``options.iterations`` refinement iterations on the branch (or resume an interrupted run).
 
     ``max_iterations`` stops early (the run stays resumable), so callers can report each commit as it lands.
+    ``runner`` refines the items of an iteration: in this process (the default) or on Dask workers
+    (``distributed.DaskRunner``); either way only this process writes, one commit per iteration.
     """
     device = pick_device(options.device)
+    runner = runner or InProcess(device)
     regulariser = regulariser or FSCWienerFilter()
     ref_name = repo.branch_ref(branch)
     run = resume_point(repo, branch) if resume else None
@@ -368,7 +360,7 @@ def refine_population(repo: Repository, options: RefineOptions, *, branch: str |
         tip = repo.refs.read(ref_name)
         if tip is None:
             raise NotFoundError("nothing to refine: the branch has no commits", field=ref_name)
-        report = _iteration(repo, tip, options, dict(run), device, regulariser, progress)
+        report = _iteration(repo, tip, options, dict(run), device, regulariser, progress, runner)
         reports.append(report)
         run = {**run, "iteration": run["iteration"] + 1}
     return reports

@@ -50,4 +50,14 @@ __all__ = [
     "item_key", "item_refs", "split_item_key", "iter_items", "with_item", "with_species", "population_summary",
     "software_version",
     "refinement_marks", "with_marks", "without_marks", "MAX_TEMPORAL_SAMPLES", "dose_times", "trajectory_weights",
+    "readable_at",
 ]
+
+
+def __getattr__(name: str):
+    """``readable_at`` on first use only: it brings the network layer (httpx, fsspec), which opening a repository,
+    and with it status/log/show, never pays for."""
+    if name == "readable_at":
+        from .remote import readable_at
+        return readable_at
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

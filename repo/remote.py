@@ -27,7 +27,7 @@ from .transport import (DirTransport, Transport, batches, children_first, childr
                         receive_object)
 
 __all__ = ["TransferStats", "transfer", "receive", "send", "add_remote", "remove_remote", "open_remote", "fetch",
-           "push", "clone", "is_ancestor", "deferred_objects", "fetch_deferred"]
+           "push", "clone", "is_ancestor", "deferred_objects", "fetch_deferred", "readable_at"]
 
 
 @dataclass
@@ -257,6 +257,25 @@ def push(repo: Repository, name: str, branch: str | None = None, *, force: bool 
     local = f"refs/remotes/{name}/{branch}"
     repo.refs.update(local, cid, expected=repo.refs.read(local), author=repo.author(), message=f"push to {name}")
     return stats, cid
+
+
+def readable_at(location: str, roots: list[str], cache: str | Path, *, token: str | None = None) -> Repository:
+    """A repository from which everything reachable from ``roots`` can be read: the one at ``location`` if that is a
+    path, or, for a URL (``cryopool serve``, ``s3://…``), a local cache into which those objects are received,
+    each re-hashed on arrival (what the cache already holds is not fetched again). For processes that read part of
+    a repository they do not own, such as refinement workers on other machines."""
+    if not is_url(location):
+        return Repository.open(location, search_parents=False)
+    try:
+        repo = Repository.init(cache)
+    except AlreadyExistsError:
+        repo = Repository.open(cache, search_parents=False)
+    transport = open_transport(location, token=token)
+    try:
+        receive(repo, transport, roots)
+    finally:
+        transport.close()
+    return repo
 
 
 def clone(url: str, directory: str, progress=None, token: str | None = None, *, options: dict | None = None,

@@ -41,7 +41,7 @@ def test_engine_does_not_import_cli_or_repo_internals():
 
 # the one deliberate exception: a partial clone's fallback imports the network layer (httpx, fsspec) on first
 # use, so that opening a repository, and with it status/log/show, never pays for it
-LAZY_IMPORTS = {("repo/repository.py", "transport")}
+LAZY_IMPORTS = {("repo/repository.py", "transport"), ("repo/__init__.py", "remote")}
 
 
 def test_no_function_local_imports_in_library_code():

@@ -1,0 +1,169 @@
+"""One item's work in a refinement iteration: a function of the repository and the iteration's plan.
+
+Items are independent within an iteration except through the species maps (BRIEF §6). The
+``IterationPlan`` holds what they share (each species' references for both half-sets, bands,
+reconstruction boxes, the particles' starting poses, the settings, which item-halves hold a kept
+fit); ``refine_item`` reads one item from the repository, refines both half-sets and inserts the
+item's particles into reconstruction accumulators. The same function runs in process, item after
+item into shared accumulators, or on Dask workers (``distributed``), whose accumulators the process
+that runs the iteration adds up: Fourier accumulators of different items simply add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from cryopool.repo import Repository, TiltSeries
+
+from .forward import ParticleSet, reconstruct_half_maps
+from .projection import FourierAccumulator, VolumeTransform
+from .records_io import ItemModel, ParticleColumns, load_item
+from .refine_item import RefineSettings, SpeciesInput, refine_item_half
+from .symmetry import symmetry_operators
+from .tilt_model import Imaging, TiltGeometry
+
+__all__ = ["SpeciesPlan", "IterationPlan", "ItemResult", "refine_item", "new_accumulators"]
+
+Accumulators = dict[str, tuple[FourierAccumulator, FourierAccumulator]]
+
+
+@dataclass
+class SpeciesPlan:
+    name: str
+    references: tuple[VolumeTransform, VolumeTransform]  # per half-set: regularised, masked, transformed
+    half_maps: tuple[torch.Tensor, torch.Tensor]  # per half-set, before regularisation (the CTF fit's reference)
+    box: int
+    diameter_angstrom: float
+    resolution_angstrom: float  # this iteration's working resolution: the species' band edge
+    reconstruction_box: int
+    symmetry: str
+    columns: ParticleColumns  # the particle table, poses resampled to the run's temporal samples
+
+
+@dataclass
+class IterationPlan:
+    settings: RefineSettings
+    species: dict[str, SpeciesPlan]
+    fitted: dict[str, bool]  # "item/halfN" -> its start is a kept fit of these data (``refine_item._decide``)
+
+    def to(self, device) -> IterationPlan:
+        """The plan with every tensor on ``device`` (a worker moves the shipped CPU plan to its own)."""
+        def volume(v: VolumeTransform) -> VolumeTransform:
+            return replace(v, planes=v.planes.to(device))
+        species = {name: replace(s, references=tuple(volume(v) for v in s.references),
+                                 half_maps=tuple(h.to(device) for h in s.half_maps))
+                   for name, s in self.species.items()}
+        return replace(self, species=species)
+
+
+@dataclass
+class ItemResult:
+    key: str
+    half_models: dict[int, tuple[TiltGeometry, Imaging]]
+    poses: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # species -> (rows, positions, orientations)
+    ncc: dict[str, list[float]]  # "item/halfN" -> target after each stage
+    decisions: dict[str, dict]
+    accumulators: Accumulators | None  # the item's own, where none were given to add into
+
+    def cpu(self) -> ItemResult:
+        """Everything on the CPU, to be shipped back from a worker."""
+        def geometry(g: TiltGeometry) -> TiltGeometry:
+            move = lambda x: None if x is None else x.cpu()  # noqa: E731
+            return replace(g, tilt_angles_deg=g.tilt_angles_deg.cpu(), shifts_angstrom=g.shifts_angstrom.cpu(),
+                           angle_corrections_deg=g.angle_corrections_deg.cpu(), dose_time=g.dose_time.cpu(),
+                           image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
+                           orientation_corrections_deg=move(g.orientation_corrections_deg))
+
+        def imaging(i: Imaging) -> Imaging:
+            return replace(i, defocus_u_angstrom=i.defocus_u_angstrom.cpu(),
+                           defocus_v_angstrom=i.defocus_v_angstrom.cpu(), defocus_angle_deg=i.defocus_angle_deg.cpu())
+        accs = None
+        if self.accumulators is not None:
+            accs = {name: tuple(_accumulator_cpu(a) for a in pair) for name, pair in self.accumulators.items()}
+        return replace(self, half_models={h: (geometry(g), imaging(i)) for h, (g, i) in self.half_models.items()},
+                       poses={n: tuple(t.cpu() for t in p) for n, p in self.poses.items()}, accumulators=accs)
+
+
+def _accumulator_cpu(acc: FourierAccumulator) -> FourierAccumulator:
+    out = FourierAccumulator.__new__(FourierAccumulator)
+    out.box, out.pad, out.data, out.weights = acc.box, acc.pad, acc.data.cpu(), acc.weights.cpu()
+    return out
+
+
+def new_accumulators(plan: IterationPlan, device, dtype=torch.float32) -> Accumulators:
+    return {name: (FourierAccumulator(s.reconstruction_box, device=device, dtype=dtype),
+                   FourierAccumulator(s.reconstruction_box, device=device, dtype=dtype))
+            for name, s in plan.species.items()}
+
+
+def to_device(model: ItemModel, device) -> ItemModel:
+    g = model.geometry
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    geom = replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
+                   angle_corrections_deg=g.angle_corrections_deg.to(device), dose_time=g.dose_time.to(device),
+                   image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
+                   orientation_corrections_deg=move(g.orientation_corrections_deg))
+    im = model.imaging
+    im = replace(im, defocus_u_angstrom=im.defocus_u_angstrom.to(device),
+                 defocus_v_angstrom=im.defocus_v_angstrom.to(device), defocus_angle_deg=im.defocus_angle_deg.to(device))
+    return ItemModel(model.stack.to(device), geom, im, model.pre_exposure.to(device), model.exposure.to(device))
+
+
+def _half_model(repo: Repository, item: TiltSeries, half: int, device) -> ItemModel | None:
+    hm = item.half_set_models.get(str(half))
+    if hm is None:
+        return None
+    alt = replace(item, deformation=hm.deformation, imaging=hm.imaging)
+    return to_device(load_item(repo, alt, with_stack=False), device)
+
+
+def refine_item(repo: Repository, plan: IterationPlan, key: str, item: TiltSeries, device,
+                accumulators: Accumulators | None = None) -> ItemResult:
+    """Refine both half-sets of one item and insert its particles into the reconstructions.
+
+    ``accumulators``: add into these (in process); without them the item gets its own, returned
+    in the result for the caller to add up (on a worker).
+    """
+    base = to_device(load_item(repo, item), device)
+    own = accumulators is None
+    accs = new_accumulators(plan, device, base.stack.dtype) if own else accumulators
+    half_models, poses, ncc, decisions = {}, {}, {}, {}
+    for half in (1, 2):
+        start = _half_model(repo, item, half, device) or base
+        inputs, rows = [], []
+        for name, s in plan.species.items():
+            sel = (s.columns.select(key) & (s.columns.half_sets == half)).nonzero().flatten()
+            if len(sel) == 0:
+                continue
+            inputs.append(SpeciesInput(name, s.references[half - 1], s.box, s.diameter_angstrom,
+                                       s.columns.positions[sel].to(device), s.columns.orientations[sel].to(device),
+                                       resolution_angstrom=s.resolution_angstrom, half_map=s.half_maps[half - 1]))
+            rows.append((name, sel))
+        if not inputs:
+            half_models[half] = (start.geometry, start.imaging)
+            continue
+        tag = f"{key}/half{half}"
+        state = refine_item_half(base.stack, start.geometry, start.imaging, base.pre_exposure, base.exposure,
+                                 inputs, plan.settings, fitted_before=plan.fitted.get(tag, False))
+        ncc[tag] = [round(v, 5) for v in state.history]
+        decisions[tag] = state.decision
+        half_models[half] = (state.geometry, state.imaging)
+        for (name, sel), p, o in zip(rows, state.positions, state.orientations):
+            s = plan.species[name]
+            p, o = p.to(s.columns.positions.dtype), o.to(s.columns.orientations.dtype)  # as they are stored
+            poses[name] = _merge_rows(poses.get(name), sel, p, o)
+            parts = ParticleSet(p.to(device), o.to(device), torch.full((len(sel),), half, dtype=torch.long,
+                                                                         device=device))
+            accs[name] = reconstruct_half_maps(base.stack, state.geometry, state.imaging, parts, base.pre_exposure,
+                                               base.exposure, box=s.reconstruction_box,
+                                               symmetry=symmetry_operators(s.symmetry, device=device),
+                                               accumulators=accs[name])
+    return ItemResult(key, half_models, poses, ncc, decisions, accs if own else None)
+
+
+def _merge_rows(have, sel, positions, orientations):
+    if have is None:
+        return sel, positions, orientations
+    return torch.cat([have[0], sel]), torch.cat([have[1], positions]), torch.cat([have[2], orientations])
