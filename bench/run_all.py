@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_distributed  # noqa: E402
 import bench_projection  # noqa: E402
 import bench_refine  # noqa: E402
 import bench_remote  # noqa: E402
@@ -22,6 +23,8 @@ def main() -> None:
     bench_projection.main([])
     print("\n== engine: refinement throughput and memory ==")
     bench_refine.main()
+    print("\n== engine: one iteration on 1 and 2 Dask workers ==")
+    bench_distributed.main([])
     print("\n== collaboration: clone and incremental push ==")
     bench_remote.main()
     print("\n== command start-up: status, log, show, diff, branch ==")

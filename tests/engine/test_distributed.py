@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import running_server
 
 from cryopool.cli.main import cli
 from cryopool.engine.refine import RefineOptions, refine_population
@@ -115,6 +116,17 @@ def test_a_worker_killed_mid_iteration_is_retried_and_nothing_partial_is_committ
     assert "error" not in outcome, outcome.get("error")
     (report,) = outcome["reports"]
     assert repo.get_commit(report.commit).parents[0].id == start  # one commit, straight on the start
+    _assert_same(in_process, _outcome(repo, report.commit))
+
+
+def test_workers_read_the_repository_from_a_url(sim, cluster, in_process, tmp_path):
+    """Workers that do not share the repository's disk receive each item's objects from ``cryopool serve``."""
+    repo = _fresh(sim, tmp_path / "pop")
+    with running_server(repo.work_dir, anonymous_read=True) as url, dask_client(cluster.scheduler_address) as client:
+        (report,) = refine_population(repo, RefineOptions(iterations=1, **FAST), runner=DaskRunner(client, url))
+        caches = client.run(lambda dask_worker: os.path.isdir(os.path.join(dask_worker.local_directory,
+                                                                            "cryopool-cache", ".cryopool")))
+    assert any(caches.values())  # the items came through the server, into the workers' caches
     _assert_same(in_process, _outcome(repo, report.commit))
 
 
