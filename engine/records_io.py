@@ -1,6 +1,6 @@
-"""Between repository records and engine tensors: items to tilt models, particle tables to particle sets.
+"""From repository records to engine tensors: items to tilt models, particle tables to particle columns.
 
-The only engine module that touches the repository, and only through
+With ``writer`` (the way back), the only engine modules that touch records, and only through
 ``cryopool.repo``'s public API.
 """
 
@@ -11,13 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryopool.repo import (dose_times, DeformationModel, Grid, ImagingModel, ParticleTable, Repository, Species, TiltSeries)
+from cryopool.repo import DeformationModel, Grid, ImagingModel, ParticleTable, Repository, Species, TiltSeries, dose_times
 
-from .geometry import euler_zyz_to_matrix, matrix_to_euler_zyz
+from .geometry import euler_zyz_to_matrix
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["ItemModel", "load_item", "item_records", "unmodelled_optics", "ParticleColumns", "load_particles",
-           "particle_table_record", "load_map"]
+__all__ = ["ItemModel", "load_item", "unmodelled_optics", "ParticleColumns", "load_particles", "load_map"]
 
 
 @dataclass
@@ -82,24 +81,6 @@ def unmodelled_optics(repo: Repository, item: TiltSeries) -> list[str]:
     return out
 
 
-def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> tuple[DeformationModel, ImagingModel]:
-    """Records (with their arrays written to ``repo``) for a geometry and imaging model."""
-    def arr(x: torch.Tensor):
-        return repo.put_array(x.detach().cpu().double().numpy())
-
-    def grid(x: torch.Tensor | None) -> Grid | None:
-        return None if x is None else Grid(dimensions=list(x.shape[1:]), values=arr(x))
-    deformation = DeformationModel(tilt_shifts_angstrom=arr(geometry.shifts_angstrom),
-                                   tilt_angle_corrections_deg=arr(geometry.angle_corrections_deg),
-                                   image_warp=grid(geometry.image_warp), volume_warp=grid(geometry.volume_warp),
-                                   orientation_corrections_deg=None if geometry.orientation_corrections_deg is None
-                                   else arr(geometry.orientation_corrections_deg))
-    model = ImagingModel(defocus_u_angstrom=arr(imaging.defocus_u_angstrom),
-                         defocus_v_angstrom=arr(imaging.defocus_v_angstrom),
-                         defocus_angle_deg=arr(imaging.defocus_angle_deg))
-    return deformation, model
-
-
 @dataclass
 class ParticleColumns:
     """A particle table as tensors; poses are trajectories of ``T`` temporal samples (``trajectories``)."""
@@ -131,21 +112,6 @@ def load_particles(repo: Repository, table_ref) -> ParticleColumns:
         positions=torch.from_numpy(col["position_angstrom"].reshape(n, t, 3).astype(np.float64)),
         orientations=euler_zyz_to_matrix(angles), half_sets=torch.from_numpy(col["half_set"].astype(np.int64)),
         scores=torch.from_numpy(col["score"].astype(np.float64)))
-
-
-def particle_table_record(repo: Repository, columns: ParticleColumns) -> ParticleTable:
-    """A ParticleTable record (arrays written to ``repo``) from tensors."""
-    n, t = columns.positions.shape[:2]
-    angles = matrix_to_euler_zyz(columns.orientations.double()).numpy()
-    cols = {
-        "particle_id": repo.put_array(np.asarray(columns.ids, dtype=np.uint64)),
-        "item_index": repo.put_array(columns.item_index.numpy().astype(np.int32)),
-        "position_angstrom": repo.put_array(columns.positions.double().numpy().reshape(n, t, 3)),
-        "orientation_deg": repo.put_array(angles.reshape(n, t, 3)),
-        "half_set": repo.put_array(columns.half_sets.numpy().astype(np.uint8)),
-        "score": repo.put_array(columns.scores.numpy().astype(np.float32)),
-    }
-    return ParticleTable(count=n, temporal_samples=t, item_names=list(columns.item_names), columns=cols)
 
 
 def load_map(repo: Repository, species: Species, which: str = "half_map_1") -> torch.Tensor:

@@ -29,20 +29,19 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from cryopool.repo import (DataSource, HalfSetModel, InvalidInputError, item_refs, iter_items, Metrics, NotFoundError,
-                           Operation, Population, Ref, Repository, Species, TiltSeries, software_version,
-                           split_item_key, without_marks)
+from cryopool.repo import (InvalidInputError, item_refs, iter_items, Metrics, NotFoundError, Operation, Population, Ref,
+                           Repository, Species, TiltSeries, software_version, with_items, without_marks)
 
 from .forward import species_reconstruction_box
 from .alignment import masked_reference
 from .fsc import masked_fsc, resolution_at
-from .records_io import (item_records, load_item, load_map, load_particles, particle_table_record,
-                         unmodelled_optics)
+from .records_io import load_item, load_map, load_particles, unmodelled_optics
 from .refine_item import GROUPS, RefineSettings
 from .refine_job import IterationPlan, SpeciesPlan, new_accumulators, refine_item
 from .regularise import FSCWienerFilter, Regulariser, working_resolution
 from .tilt_model import Imaging, TiltGeometry
 from .trajectories import MAX_TEMPORAL_SAMPLES, resample_orientations, resample_positions
+from .writer import item_version, species_version
 
 __all__ = ["RefineOptions", "refine_population", "IterationReport", "resume_point", "pick_device"]
 
@@ -274,17 +273,10 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
 def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box, decisions):
     with repo.transaction() as tx:
         species_refs_used = [s.ref for s in species.values()]
-        item_refs: dict[str, Ref] = {}
+        refined: dict[str, Ref] = {}
         for key, (old, halves) in new_items.items():
-            geom, im = _average(halves[1][0], halves[2][0], halves[1][1], halves[2][1])
-            deformation, imaging = item_records(tx, geom, im)
-            half_records = {}
-            for half, (g, i) in halves.items():
-                d, m = item_records(tx, g, i)
-                half_records[str(half)] = HalfSetModel(deformation=tx.put_record(d), imaging=tx.put_record(m))
-            record = replace(old, deformation=tx.put_record(deformation), imaging=tx.put_record(imaging),
-                             refined_against=species_refs_used, half_set_models=half_records)
-            item_refs[key] = tx.put_record(record)
+            published = _average(halves[1][0], halves[2][0], halves[1][1], halves[2][1])
+            refined[key] = item_version(tx, old, published, halves, refined_against=species_refs_used)
         new_species, before, after, counts = {}, {}, {}, {}
         for name, s in species.items():
             h1, h2 = (acc.finalise(opts.wiener_constant, size=s.box).cpu() for acc in accs[name])
@@ -292,28 +284,16 @@ def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res
             curve = masked_fsc(h1, h2, mask)["corrected"]
             res = resolution_at(curve, s.record.pixel_size_angstrom, 0.143)
             freq = np.arange(len(curve)) / (len(h1) * s.record.pixel_size_angstrom)
-            cols = replace(s.columns, positions=poses[name][0], orientations=poses[name][1])
             used = sorted({s.columns.item_names[i] for i in s.columns.item_index.unique().tolist()})
-            record = replace(s.record, half_map_1=tx.put_array(h1.numpy()), half_map_2=tx.put_array(h2.numpy()),
-                             particles=tx.put_record(particle_table_record(tx, cols)),
-                             metrics=Metrics(resolution_angstrom=float(res),
-                                             fsc=tx.put_array(np.stack([freq, curve.numpy()], 1)),
-                                             values={"resolution_0.5_angstrom": float(resolution_at(
-                                                 curve, s.record.pixel_size_angstrom, 0.5)),
-                                                 "working_resolution_angstrom": float(work_res[name])}),
-                             reconstructed_from=[item_refs[k] for k in used if k in item_refs])
-            new_species[name] = tx.put_record(record)
+            metrics = Metrics(resolution_angstrom=float(res), values={
+                "resolution_0.5_angstrom": float(resolution_at(curve, s.record.pixel_size_angstrom, 0.5)),
+                "working_resolution_angstrom": float(work_res[name])})
+            new_species[name] = species_version(
+                tx, s.record, (h1, h2), replace(s.columns, positions=poses[name][0], orientations=poses[name][1]),
+                metrics=metrics, fsc=(freq, curve.numpy()), reconstructed_from=[refined[k] for k in used if k in refined])
             before[name], after[name], counts[name] = s.resolution, float(res), len(s.columns.ids)
-        sources: dict[str, dict[str, Ref]] = {}
-        for key, ref in item_refs.items():
-            src, name = split_item_key(key)
-            sources.setdefault(src, {})[name] = ref
-        data_sources = {}
-        for src, ds_ref in pop.data_sources.items():
-            ds = tx.get_record(ds_ref, DataSource)
-            data_sources[src] = tx.put_record(replace(ds, items={**ds.items, **sources.get(src, {})}))
-        new_pop = without_marks(replace(pop, data_sources=data_sources, species={**pop.species, **new_species}),
-                                items=list(item_refs), species=list(new_species))  # a merge's marks, now done
+        new_pop = with_items(tx, replace(pop, species={**pop.species, **new_species}), refined, replace_existing=True)
+        new_pop = without_marks(new_pop, items=list(refined), species=list(new_species))  # a merge's marks, now done
         params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before,
                   "resolution_after": after,
                   "regulariser": "fsc-wiener", "ncc": ncc_history, "reconstruction_box": rec_box,

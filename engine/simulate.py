@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cryopool.repo import (dose_times, DataSource, InvalidInputError, Metrics, Operation, Population, Ref, Repository,
-                           Species, TiltSeries, software_version)
+                           Species, TiltSeries, software_version, with_items)
 
 from .ctf import aliasing_free_box, reconstruction_box
 from .ctf_fit import circular_mask
@@ -35,9 +35,10 @@ from .forward import ParticleSet, reconstruct_half_maps, render_tilt_series, spe
 from .geometry import euler_zyz_to_matrix, rotation_x, rotation_y, rotation_z, rotvec_to_matrix
 from .phantoms import atomic_model_from_pdb, pseudo_atomic_model, render_map
 from .projection import prepare_volume
-from .records_io import ParticleColumns, item_records, particle_table_record
+from .records_io import ParticleColumns
 from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
+from .writer import item_version, species_version
 
 __all__ = ["SpeciesSpec", "SimulationConfig", "PRESETS", "simulate", "write_simulation", "SimulatedItem",
            "Simulation", "soft_sphere_mask"]
@@ -333,11 +334,9 @@ def _columns(sim: Simulation, name: str, truth: bool) -> ParticleColumns:
 
 def _population(tx: Repository, sim: Simulation, stacks: dict[str, Ref], *, truth: bool) -> Population:
     cfg = sim.config
-    sources: dict[str, dict[str, Ref]] = {}
-    item_refs: dict[str, Ref] = {}
+    items: dict[str, Ref] = {}
     for it in sim.items:
         geom, im = (it.true_geometry, it.true_imaging) if truth else (it.initial_geometry, it.initial_imaging)
-        deformation, imaging = item_records(tx, geom, im)
         h, w = cfg.image_size_px
         record = TiltSeries(
             name=it.name, stack=stacks[it.key], pixel_size_angstrom=cfg.pixel_size_angstrom,
@@ -346,26 +345,23 @@ def _population(tx: Repository, sim: Simulation, stacks: dict[str, Ref], *, trut
             tilt_angles_deg=[float(a) for a in cfg.tilt_angles],
             exposure_e_per_angstrom2=it.exposure.tolist(), pre_exposure_e_per_angstrom2=it.pre_exposure.tolist(),
             tomogram_size_px=[w, h, int(round(geom.tomogram_size_angstrom[2] / cfg.pixel_size_angstrom))],
-            deformation=tx.put_record(deformation), imaging=tx.put_record(imaging),
-            metadata={"simulated": True, "truth": truth})
-        item_refs[it.key] = tx.put_record(record)
-        sources.setdefault(it.source, {})[it.name] = item_refs[it.key]
+            deformation=None, imaging=None, metadata={"simulated": True, "truth": truth})
+        items[it.key] = item_version(tx, record, (geom, im))
     species = {}
     for spec in cfg.species:
         box = sim.boxes[spec.name]
         h1, h2 = (sim.maps[spec.name], sim.maps[spec.name]) if truth else sim.initial_maps[spec.name]
-        mask = soft_sphere_mask(box, 0.55 * spec.diameter_angstrom / cfg.pixel_size_angstrom)
-        record = Species(
-            name=spec.name, symmetry=spec.symmetry.upper(), diameter_angstrom=spec.diameter_angstrom,
-            pixel_size_angstrom=cfg.pixel_size_angstrom, half_map_1=tx.put_array(h1.numpy()),
-            half_map_2=tx.put_array(h2.numpy()), mask=tx.put_array(mask.numpy()),
-            particles=tx.put_record(particle_table_record(tx, _columns(sim, spec.name, truth))),
-            metrics=Metrics(), reconstructed_from=[item_refs[k] for k in sorted(item_refs)],
-            metadata={"simulated": True, "truth": truth})
-        species[spec.name] = tx.put_record(record)
-    data_sources = {s: tx.put_record(DataSource(name=s, items=items, description="simulated"))
-                    for s, items in sources.items()}
-    return Population(name="truth" if truth else "simulated", data_sources=data_sources, species=species)
+        record = Species(name=spec.name, symmetry=spec.symmetry.upper(), diameter_angstrom=spec.diameter_angstrom,
+                         pixel_size_angstrom=cfg.pixel_size_angstrom, half_map_1=None, half_map_2=None, mask=None,
+                         particles=None, metrics=Metrics(), metadata={"simulated": True, "truth": truth})
+        species[spec.name] = species_version(
+            tx, record, (h1, h2), _columns(sim, spec.name, truth), metrics=Metrics(),
+            reconstructed_from=[items[k] for k in sorted(items)],
+            mask=soft_sphere_mask(box, 0.55 * spec.diameter_angstrom / cfg.pixel_size_angstrom))
+    sources = {it.source: tx.put_record(DataSource(name=it.source, items={}, description="simulated"))
+               for it in sim.items}
+    return with_items(tx, Population(name="truth" if truth else "simulated", data_sources=sources, species=species),
+                      items)
 
 
 def write_simulation(repo: Repository, sim: Simulation, *, branch: str | None = None,

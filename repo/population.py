@@ -9,7 +9,8 @@ from .canonical import Ref
 from .errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from .records import DataSource, ParticleTable, Population, Species, TiltSeries, validate_name
 
-__all__ = ["item_key", "export_names", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_species",
+__all__ = ["item_key", "export_names", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_items",
+           "with_species",
            "empty_population", "population_summary", "NEEDS_REFINEMENT", "refinement_marks", "with_marks",
            "without_marks", "without_species", "without_item"]
 
@@ -93,6 +94,25 @@ def with_item(repo, population: Population, source_name: str, item_name: str, it
         source = DataSource(name=source_name, items={})
     source = replace(source, items={**source.items, item_name: item})
     return replace(population, data_sources={**population.data_sources, source_name: repo.put_record(source)})
+
+
+def with_items(repo, population: Population, items: dict[str, Ref], *, replace_existing: bool = False) -> Population:
+    """``with_item`` for many items ("source/item" keys): one new record per data source, not one per item."""
+    by_source: dict[str, dict[str, Ref]] = {}
+    for key, ref in items.items():
+        source, name = split_item_key(key)
+        validate_name(source, "data source")
+        validate_name(name, "item")
+        by_source.setdefault(source, {})[name] = ref
+    sources = dict(population.data_sources)
+    for source_name, new in sorted(by_source.items()):
+        source = (repo.get_record(sources[source_name], DataSource) if source_name in sources
+                  else DataSource(name=source_name, items={}))
+        clash = sorted(set(new) & set(source.items))
+        if clash and not replace_existing:
+            raise AlreadyExistsError(f"item '{item_key(source_name, clash[0])}' already exists")
+        sources[source_name] = repo.put_record(replace(source, items={**source.items, **new}))
+    return replace(population, data_sources=sources)
 
 
 def with_species(repo, population: Population, species: Ref, *, replace_existing: bool = False) -> Population:

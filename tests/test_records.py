@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cryopool.repo import canonical
+from cryopool.repo import AlreadyExistsError, DataSource, canonical, with_item, with_items
 from cryopool.repo.canonical import Ref
 from cryopool.repo.errors import FormatError, InvalidInputError
 from cryopool.repo.hashing import Kind
@@ -126,3 +126,18 @@ def test_names_are_validated(bad):
 def test_population_defaults():
     p = Population(name="p")
     assert parse_record(canonical.decode(canonical.encode(p.to_value()))) == p
+
+
+def test_with_items_regroups_items_into_their_sources_with_one_record_each(disk_repo):
+    blob = lambda text: disk_repo.put_record(DataSource(name=text, items={}))  # noqa: E731  any record will do
+    a, b, c = blob("a"), blob("b"), blob("c")
+    pop = with_item(disk_repo, Population(name="p", data_sources={}, species={}), "lab_a", "TS_01", a)
+    pop = with_items(disk_repo, pop, {"lab_a/TS_02": b, "lab_b/TS_01": c})
+    items = {s: disk_repo.get_record(r, DataSource).items for s, r in pop.data_sources.items()}
+    assert items == {"lab_a": {"TS_01": a, "TS_02": b}, "lab_b": {"TS_01": c}}
+    with pytest.raises(AlreadyExistsError, match="lab_a/TS_01"):
+        with_items(disk_repo, pop, {"lab_a/TS_01": c})
+    replaced = with_items(disk_repo, pop, {"lab_a/TS_01": c}, replace_existing=True)
+    assert disk_repo.get_record(replaced.data_sources["lab_a"], DataSource).items == {"TS_01": c, "TS_02": b}
+    with pytest.raises(InvalidInputError):
+        with_items(disk_repo, pop, {"no-source-part": a})

@@ -15,7 +15,8 @@ import starfile
 import torch
 
 from cryopool.engine.geometry import euler_zyz_to_matrix, rotvec_to_matrix
-from cryopool.engine.records_io import load_item, load_particles, particle_table_record
+from cryopool.engine.records_io import load_item, load_particles
+from cryopool.engine.writer import particle_table_record
 from cryopool.engine.tilt_model import particle_defocus, particle_positions_in_tilts
 from cryopool.engine.trajectories import positions_at
 from cryopool.repo import (CryopoolError, Operation, ParticleTable, Repository, Species, iter_items, software_version,

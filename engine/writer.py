@@ -1,0 +1,87 @@
+"""From engine results to repository records: the one place the engine writes.
+
+Item versions (the published models and each half-set's), species versions (half-maps, particles,
+metrics, provenance) and the population that holds them, through ``cryopool.repo``'s public API
+(``with_items`` regroups items into their data sources). ``refine`` and ``simulate`` compute; this
+module records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from cryopool.repo import (DeformationModel, Grid, HalfSetModel, ImagingModel, Metrics, ParticleTable, Ref, Repository,
+                           Species, TiltSeries)
+
+from .geometry import matrix_to_euler_zyz
+from .records_io import ParticleColumns
+from .tilt_model import Imaging, TiltGeometry
+
+__all__ = ["item_records", "item_version", "particle_table_record", "species_version"]
+
+
+def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> tuple[DeformationModel, ImagingModel]:
+    """Records (with their arrays written to ``repo``) for a geometry and imaging model."""
+    def arr(x: torch.Tensor):
+        return repo.put_array(x.detach().cpu().double().numpy())
+
+    def grid(x: torch.Tensor | None) -> Grid | None:
+        return None if x is None else Grid(dimensions=list(x.shape[1:]), values=arr(x))
+    deformation = DeformationModel(tilt_shifts_angstrom=arr(geometry.shifts_angstrom),
+                                   tilt_angle_corrections_deg=arr(geometry.angle_corrections_deg),
+                                   image_warp=grid(geometry.image_warp), volume_warp=grid(geometry.volume_warp),
+                                   orientation_corrections_deg=None if geometry.orientation_corrections_deg is None
+                                   else arr(geometry.orientation_corrections_deg))
+    model = ImagingModel(defocus_u_angstrom=arr(imaging.defocus_u_angstrom),
+                         defocus_v_angstrom=arr(imaging.defocus_v_angstrom),
+                         defocus_angle_deg=arr(imaging.defocus_angle_deg))
+    return deformation, model
+
+
+def item_version(tx: Repository, item: TiltSeries, published: tuple[TiltGeometry, Imaging],
+                 halves: dict[int, tuple[TiltGeometry, Imaging]] | None = None,
+                 refined_against: list[Ref] | None = None) -> Ref:
+    """A new version of ``item`` with these models (and, from a gold-standard refinement, each half-set's)."""
+    deformation, imaging = item_records(tx, *published)
+    changes = dict(deformation=tx.put_record(deformation), imaging=tx.put_record(imaging))
+    if halves is not None:
+        half_records = {}
+        for half, (g, i) in halves.items():
+            d, m = item_records(tx, g, i)
+            half_records[str(half)] = HalfSetModel(deformation=tx.put_record(d), imaging=tx.put_record(m))
+        changes["half_set_models"] = half_records
+    if refined_against is not None:
+        changes["refined_against"] = refined_against
+    return tx.put_record(replace(item, **changes))
+
+
+def particle_table_record(repo: Repository, columns: ParticleColumns) -> ParticleTable:
+    """A ParticleTable record (arrays written to ``repo``) from tensors."""
+    n, t = columns.positions.shape[:2]
+    angles = matrix_to_euler_zyz(columns.orientations.double()).numpy()
+    cols = {
+        "particle_id": repo.put_array(np.asarray(columns.ids, dtype=np.uint64)),
+        "item_index": repo.put_array(columns.item_index.numpy().astype(np.int32)),
+        "position_angstrom": repo.put_array(columns.positions.double().numpy().reshape(n, t, 3)),
+        "orientation_deg": repo.put_array(angles.reshape(n, t, 3)),
+        "half_set": repo.put_array(columns.half_sets.numpy().astype(np.uint8)),
+        "score": repo.put_array(columns.scores.numpy().astype(np.float32)),
+    }
+    return ParticleTable(count=n, temporal_samples=t, item_names=list(columns.item_names), columns=cols)
+
+
+def species_version(tx: Repository, record: Species, half_maps: tuple[torch.Tensor, torch.Tensor],
+                    columns: ParticleColumns, *, metrics: Metrics, reconstructed_from: list[Ref],
+                    mask: torch.Tensor | None = None, fsc: tuple[np.ndarray, np.ndarray] | None = None) -> Ref:
+    """A new version of a species: half-maps, particles, metrics (with the FSC curve ``(frequency, fsc)`` if given)
+    and the item versions the half-maps were reconstructed from."""
+    changes = dict(half_map_1=tx.put_array(half_maps[0].cpu().numpy()), half_map_2=tx.put_array(half_maps[1].cpu().numpy()),
+                   particles=tx.put_record(particle_table_record(tx, columns)), reconstructed_from=reconstructed_from)
+    if fsc is not None:
+        metrics = replace(metrics, fsc=tx.put_array(np.stack(fsc, 1)))
+    if mask is not None:
+        changes["mask"] = tx.put_array(mask.cpu().numpy())
+    return tx.put_record(replace(record, metrics=metrics, **changes))
