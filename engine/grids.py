@@ -1,10 +1,10 @@
-"""Scattering values onto regular 3-D grids with trilinear weights (the adjoint of trilinear sampling)."""
+"""Trilinear sampling of regular 3-D grids, and scattering values onto them with the same weights (its adjoint)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["trilinear_scatter"]
+__all__ = ["trilinear_sample", "trilinear_scatter"]
 
 
 def trilinear_scatter(target: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
@@ -23,3 +23,82 @@ def trilinear_scatter(target: torch.Tensor, idx: torch.Tensor, values: torch.Ten
                 ok = (x >= 0) & (x < D) & (y >= 0) & (y < D) & (z >= 0) & (z < D)
                 lin = (z * D + y) * D + x
                 flat.index_add_(0, lin[ok], (values[ok] * w[ok].to(values.dtype)))
+
+
+def trilinear_sample(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Values ``(D, D, D, C)`` (z, y, x, channel) at fractional ``idx`` ``(n, 3)`` (x, y, z) → ``(n, C)``; zero outside
+    the grid. Differentiable in both; the gradient in ``idx`` is the interpolant's own, kept from the forward pass.
+
+    What ``grid_sample`` computes (zeros padding, corners aligned), written out because refinement differentiates
+    it in the coordinates only, millions of points per evaluation: the backward pass is then one multiply instead
+    of ``grid_sample``'s gather-and-scatter (measured on 2 CPU cores, 1.2 M points in a 100³ grid of 2 channels,
+    best of 3: forward 0.23 s vs 0.21 s, backward 0.03 s vs 0.25 s).
+    """
+    return _TrilinearSample.apply(values, idx)
+
+
+_CORNERS = [(x, y, z) for z in (0, 1) for y in (0, 1) for x in (0, 1)]  # x fastest, as the grid is laid out
+
+
+class _TrilinearSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        D, C = values.shape[0], values.shape[-1]
+        flat = values.reshape(-1, C)
+        low = torch.floor(idx)
+        f = (idx - low).to(values.dtype)
+        low = low.long()
+        lin, valid = _corner_indices(low, D, values.dtype)
+        corner = [flat[i] for i in lin]
+        if valid is not None:  # some corner off the grid: it reads as zero (zeros padding)
+            corner = [c * v[:, None] for c, v in zip(corner, valid)]
+        fx, fy, fz = (f[:, i, None] for i in range(3))
+        dx = [corner[2 * j + 1] - corner[2 * j] for j in range(4)]  # along x, for (y, z) = 00, 10, 01, 11
+        along_x = [corner[2 * j] + fx * dx[j] for j in range(4)]
+        near, far = along_x[0] + fy * (along_x[1] - along_x[0]), along_x[2] + fy * (along_x[3] - along_x[2])
+        if ctx.needs_input_grad[1]:
+            gx_near, gx_far = dx[0] + fy * (dx[1] - dx[0]), dx[2] + fy * (dx[3] - dx[2])
+            dy_near, dy_far = along_x[1] - along_x[0], along_x[3] - along_x[2]
+            ctx.jacobian = torch.stack([gx_near + fz * (gx_far - gx_near), dy_near + fz * (dy_far - dy_near),
+                                        far - near], -1)  # (n, C, 3)
+        if ctx.needs_input_grad[0]:
+            ctx.corners = (lin, valid, f, D)
+        ctx.idx_dtype = idx.dtype
+        return near + fz * (far - near)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_values = grad_idx = None
+        if ctx.needs_input_grad[1]:
+            grad_idx = (grad[..., None] * ctx.jacobian).sum(1).to(ctx.idx_dtype)
+        if ctx.needs_input_grad[0]:
+            lin, valid, f, D = ctx.corners
+            flat = grad.new_zeros(D * D * D, grad.shape[-1])
+            for k, (ox, oy, oz) in enumerate(_CORNERS):
+                w = ((f[:, 0] if ox else 1 - f[:, 0]) * (f[:, 1] if oy else 1 - f[:, 1])
+                     * (f[:, 2] if oz else 1 - f[:, 2]))
+                if valid is not None:
+                    w = w * valid[k]
+                flat.index_add_(0, lin[k], grad * w[:, None].to(grad.dtype))
+            grad_values = flat.reshape(D, D, D, grad.shape[-1])
+        return grad_values, grad_idx
+
+
+def _corner_indices(low: torch.Tensor, D: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Flat indices of the 8 corners of each point's cell, and (only where some corner is off the grid) each
+    corner's validity; off-grid corners are clamped onto it, to be zeroed by their validity."""
+    inside = bool(((low >= 0) & (low <= D - 2)).all())
+    axes = []
+    for a in range(3):
+        lo, hi = low[:, a], low[:, a] + 1
+        if inside:
+            axes.append(((lo, None), (hi, None)))
+        else:
+            axes.append(((lo.clamp(0, D - 1), (lo >= 0) & (lo < D)), (hi.clamp(0, D - 1), (hi >= 0) & (hi < D))))
+    lin, valid = [], []
+    for ox, oy, oz in _CORNERS:
+        (x, vx), (y, vy), (z, vz) = axes[0][ox], axes[1][oy], axes[2][oz]
+        lin.append((z * D + y) * D + x)
+        if not inside:
+            valid.append((vx & vy & vz))
+    return lin, (None if inside else [v.to(dtype) for v in valid])

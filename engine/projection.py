@@ -21,12 +21,11 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from cryopool.repo import InvalidInputError
 
 from .fourier import crop_center, pad_center
-from .grids import trilinear_scatter
+from .grids import trilinear_sample, trilinear_scatter
 
 __all__ = ["VolumeTransform", "prepare_volume", "extract_slices", "extract_points", "crop_transform", "insert_slices",
            "FourierAccumulator", "gridding_correction", "slice_coordinates"]
@@ -43,11 +42,11 @@ def gridding_correction(size: int, padded: int, *, device=None, dtype=torch.floa
 class VolumeTransform:
     """A padded, gridding-corrected, centred 3-D FT ready for slicing.
 
-    Held as real and imaginary planes ``(1, 2, D, D, D)``, the layout ``grid_sample`` reads: stored
-    complex, every slicing call would copy the whole transform into that layout first.
+    Held as real values ``(D, D, D, 2)`` (real and imaginary parts side by side, ``torch.view_as_real``'s
+    layout): a trilinear sample gathers both parts of a corner in one read (``grids.trilinear_sample``).
     """
 
-    planes: torch.Tensor  # (1, 2, D, D, D) real, imaginary; fftshifted: frequency 0 at index D // 2
+    values: torch.Tensor  # (D, D, D, 2) real, imaginary; fftshifted: frequency 0 at index D // 2
     box: int  # d, the original box
     pad: int
 
@@ -57,12 +56,12 @@ class VolumeTransform:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.planes.dtype
+        return self.values.dtype
 
     @property
     def ft(self) -> torch.Tensor:
         """The transform as one complex grid ``(D, D, D)`` (a copy)."""
-        return torch.complex(self.planes[0, 0], self.planes[0, 1])
+        return torch.view_as_complex(self.values.contiguous()).clone()
 
 
 def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
@@ -75,7 +74,7 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
     padded = pad_center(corrected, D, dims=3)
     ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
                             dim=(-3, -2, -1))
-    return VolumeTransform(planes=torch.view_as_real(ft).permute(3, 0, 1, 2).unsqueeze(0).contiguous(), box=d, pad=pad)
+    return VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
 
 
 def crop_transform(vt: VolumeTransform, radius: float) -> VolumeTransform:
@@ -83,12 +82,12 @@ def crop_transform(vt: VolumeTransform, radius: float) -> VolumeTransform:
     neighbours: what slices limited to a band need. Sampling it gives the same values in the band; the smaller
     grid is what makes the sampling fast (the whole transform of a 128-px map is 256³ voxels, mostly beyond
     the band, and memory traffic dominates trilinear interpolation)."""
-    full = vt.planes.shape[-1]
+    full = vt.values.shape[0]
     size = min(full, 2 * math.ceil(radius * vt.pad + 2) + 2)
     size += (full - size) % 2  # the centre voxel stays the centre
     start = full // 2 - size // 2
-    planes = vt.planes[..., start:start + size, start:start + size, start:start + size].contiguous()
-    return replace(vt, planes=planes)
+    values = vt.values[start:start + size, start:start + size, start:start + size].contiguous()
+    return replace(vt, values=values)
 
 
 def slice_coordinates(rotations: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +103,6 @@ def slice_coordinates(rotations: torch.Tensor, box: int) -> tuple[torch.Tensor, 
     q = torch.einsum("...ji,hwj->...hwi", rotations, k)  # Aᵀ k
     inside = (gx**2 + gy**2) <= (box // 2) ** 2
     return q, inside
-
-
-def _grid(q: torch.Tensor, vt_padded: int, pad: int) -> torch.Tensor:
-    idx = q * pad + vt_padded // 2  # fractional index on the padded grid, per axis (x, y, z)
-    return idx / (vt_padded - 1) * 2 - 1  # grid_sample's normalised coordinates (align_corners=True)
 
 
 def extract_slices(vt: VolumeTransform, rotations: torch.Tensor) -> torch.Tensor:
@@ -131,9 +125,9 @@ def extract_points(vt: VolumeTransform, rotations: torch.Tensor, frequencies: to
     batch = rotations.shape[:-2]
     k = torch.cat([frequencies, torch.zeros_like(frequencies[:, :1])], -1).to(rotations.dtype)
     q = torch.einsum("nji,kj->nki", rotations.reshape(-1, 3, 3), k)  # Aᵀ k, (n, K, 3)
-    grid = _grid(q, vt.planes.shape[-1], vt.pad).to(vt.dtype)
-    out = F.grid_sample(vt.planes, grid[None, :, :, None], mode="bilinear", padding_mode="zeros", align_corners=True)
-    return torch.complex(out[0, 0, ..., 0], out[0, 1, ..., 0]).reshape(*batch, frequencies.shape[0])
+    idx = (q * vt.pad + vt.values.shape[0] // 2).reshape(-1, 3)  # fractional index on the grid (x, y, z)
+    out = trilinear_sample(vt.values, idx)
+    return torch.complex(out[:, 0], out[:, 1]).reshape(*batch, frequencies.shape[0])
 
 
 def insert_slices(data: torch.Tensor, weights: torch.Tensor | None, slices: torch.Tensor,

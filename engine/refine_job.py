@@ -51,7 +51,7 @@ class IterationPlan:
     def to(self, device) -> IterationPlan:
         """The plan with every tensor on ``device`` (a worker moves the shipped CPU plan to its own)."""
         def volume(v: VolumeTransform) -> VolumeTransform:
-            return replace(v, planes=v.planes.to(device))
+            return replace(v, values=v.values.to(device))
         species = {name: replace(s, references=tuple(volume(v) for v in s.references),
                                  half_maps=tuple(h.to(device) for h in s.half_maps))
                    for name, s in self.species.items()}

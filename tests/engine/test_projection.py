@@ -10,6 +10,7 @@ import torch
 from torch_fourier_slice import project_3d_to_2d
 
 from cryopool.engine.geometry import euler_zyz_to_matrix
+from cryopool.engine.grids import trilinear_sample
 from cryopool.engine.projection import FourierAccumulator, extract_slices, insert_slices, prepare_volume
 
 D = 32
@@ -61,7 +62,7 @@ def test_insertion_is_the_adjoint_of_extraction():
     torch.manual_seed(0)
     vt = prepare_volume(torch.randn(16, 16, 16, dtype=torch.float64))
     x = torch.randn_like(vt.ft)  # any complex grid
-    x_vt = type(vt)(planes=torch.view_as_real(x).permute(3, 0, 1, 2)[None].contiguous(), box=vt.box, pad=vt.pad)
+    x_vt = type(vt)(values=torch.view_as_real(x).contiguous(), box=vt.box, pad=vt.pad)
     rotations = _random_rotations(4, seed=2)
     y = torch.randn(4, 16, 9, dtype=torch.complex128)
     px = extract_slices(x_vt, rotations)
@@ -105,3 +106,25 @@ def test_gradient_with_respect_to_orientation():
     loss = (extract_slices(vt, euler_zyz_to_matrix(angles)) - target).abs().pow(2).sum()
     loss.backward()
     assert angles.grad[0, 0] < 0  # moving rot towards 12° reduces the loss
+
+
+def test_trilinear_sampling_equals_grid_sample_with_both_gradients():
+    """``grids.trilinear_sample`` against torch's ``grid_sample`` (zeros padding, aligned corners), values and the
+    gradients in the coordinates and in the grid, points inside, on the edges and outside."""
+    torch.manual_seed(0)
+    D = 9
+    values = torch.randn(D, D, D, 2, dtype=torch.float64, requires_grad=True)
+    idx = torch.cat([torch.rand(200, 3, dtype=torch.float64) * (D - 1),  # inside
+                     torch.rand(20, 3, dtype=torch.float64) * (D + 4) - 2])  # some outside
+    idx[:3, 0] = torch.tensor([0.0, D - 1.0, D - 1.0]) + torch.tensor([0.3, -0.2, -1e-9])  # near the edges
+    idx.requires_grad_(True)
+    weights = torch.randn(len(idx), 2, dtype=torch.float64)
+    ours = trilinear_sample(values, idx)
+    grad_ours = torch.autograd.grad((ours * weights).sum(), (values, idx))
+    grid = idx / (D - 1) * 2 - 1
+    theirs = torch.nn.functional.grid_sample(values.permute(3, 0, 1, 2)[None], grid[None, :, None, None],
+                                             mode="bilinear", padding_mode="zeros", align_corners=True)[0, :, :, 0, 0].T
+    grad_theirs = torch.autograd.grad((theirs * weights).sum(), (values, idx))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_ours[0], grad_theirs[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_ours[1], grad_theirs[1], rtol=0, atol=1e-10)

@@ -72,14 +72,17 @@ def _replace_half_map_1(repo: Repository, name: str, noise_seed: int) -> str:
 
 
 def test_gold_standard_one_half_cannot_change_the_other(repo):
-    refine_population(repo, RefineOptions(iterations=1, **FAST))  # records an FSC for the filter
+    # every refinement kept: this system is too small for the significance rule to keep any, and then neither
+    # half would depend on its reference at all
+    opts = RefineOptions(iterations=1, require_significance=False, **FAST)
+    refine_population(repo, opts)  # records an FSC for the filter
     repo.create_branch("edited")
     repo.checkout("edited")
     _replace_half_map_1(repo, "a", 1)
     _replace_half_map_1(repo, "b", 2)
-    (edited,) = refine_population(repo, RefineOptions(iterations=1, **FAST))
+    (edited,) = refine_population(repo, opts)
     repo.checkout("main")
-    (plain,) = refine_population(repo, RefineOptions(iterations=1, **FAST))
+    (plain,) = refine_population(repo, opts)
     for name in ("a", "b"):
         e = repo.get_record(repo.population(edited.commit).species[name], Species)
         p = repo.get_record(repo.population(plain.commit).species[name], Species)
