@@ -69,20 +69,11 @@ class ItemResult:
 
     def cpu(self) -> ItemResult:
         """Everything on the CPU, to be shipped back from a worker."""
-        def geometry(g: TiltGeometry) -> TiltGeometry:
-            move = lambda x: None if x is None else x.cpu()  # noqa: E731
-            return replace(g, tilt_angles_deg=g.tilt_angles_deg.cpu(), shifts_angstrom=g.shifts_angstrom.cpu(),
-                           angle_corrections_deg=g.angle_corrections_deg.cpu(), dose_time=g.dose_time.cpu(),
-                           image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
-                           orientation_corrections_deg=move(g.orientation_corrections_deg))
-
-        def imaging(i: Imaging) -> Imaging:
-            return replace(i, defocus_u_angstrom=i.defocus_u_angstrom.cpu(),
-                           defocus_v_angstrom=i.defocus_v_angstrom.cpu(), defocus_angle_deg=i.defocus_angle_deg.cpu())
         accs = None
         if self.accumulators is not None:
             accs = {name: tuple(_accumulator_cpu(a) for a in pair) for name, pair in self.accumulators.items()}
-        return replace(self, half_models={h: (geometry(g), imaging(i)) for h, (g, i) in self.half_models.items()},
+        return replace(self, half_models={h: (_geometry_to(g, "cpu"), _imaging_to(i, "cpu"))
+                                          for h, (g, i) in self.half_models.items()},
                        poses={n: tuple(t.cpu() for t in p) for n, p in self.poses.items()}, accumulators=accs)
 
 
@@ -98,17 +89,22 @@ def new_accumulators(plan: IterationPlan, device, dtype=torch.float32) -> Accumu
             for name, s in plan.species.items()}
 
 
-def to_device(model: ItemModel, device) -> ItemModel:
-    g = model.geometry
+def _geometry_to(g: TiltGeometry, device) -> TiltGeometry:
     move = lambda x: None if x is None else x.to(device)  # noqa: E731
-    geom = replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
+    return replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
                    angle_corrections_deg=g.angle_corrections_deg.to(device), dose_time=g.dose_time.to(device),
                    image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
                    orientation_corrections_deg=move(g.orientation_corrections_deg))
-    im = model.imaging
-    im = replace(im, defocus_u_angstrom=im.defocus_u_angstrom.to(device),
-                 defocus_v_angstrom=im.defocus_v_angstrom.to(device), defocus_angle_deg=im.defocus_angle_deg.to(device))
-    return ItemModel(model.stack.to(device), geom, im, model.pre_exposure.to(device), model.exposure.to(device))
+
+
+def _imaging_to(i: Imaging, device) -> Imaging:
+    return replace(i, defocus_u_angstrom=i.defocus_u_angstrom.to(device),
+                   defocus_v_angstrom=i.defocus_v_angstrom.to(device), defocus_angle_deg=i.defocus_angle_deg.to(device))
+
+
+def to_device(model: ItemModel, device) -> ItemModel:
+    return ItemModel(model.stack.to(device), _geometry_to(model.geometry, device), _imaging_to(model.imaging, device),
+                     model.pre_exposure.to(device), model.exposure.to(device))
 
 
 def _half_model(repo: Repository, item: TiltSeries, half: int, device) -> ItemModel | None:
