@@ -72,8 +72,23 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
     D = d * pad
     corrected = volume / gridding_correction(d, D, device=volume.device, dtype=volume.dtype)
     padded = pad_center(corrected, D, dims=3)
-    ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
-                            dim=(-3, -2, -1))
+    if D % 2:
+        ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
+                                dim=(-3, -2, -1))
+        return VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
+    # for an even box both shifts are ±1 checkerboards (a shift by D/2 is a phase of (−1)^k), applied in place:
+    # no rolled copies of the padded map and of its transform, half the transient memory of a large map
+    s = 1.0 - 2.0 * (torch.arange(D, device=volume.device) % 2).to(volume.dtype)
+    board = lambda x: x * s[:, None, None] * s[None, :, None] * s[None, None, :]  # noqa: E731
+    inplace = not torch.is_grad_enabled() or not volume.requires_grad
+    padded = padded.mul_(s[:, None, None]).mul_(s[None, :, None]).mul_(s[None, None, :]) if inplace else board(padded)
+    ft = torch.fft.fftn(padded, dim=(-3, -2, -1))
+    del padded
+    sign = -1.0 if (3 * D // 2) % 2 else 1.0  # (−1)^(3·D/2): the two shifts' phases meet at the box's half
+    if inplace:
+        ft.mul_(s[:, None, None] * sign).mul_(s[None, :, None]).mul_(s[None, None, :])
+    else:
+        ft = board(ft) * sign
     return VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
 
 
