@@ -69,22 +69,13 @@ class _TrilinearSample(torch.autograd.Function):
         grad_values = grad_idx = None
         if ctx.needs_input_grad[1]:
             grad_idx = (grad[..., None] * ctx.jacobian).sum(1).to(ctx.idx_dtype)
-        if ctx.needs_input_grad[0]:  # the adjoint: scatter with the same weights
+        if ctx.needs_input_grad[0]:  # the adjoint: scatter with the same weights, channel by channel
             (idx,) = ctx.saved_tensors
             D, C = ctx.D, grad.shape[-1]
-            flat = grad.new_zeros(D * D * D, C)
-            for start in range(0, len(idx), CHUNK_POINTS):
-                rows = slice(start, start + CHUNK_POINTS)
-                low = torch.floor(idx[rows])
-                f = (idx[rows] - low).to(grad.dtype)
-                lin, valid = _corner_indices(low.long(), D, grad.dtype)
-                for k, (ox, oy, oz) in enumerate(_CORNERS):
-                    w = ((f[:, 0] if ox else 1 - f[:, 0]) * (f[:, 1] if oy else 1 - f[:, 1])
-                         * (f[:, 2] if oz else 1 - f[:, 2]))
-                    if valid is not None:
-                        w = w * valid[k]
-                    flat.index_add_(0, lin[k], grad[rows] * w[:, None])
-            grad_values = flat.reshape(D, D, D, C)
+            channels = grad.new_zeros(C, D, D, D)
+            for c in range(C):
+                trilinear_scatter(channels[c], idx.to(grad.dtype), grad[:, c])
+            grad_values = channels.permute(1, 2, 3, 0)
         return grad_values, grad_idx
 
 

@@ -186,6 +186,12 @@ class FourierAccumulator:
         for s in ops:
             insert_slices(self.data, self.weights, slices * kx0, slice_weights * kx0, rotations @ s, self.pad)
 
+    def to(self, device) -> "FourierAccumulator":
+        """The same grids on ``device`` (a worker's accumulators travel back on the CPU)."""
+        out = FourierAccumulator.__new__(FourierAccumulator)
+        out.box, out.pad, out.data, out.weights = self.box, self.pad, self.data.to(device), self.weights.to(device)
+        return out
+
     def add(self, other: "FourierAccumulator") -> None:
         """Reduce: accumulators of different items (or machines) simply add."""
         self.data += other.data.to(self.data.device)

@@ -180,8 +180,8 @@ def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: Re
 
 
 def _plan(repo: Repository, tip: str, species: dict[str, _SpeciesState], items: list, opts: RefineOptions, run: dict,
-          regulariser: Regulariser) -> tuple[IterationPlan, dict[str, float], dict[str, int]]:
-    """What every item of this iteration shares; also the working resolutions and reconstruction boxes."""
+          regulariser: Regulariser) -> IterationPlan:
+    """What every item of this iteration shares."""
     settings = RefineSettings(groups=tuple(opts.groups), image_warp_grid=tuple(opts.image_warp_grid),
                               volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
                               rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3),
@@ -206,7 +206,7 @@ def _plan(repo: Repository, tip: str, species: dict[str, _SpeciesState], items: 
     # each species is compared within its own band (SpeciesInput.resolution_angstrom, as M does): a species
     # with a poor map cannot narrow the others' bands; the settings keep the finest as the default
     settings = replace(settings, resolution_angstrom=min(work_res.values()))
-    return IterationPlan(settings, plans, fitted), work_res, rec_box
+    return IterationPlan(settings, plans, fitted)
 
 
 def _fitted_starts(repo: Repository, tip: str) -> dict[str, bool]:
@@ -246,7 +246,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     pop = repo.population(tip)
     species = _load_species(repo, pop, device)
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
-    plan, work_res, rec_box = _plan(repo, tip, species, items, opts, run, regulariser)
+    plan = _plan(repo, tip, species, items, opts, run, regulariser)
     # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
     accs = new_accumulators(plan, device)
     poses = {name: (s.columns.positions.clone(), s.columns.orientations.clone()) for name, s in plan.species.items()}
@@ -266,11 +266,12 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         new_items[result.key] = (records[result.key], result.half_models)
     if progress:
         progress("reconstructing", len(items), len(items))
-    return _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box,
-                   decisions)
+    return _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions)
 
 
-def _commit(repo, tip, pop, species, new_items, poses, accs, opts, run, work_res, ncc_history, rec_box, decisions):
+def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions):
+    work_res = {name: s.resolution_angstrom for name, s in plan.species.items()}
+    rec_box = {name: s.reconstruction_box for name, s in plan.species.items()}
     with repo.transaction() as tx:
         species_refs_used = [s.ref for s in species.values()]
         refined: dict[str, Ref] = {}

@@ -101,7 +101,7 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
     """Refine one half-set's system in one item; returns the refined models and poses.
 
     ``fitted_before``: the starting geometry and poses are a kept refinement of these same data (the previous
-    iteration's), which changes what counts as a significant move (``_decide``).
+    refine commit's, ``refine._fitted_starts``), which changes what counts as a significant move (``_decide``).
 
     Per-tilt defocus (and astigmatism) are refined only when the working band holds at least
     ``MIN_CTF_ZEROS_FOR_DEFOCUS`` CTF zeros: below that the data constrain them weakly (a 300 Å

@@ -71,16 +71,10 @@ class ItemResult:
         """Everything on the CPU, to be shipped back from a worker."""
         accs = None
         if self.accumulators is not None:
-            accs = {name: tuple(_accumulator_cpu(a) for a in pair) for name, pair in self.accumulators.items()}
+            accs = {name: tuple(a.to("cpu") for a in pair) for name, pair in self.accumulators.items()}
         return replace(self, half_models={h: (_geometry_to(g, "cpu"), _imaging_to(i, "cpu"))
                                           for h, (g, i) in self.half_models.items()},
                        poses={n: tuple(t.cpu() for t in p) for n, p in self.poses.items()}, accumulators=accs)
-
-
-def _accumulator_cpu(acc: FourierAccumulator) -> FourierAccumulator:
-    out = FourierAccumulator.__new__(FourierAccumulator)
-    out.box, out.pad, out.data, out.weights = acc.box, acc.pad, acc.data.cpu(), acc.weights.cpu()
-    return out
 
 
 def new_accumulators(plan: IterationPlan, device, dtype=torch.float32) -> Accumulators:

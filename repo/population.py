@@ -84,20 +84,11 @@ def with_item(repo, population: Population, source_name: str, item_name: str, it
     """A population with ``item`` under ``source_name`` (the source is created if new)."""
     validate_name(source_name, "data source")
     validate_name(item_name, "item")
-    if source_name in population.data_sources:
-        source = repo.get_record(population.data_sources[source_name], DataSource)
-        if item_name in source.items and not replace_existing:
-            raise AlreadyExistsError(f"item '{item_key(source_name, item_name)}' already exists",
-                                     hint="to correct it: 'cryopool rm item SOURCE/ITEM', then import again "
-                                          "(history keeps the old version); to keep both: another --name or --source")
-    else:
-        source = DataSource(name=source_name, items={})
-    source = replace(source, items={**source.items, item_name: item})
-    return replace(population, data_sources={**population.data_sources, source_name: repo.put_record(source)})
+    return with_items(repo, population, {item_key(source_name, item_name): item}, replace_existing=replace_existing)
 
 
 def with_items(repo, population: Population, items: dict[str, Ref], *, replace_existing: bool = False) -> Population:
-    """``with_item`` for many items ("source/item" keys): one new record per data source, not one per item."""
+    """Many items ("source/item" keys) at once: one new record per data source, not one per item."""
     by_source: dict[str, dict[str, Ref]] = {}
     for key, ref in items.items():
         source, name = split_item_key(key)
@@ -110,7 +101,9 @@ def with_items(repo, population: Population, items: dict[str, Ref], *, replace_e
                   else DataSource(name=source_name, items={}))
         clash = sorted(set(new) & set(source.items))
         if clash and not replace_existing:
-            raise AlreadyExistsError(f"item '{item_key(source_name, clash[0])}' already exists")
+            raise AlreadyExistsError(f"item '{item_key(source_name, clash[0])}' already exists",
+                                     hint="to correct it: 'cryopool rm item SOURCE/ITEM', then import again "
+                                          "(history keeps the old version); to keep both: another --name or --source")
         sources[source_name] = repo.put_record(replace(source, items={**source.items, **new}))
     return replace(population, data_sources=sources)
 
