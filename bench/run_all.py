@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_distributed  # noqa: E402
 import bench_projection  # noqa: E402
 import bench_refine  # noqa: E402
+import bench_regulariser_refine  # noqa: E402
+import bench_regularisers  # noqa: E402
 import bench_remote  # noqa: E402
 import bench_startup  # noqa: E402
 import bench_store  # noqa: E402
@@ -25,6 +27,10 @@ def main() -> None:
     bench_refine.main()
     print("\n== engine: one iteration on 1 and 2 Dask workers ==")
     bench_distributed.main([])
+    print("\n== regularisers on simulated half-maps: FSC against the truth, time, leak, hallucination ==")
+    bench_regularisers.main([])
+    print("\n== regularisers inside refinement ==")
+    bench_regulariser_refine.main([])
     print("\n== collaboration: clone and incremental push ==")
     bench_remote.main()
     print("\n== command start-up: status, log, show, diff, branch ==")

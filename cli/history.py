@@ -10,7 +10,7 @@ import numpy as np
 
 from cryopool.repo import canonical
 from cryopool.repo.canonical import Ref
-from cryopool.repo.diff import diff_populations
+from cryopool.repo.diff import diff_populations, weights_summary
 from cryopool.repo.errors import InvalidInputError, NotFoundError
 from cryopool.repo.hashing import is_object_id
 from cryopool.repo.population import find_item, population_summary, refinement_marks
@@ -169,6 +169,10 @@ def log(obj: Context, rev: str, oneline: bool, graph: bool, max_count: int | Non
             click.echo(line)
 
 
+def _weights_text(w: dict | None) -> str:
+    return "none" if w is None else f"{short(w['id'])} ({w['kind']}, {w['steps']} steps)"
+
+
 def render_diff(d: dict) -> list[str]:
     lines = []
     for s in d["data_sources"]["added"]:
@@ -191,6 +195,8 @@ def render_diff(d: dict) -> list[str]:
         if p:
             text += (f"; particles {p['before']} -> {p['after']} (+{p['added']} -{p['removed']}, "
                      f"{p['moved']} moved, {p['turned']} re-oriented)")
+        if "denoiser" in info:
+            text += "; denoiser " + " -> ".join(_weights_text(w) for w in info["denoiser"])
         ra, rb = info["resolution_angstrom"]
         if ra != rb:
             text += f"; resolution {'-' if ra is None else f'{ra:.2f}'} -> {'-' if rb is None else f'{rb:.2f}'} Å"
@@ -269,13 +275,15 @@ def _show_species(repo, ref) -> tuple[dict, list[str]]:
             "pixel_size_angstrom": sp.pixel_size_angstrom, "box_px": m1.shape[0], "particles": t.count,
             "half_sets": [int((half == 1).sum()), int((half == 2).sum())], "particles_per_item": per_item,
             "resolution_angstrom": sp.metrics.resolution_angstrom, "mask": sp.mask is not None,
-            "denoiser": sp.denoiser is not None, "reconstructed_from": [r.id for r in sp.reconstructed_from]}
+            "denoiser": weights_summary(repo, sp), "quarter_maps": sp.quarter_maps is not None,
+            "reconstructed_from": [r.id for r in sp.reconstructed_from]}
     res = "-" if sp.metrics.resolution_angstrom is None else f"{sp.metrics.resolution_angstrom:.2f} Å"
     lines = [f"species {sp.name}  ({short(ref.id)})",
              f"  symmetry {sp.symmetry}, diameter {sp.diameter_angstrom:g} Å",
              f"  half-maps {m1.shape[0]}³ px at {sp.pixel_size_angstrom:g} Å/px "
              f"({m1.shape[0] * sp.pixel_size_angstrom:g} Å box), mask: {'yes' if sp.mask else 'no'}, "
-             f"denoiser: {'yes' if sp.denoiser else 'no'}",
+             f"quarter-maps: {'yes' if sp.quarter_maps else 'no'}",
+             f"  denoiser: {_weights_text(info['denoiser'])}",
              f"  resolution (FSC 0.143): {res}",
              f"  particles: {t.count} (half-sets {info['half_sets'][0]} / {info['half_sets'][1]}), "
              f"{t.temporal_samples} temporal sample(s)"]

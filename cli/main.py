@@ -62,6 +62,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "simulate": ("simulate_cmd", "simulate",
         "Simulate a population with ground truth and commit it to the repository in DIRECTORY."),
     "refine": ("refine_cmd", "refine", "Refine all species jointly in every tilt series and commit each iteration."),
+    "regularise": ("regularise_cmd", "regularise",
+        "Regularise HALF_MAP_1 and HALF_MAP_2 (MRC) and write both, their average and the FSC to --output."),
     "demo": ("demo", "demo",
         "Two labs pool tilt series: the repository walk, then a simulated population refined against its truth."),
 }

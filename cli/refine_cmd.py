@@ -9,6 +9,7 @@ import click
 
 from cryopool.engine.refine import RefineOptions, refine_population, resume_point
 from cryopool.engine.refine_item import GROUPS
+from cryopool.engine.regularisers import REGULARISERS
 
 from .common import Context, emit_json, handle_errors, json_option, short, table
 
@@ -56,6 +57,13 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
               help="Keep every item's refined geometry and poses, even where the gain is no larger than fitting "
                    "that many parameters to noise would give (default: such items are left as they were, and the "
                    "commit says why).")
+@click.option("--regulariser", type=click.Choice(REGULARISERS), default=DEFAULTS.regulariser, show_default=True,
+              help="How each half-map becomes the next iteration's reference: fsc (FSC-weighted Wiener filter), nu "
+                   "(non-uniform: a local filter cross-validated inside each half), denoiser (M's noise2noise U-net, "
+                   "its weights stored with the species), prior (the shipped Blush-style prior), prior+denoiser "
+                   "(the prior fine-tuned on the species' half-maps). docs/physics.md says how each works.")
+@click.option("--denoiser-steps", type=click.IntRange(0), default=DEFAULTS.denoiser_steps, show_default=True,
+              help="Noise2noise training steps per species per iteration (denoiser, prior+denoiser; M: 800 on GPU).")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Refine the items on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786); "
                    "only this process commits (docs/distributed.md).")
@@ -70,8 +78,8 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
 @click.pass_obj
 @handle_errors
 def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, rounds,
-           device, memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, accept_all, scheduler, workers,
-           worker_repository, resume, branch, as_json) -> None:
+           device, memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, accept_all, regulariser,
+           denoiser_steps, scheduler, workers, worker_repository, resume, branch, as_json) -> None:
     """Refine all species jointly in every tilt series and commit each iteration.
 
     For each item, all particles of all species form one system: per-tilt
@@ -91,7 +99,8 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
                             volume_warp_grid=_grid(volume_warp, 4), start_resolution_angstrom=start_resolution,
                             lbfgs_iterations=lbfgs_iterations, rounds=rounds, device=device, memory_budget_gb=memory_gb,
                             warp_regularisation=warp_regularisation, temporal_samples=temporal_samples,
-                            allow_unmodelled=allow_unmodelled, require_significance=not accept_all)
+                            allow_unmodelled=allow_unmodelled, require_significance=not accept_all,
+                            regulariser=regulariser, denoiser_steps=denoiser_steps)
     if resume and resume_point(repo, branch) is None:
         raise click.UsageError("nothing to resume: the branch tip is not an unfinished refine run")
     started = time.perf_counter()

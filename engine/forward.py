@@ -129,13 +129,13 @@ def species_reconstruction_box(diameter_angstrom: float, species_box: int, pixel
 def reconstruct_half_maps(stack: torch.Tensor, geom: TiltGeometry, imaging: Imaging, particles: ParticleSet,
                           pre_exposure: torch.Tensor, exposure: torch.Tensor, *, box: int,
                           symmetry: torch.Tensor | None = None,
-                          accumulators: tuple[FourierAccumulator, FourierAccumulator] | None = None,
-                          ) -> tuple[FourierAccumulator, FourierAccumulator]:
+                          accumulators: tuple[FourierAccumulator, ...] | None = None,
+                          ) -> tuple[FourierAccumulator, ...]:
     """Insert every particle-tilt of one species in one item into its half-set's accumulator.
 
     ``box`` must hold each particle's whole delocalised image (``ctf.reconstruction_box``).
-    Returns the (possibly given) two accumulators; add those of all items, then
-    ``finalise(size=species box)``.
+    Returns the (possibly given) accumulators, one per set label in ``particles.half_sets`` (1, 2; or
+    1–4 for quarter-sets); add those of all items, then ``finalise(size=species box)``.
     """
     pixel = geom.pixel_size_angstrom
     dtype = stack.dtype
@@ -157,8 +157,8 @@ def reconstruct_half_maps(stack: torch.Tensor, geom: TiltGeometry, imaging: Imag
         ctf = _ctf(imaging, u, v, a, pixel, box)
         data = boxes * ctf * weights[i]
         ctf2 = ctf**2 * weights[i] * attenuation[i]
-        for half, acc in zip((1, 2), accs):
-            sel = particles.half_sets == half
+        for label, acc in enumerate(accs, 1):  # half-sets 1, 2 (or quarter-sets 1–4 with four accumulators)
+            sel = particles.half_sets == label
             if sel.any():
                 acc.insert(data[sel], ctf2[sel], rot[sel, i], symmetry)
     return accs

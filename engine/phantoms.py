@@ -18,7 +18,7 @@ import torch
 
 from .grids import trilinear_scatter
 
-__all__ = ["pseudo_atomic_model", "atomic_model_from_pdb", "render_map"]
+__all__ = ["pseudo_atomic_model", "atomic_model_from_pdb", "render_map", "detergent_belt", "noisy_quarter_maps"]
 
 _Z = {"C": 6, "N": 7, "O": 8, "S": 16, "P": 15, "H": 1, "SE": 34, "FE": 26, "MG": 12, "ZN": 30}
 
@@ -94,3 +94,22 @@ def render_map(atoms: np.ndarray, weights: np.ndarray, box: int, pixel_size_angs
     blur = torch.exp(-bfactor * (kx**2 + ky**2 + kz**2) / 4)
     vol = torch.fft.irfftn(torch.fft.rfftn(grid) * blur, s=grid.shape)
     return (vol / vol.std()).to(dtype)
+
+
+def detergent_belt(box: int, pixel_size_angstrom: float, *, inner_px: float = 17.0, outer_px: float = 26.0,
+                   height_px: float = 12.0, bfactor: float = 2000.0) -> torch.Tensor:
+    """A micelle-like ring around the z axis with only low-resolution content (disordered: unit std)."""
+    z, y, x = torch.meshgrid(*[torch.arange(box, dtype=torch.float32) - box // 2] * 3, indexing="ij")
+    r = torch.sqrt(x**2 + y**2)
+    belt = ((r > inner_px) & (r < outer_px) & (z.abs() < height_px)).float()
+    f = torch.fft.fftfreq(box, d=pixel_size_angstrom)
+    kz, ky, kx = torch.meshgrid(f, f, torch.fft.rfftfreq(box, d=pixel_size_angstrom), indexing="ij")
+    belt = torch.fft.irfftn(torch.fft.rfftn(belt) * torch.exp(-bfactor * (kx**2 + ky**2 + kz**2) / 4), s=belt.shape)
+    return belt / belt.std()
+
+
+def noisy_quarter_maps(truth: torch.Tensor, sigma: float, seed: int) -> list[torch.Tensor]:
+    """Four independent noisy copies (white noise σ√2 each: a quarter of the particles, when the half-maps
+    averaged from two of them have noise σ): half 1 A, 1 B, half 2 A, 2 B."""
+    g = torch.Generator().manual_seed(seed)
+    return [truth + torch.randn(truth.shape, generator=g) * sigma * 2**0.5 for _ in range(4)]

@@ -192,6 +192,15 @@ class FourierAccumulator:
         out.box, out.pad, out.data, out.weights = self.box, self.pad, self.data.to(device), self.weights.to(device)
         return out
 
+    @classmethod
+    def total(cls, parts: "list[FourierAccumulator]") -> "FourierAccumulator":
+        """A new accumulator holding the sum of ``parts`` (a half-set from its two quarter-sets)."""
+        out = cls.__new__(cls)
+        out.box, out.pad, out.data, out.weights = parts[0].box, parts[0].pad, parts[0].data.clone(), parts[0].weights.clone()
+        for p in parts[1:]:
+            out.add(p)
+        return out
+
     def add(self, other: "FourierAccumulator") -> None:
         """Reduce: accumulators of different items (or machines) simply add."""
         self.data += other.data.to(self.data.device)

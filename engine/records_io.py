@@ -11,12 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cryopool.repo import DeformationModel, Grid, ImagingModel, ParticleTable, Repository, Species, TiltSeries, dose_times
+from cryopool.repo import (DeformationModel, Grid, ImagingModel, ParticleTable, Repository, Species, StateDict, TiltSeries,
+                           dose_times)
 
 from .geometry import euler_zyz_to_matrix
+from .regularise import NetworkWeights
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["ItemModel", "load_item", "unmodelled_optics", "ParticleColumns", "load_particles", "load_map"]
+__all__ = ["ItemModel", "load_item", "unmodelled_optics", "ParticleColumns", "load_particles", "load_map",
+           "load_quarter_maps", "load_weights"]
 
 
 @dataclass
@@ -115,4 +118,26 @@ def load_particles(repo: Repository, table_ref) -> ParticleColumns:
 
 
 def load_map(repo: Repository, species: Species, which: str = "half_map_1") -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(repo.get_array(getattr(species, which)).read()).astype(np.float32))
+    return _volume(repo, getattr(species, which))
+
+
+def _volume(repo: Repository, ref) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(repo.get_array(ref).read()).astype(np.float32))
+
+
+def load_quarter_maps(repo: Repository, species: Species) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                                   tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each half's two quarter-maps, if this species version has them."""
+    if species.quarter_maps is None:
+        return None
+    q = [_volume(repo, r) for r in species.quarter_maps]
+    return (q[0], q[1]), (q[2], q[3])
+
+
+def load_weights(repo: Repository, species: Species) -> NetworkWeights | None:
+    """The species' network weights (a StateDict of named arrays), if any."""
+    if species.denoiser is None:
+        return None
+    sd = repo.get_record(species.denoiser, StateDict)
+    return NetworkWeights({name: np.asarray(repo.get_array(ref).read(), dtype=np.float32)
+                           for name, ref in sd.tensors.items()}, dict(sd.metadata))

@@ -15,8 +15,9 @@ One iteration (BRIEF §6):
    resolution at 0.143.
 4. Commit new item versions (``refined_against`` = the species versions used,
    ``half_set_models``) and species versions (half-maps, poses, FSC,
-   resolution, ``reconstructed_from`` = the new item versions), with an
-   operation record holding every parameter. One commit per iteration; an
+   resolution, ``reconstructed_from`` = the new item versions; quarter-maps
+   for non-uniform filtering, the network weights a learned regulariser
+   trained), with an operation record holding every parameter. One commit per iteration; an
    interrupted run resumes after its last completed iteration.
 """
 
@@ -35,10 +36,13 @@ from cryopool.repo import (InvalidInputError, item_refs, iter_items, Metrics, No
 from .forward import species_reconstruction_box
 from .alignment import masked_reference
 from .fsc import masked_fsc, resolution_at
-from .records_io import load_item, load_map, load_particles, unmodelled_optics
+from .records_io import load_item, load_map, load_particles, load_quarter_maps, load_weights, unmodelled_optics
 from .refine_item import GROUPS, RefineSettings
 from .refine_job import IterationPlan, SpeciesPlan, new_accumulators, refine_item
-from .regularise import FSCWienerFilter, Regulariser, working_resolution
+from .denoiser import DenoiserSettings
+from .projection import FourierAccumulator
+from .regularise import HalfMaps, Regularised, Regulariser, working_resolution
+from .regularisers import REGULARISERS, make_regulariser
 from .tilt_model import Imaging, TiltGeometry
 from .trajectories import MAX_TEMPORAL_SAMPLES, resample_orientations, resample_positions
 from .writer import item_version, species_version
@@ -67,12 +71,17 @@ class RefineOptions:
     temporal_samples: int = 1  # control points of each particle's pose trajectory over the exposure (1–3)
     allow_unmodelled: bool = False  # refine items whose records hold optics the engine does not model
     require_significance: bool = RefineSettings.require_significance  # keep only moves the data support (AIC)
+    regulariser: str = "fsc"  # half-maps → references: fsc, nu, denoiser, prior, prior+denoiser (``regularisers``)
+    denoiser_steps: int = DenoiserSettings.steps  # noise2noise training steps per species per iteration
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.groups) - set(GROUPS))
         if unknown:
             raise InvalidInputError("unknown parameter groups", field="groups", expected=list(GROUPS), found=unknown)
-        for name, low in (("iterations", 1), ("rounds", 1), ("lbfgs_iterations", 0)):
+        if self.regulariser not in REGULARISERS:
+            raise InvalidInputError("unknown regulariser", field="regulariser", expected=list(REGULARISERS),
+                                    found=self.regulariser)
+        for name, low in (("iterations", 1), ("rounds", 1), ("lbfgs_iterations", 0), ("denoiser_steps", 0)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise InvalidInputError(f"{name} must be an integer of at least {low}", field=name,
                                         expected=f">= {low}", found=getattr(self, name))
@@ -128,6 +137,8 @@ class _SpeciesState:
     curve: torch.Tensor
     resolution: float
     box: int
+    quarters: tuple | None  # each half's two quarter-maps, where this version has them
+    weights: object  # regularise.NetworkWeights | None: the species' stored network
 
 
 def _load_species(repo: Repository, pop: Population, device) -> dict[str, _SpeciesState]:
@@ -143,8 +154,11 @@ def _load_species(repo: Repository, pop: Population, device) -> dict[str, _Speci
             curve = (masked_fsc(h1, h2, mask)["corrected"] if mask is not None else
                      masked_fsc(h1, h2, torch.ones_like(h1))["unmasked"])
         res = sp.metrics.resolution_angstrom or resolution_at(curve, sp.pixel_size_angstrom, 0.143)
+        quarters = load_quarter_maps(repo, sp)
+        if quarters is not None:
+            quarters = tuple(tuple(q.to(device) for q in pair) for pair in quarters)
         out[name] = _SpeciesState(name, sp, ref, load_particles(repo, sp.particles), (h1, h2), mask, curve, res,
-                                  h1.shape[-1])
+                                  h1.shape[-1], quarters, load_weights(repo, sp))
     return out
 
 
@@ -159,12 +173,13 @@ def _average(a: TiltGeometry, b: TiltGeometry, ia: Imaging, ib: Imaging) -> tupl
     return g, im
 
 
-def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: RefineOptions) -> dict[str, int]:
+def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: RefineOptions,
+                          sets: int = 2) -> dict[str, int]:
     """Per species, the box that holds every particle's delocalised image in every item (up to Nyquist).
 
     The defocus may move by the search range during refinement, and particles sit up to half the
     tomogram's thickness off the tilt's defocus. The accumulators of all species together stay
-    within half the memory budget.
+    within half the memory budget (``sets`` accumulators per species: 2 half-sets, or 4 quarter-sets).
     """
     if not items:
         return {name: s.box for name, s in species.items()}
@@ -175,38 +190,40 @@ def _reconstruction_boxes(repo: Repository, items: list, species: dict, opts: Re
                       + m.geometry.tomogram_size_angstrom[2] / 2)
         optics = dict(voltage_kv=m.imaging.voltage_kv, spherical_aberration_mm=m.imaging.spherical_aberration_mm)
     return {name: species_reconstruction_box(s.record.diameter_angstrom, s.box, s.record.pixel_size_angstrom, max_def,
-                                             max_bytes=opts.memory_budget_gb * 1024**3 / (2 * len(species)), **optics)
+                                             max_bytes=opts.memory_budget_gb * 1024**3 / (sets * len(species)), **optics)
             for name, s in species.items()}
 
 
 def _plan(repo: Repository, tip: str, species: dict[str, _SpeciesState], items: list, opts: RefineOptions, run: dict,
-          regulariser: Regulariser) -> IterationPlan:
-    """What every item of this iteration shares."""
+          regulariser: Regulariser) -> tuple[IterationPlan, dict[str, Regularised]]:
+    """What every item of this iteration shares, and what regularising each species produced (its new
+    network weights and record, for the commit)."""
     settings = RefineSettings(groups=tuple(opts.groups), image_warp_grid=tuple(opts.image_warp_grid),
                               volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
                               rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3),
                               require_significance=opts.require_significance,
                               warp_regularisation=opts.warp_regularisation)
-    rec_box = _reconstruction_boxes(repo, items, species, opts)
+    rec_box = _reconstruction_boxes(repo, items, species, opts, sets=4 if regulariser.needs_quarters else 2)
     samples = opts.temporal_samples  # stored trajectories are resampled to it (exactly, when adding samples)
-    plans, work_res = {}, {}
+    plans, work_res, regularised = {}, {}, {}
     for name, s in species.items():  # 1. references, per half, from the recorded FSC
         res = opts.start_resolution_angstrom if (opts.start_resolution_angstrom and run["iteration"] == 0) \
             else working_resolution(s.curve, s.record.pixel_size_angstrom)
         work_res[name] = res
-        filtered = [regulariser(h, s.curve, pixel_size_angstrom=s.record.pixel_size_angstrom, resolution_angstrom=res)
-                    for h in s.halves]
+        regularised[name] = regulariser(HalfMaps(s.halves, s.curve, s.record.pixel_size_angstrom, res, s.quarters,
+                                                 s.weights))
         columns = replace(s.columns, positions=resample_positions(s.columns.positions, samples).clone(),
                           orientations=resample_orientations(s.columns.orientations, samples).clone())
         plans[name] = SpeciesPlan(name, tuple(masked_reference(f, s.record.diameter_angstrom,
-                                                               s.record.pixel_size_angstrom) for f in filtered),
+                                                               s.record.pixel_size_angstrom)
+                                              for f in regularised[name].references),
                                   s.halves, s.box, s.record.diameter_angstrom, res, rec_box[name],
                                   s.record.symmetry, columns)
     fitted = _fitted_starts(repo, tip)
     # each species is compared within its own band (SpeciesInput.resolution_angstrom, as M does): a species
     # with a poor map cannot narrow the others' bands; the settings keep the finest as the default
     settings = replace(settings, resolution_angstrom=min(work_res.values()))
-    return IterationPlan(settings, plans, fitted)
+    return IterationPlan(settings, plans, fitted, quarters=regulariser.needs_quarters), regularised
 
 
 def _fitted_starts(repo: Repository, tip: str) -> dict[str, bool]:
@@ -246,7 +263,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     pop = repo.population(tip)
     species = _load_species(repo, pop, device)
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
-    plan = _plan(repo, tip, species, items, opts, run, regulariser)
+    plan, regularised = _plan(repo, tip, species, items, opts, run, regulariser)
     # 2. per item, per half: refine; 3. accumulate reconstructions with that half's geometry
     accs = new_accumulators(plan, device)
     poses = {name: (s.columns.positions.clone(), s.columns.orientations.clone()) for name, s in plan.species.items()}
@@ -266,10 +283,21 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
         new_items[result.key] = (records[result.key], result.half_models)
     if progress:
         progress("reconstructing", len(items), len(items))
-    return _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions)
+    return _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions,
+                   regulariser, regularised)
 
 
-def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions):
+def _half_maps(accs: tuple[FourierAccumulator, ...], opts: RefineOptions, box: int):
+    """Both half-maps, and the four quarter-maps where the accumulators are quarter-sets."""
+    if len(accs) == 2:
+        return tuple(a.finalise(opts.wiener_constant, size=box).cpu() for a in accs), None
+    halves = tuple(FourierAccumulator.total(list(accs[i:i + 2])).finalise(opts.wiener_constant, size=box).cpu()
+                   for i in (0, 2))
+    return halves, [a.finalise(opts.wiener_constant, size=box).cpu() for a in accs]
+
+
+def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions, regulariser,
+            regularised):
     work_res = {name: s.resolution_angstrom for name, s in plan.species.items()}
     rec_box = {name: s.reconstruction_box for name, s in plan.species.items()}
     with repo.transaction() as tx:
@@ -280,7 +308,7 @@ def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, nc
             refined[key] = item_version(tx, old, published, halves, refined_against=species_refs_used)
         new_species, before, after, counts = {}, {}, {}, {}
         for name, s in species.items():
-            h1, h2 = (acc.finalise(opts.wiener_constant, size=s.box).cpu() for acc in accs[name])
+            (h1, h2), quarters = _half_maps(accs[name], opts, s.box)
             mask = s.mask.cpu() if s.mask is not None else torch.ones_like(h1)
             curve = masked_fsc(h1, h2, mask)["corrected"]
             res = resolution_at(curve, s.record.pixel_size_angstrom, 0.143)
@@ -291,13 +319,16 @@ def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, nc
                 "working_resolution_angstrom": float(work_res[name])})
             new_species[name] = species_version(
                 tx, s.record, (h1, h2), replace(s.columns, positions=poses[name][0], orientations=poses[name][1]),
-                metrics=metrics, fsc=(freq, curve.numpy()), reconstructed_from=[refined[k] for k in used if k in refined])
+                metrics=metrics, fsc=(freq, curve.numpy()), reconstructed_from=[refined[k] for k in used if k in refined],
+                quarter_maps=quarters, denoiser=regularised[name].weights)
             before[name], after[name], counts[name] = s.resolution, float(res), len(s.columns.ids)
         new_pop = with_items(tx, replace(pop, species={**pop.species, **new_species}), refined, replace_existing=True)
         new_pop = without_marks(new_pop, items=list(refined), species=list(new_species))  # a merge's marks, now done
         params = {**asdict(opts), "run": {**run, "iteration": run["iteration"] + 1}, "resolution_before": before,
                   "resolution_after": after,
-                  "regulariser": "fsc-wiener", "ncc": ncc_history, "reconstruction_box": rec_box,
+                  "regulariser": {**regulariser.parameters(),
+                                  "species": {n: r.record for n, r in regularised.items()}},
+                  "ncc": ncc_history, "reconstruction_box": rec_box,
                   "decisions": decisions}
         operation = Operation(kind="refine", parameters=params, software=software_version(),
                               inputs={"population": repo.get_commit(tip).population})
@@ -319,7 +350,6 @@ def refine_population(repo: Repository, options: RefineOptions, *, branch: str |
     """
     device = pick_device(options.device)
     runner = runner or InProcess(device)
-    regulariser = regulariser or FSCWienerFilter()
     ref_name = repo.branch_ref(branch)
     run = resume_point(repo, branch) if resume else None
     if run is not None:
@@ -328,6 +358,7 @@ def refine_population(repo: Repository, options: RefineOptions, *, branch: str |
     else:
         run = {"id": uuid.uuid4().hex, "iteration": 0, "of": options.iterations,
                "options": asdict(options)}
+    regulariser = regulariser or make_regulariser(options.regulariser, denoiser_steps=options.denoiser_steps)
     tip = repo.refs.read(ref_name)
     if tip is not None and not options.allow_unmodelled:
         found = {key: what for key, _, item in iter_items(repo, repo.population(tip))

@@ -20,13 +20,14 @@ from cryopool.repo import Repository, TiltSeries
 from .forward import ParticleSet, reconstruct_half_maps
 from .projection import FourierAccumulator, VolumeTransform
 from .records_io import ItemModel, ParticleColumns, load_item
+from .nonuniform import quarter_set
 from .refine_item import RefineSettings, SpeciesInput, refine_item_half
 from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
 
 __all__ = ["SpeciesPlan", "IterationPlan", "ItemResult", "refine_item", "new_accumulators"]
 
-Accumulators = dict[str, tuple[FourierAccumulator, FourierAccumulator]]
+Accumulators = dict[str, tuple[FourierAccumulator, ...]]  # per species: 2 half-sets, or 4 quarter-sets
 
 
 @dataclass
@@ -47,6 +48,7 @@ class IterationPlan:
     settings: RefineSettings
     species: dict[str, SpeciesPlan]
     fitted: dict[str, bool]  # "item/halfN" -> its start is a kept fit of these data (``refine_item._decide``)
+    quarters: bool = False  # reconstruct quarter-sets (each half's particles split by id) for non-uniform filtering
 
     def to(self, device) -> IterationPlan:
         """The plan with every tensor on ``device`` (a worker moves the shipped CPU plan to its own)."""
@@ -78,8 +80,8 @@ class ItemResult:
 
 
 def new_accumulators(plan: IterationPlan, device, dtype=torch.float32) -> Accumulators:
-    return {name: (FourierAccumulator(s.reconstruction_box, device=device, dtype=dtype),
-                   FourierAccumulator(s.reconstruction_box, device=device, dtype=dtype))
+    n = 4 if plan.quarters else 2
+    return {name: tuple(FourierAccumulator(s.reconstruction_box, device=device, dtype=dtype) for _ in range(n))
             for name, s in plan.species.items()}
 
 
@@ -144,8 +146,10 @@ def refine_item(repo: Repository, plan: IterationPlan, key: str, item: TiltSerie
             s = plan.species[name]
             p, o = p.to(s.columns.positions.dtype), o.to(s.columns.orientations.dtype)  # as they are stored
             poses[name] = _merge_rows(poses.get(name), sel, p, o)
-            parts = ParticleSet(p.to(device), o.to(device), torch.full((len(sel),), half, dtype=torch.long,
-                                                                         device=device))
+            labels = torch.full((len(sel),), half, dtype=torch.long)
+            if plan.quarters:  # half 1 → sets 1, 2; half 2 → sets 3, 4
+                labels = 2 * (half - 1) + torch.from_numpy(quarter_set(s.columns.ids[sel.cpu().numpy()]))
+            parts = ParticleSet(p.to(device), o.to(device), labels.to(device))
             accs[name] = reconstruct_half_maps(base.stack, state.geometry, state.imaging, parts, base.pre_exposure,
                                                base.exposure, box=s.reconstruction_box,
                                                symmetry=symmetry_operators(s.symmetry, device=device),

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from cryopool.repo import (DeformationModel, Grid, HalfSetModel, ImagingModel, Metrics, ParticleTable, Ref, Repository,
-                           Species, TiltSeries)
+                           Species, StateDict, TiltSeries)
 
 from .geometry import matrix_to_euler_zyz
 from .records_io import ParticleColumns
+from .regularise import NetworkWeights
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["item_records", "item_version", "particle_table_record", "species_version"]
+__all__ = ["item_records", "item_version", "particle_table_record", "state_dict_record", "species_version"]
 
 
 def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> tuple[DeformationModel, ImagingModel]:
@@ -73,13 +74,24 @@ def particle_table_record(repo: Repository, columns: ParticleColumns) -> Particl
     return ParticleTable(count=n, temporal_samples=t, item_names=list(columns.item_names), columns=cols)
 
 
+def state_dict_record(tx: Repository, weights: NetworkWeights) -> StateDict:
+    """Network weights as a StateDict: one array per named tensor, the architecture and training in metadata."""
+    return StateDict(tensors={name: tx.put_array(np.ascontiguousarray(a, dtype=np.float32))
+                              for name, a in sorted(weights.arrays.items())}, metadata=weights.metadata)
+
+
 def species_version(tx: Repository, record: Species, half_maps: tuple[torch.Tensor, torch.Tensor],
                     columns: ParticleColumns, *, metrics: Metrics, reconstructed_from: list[Ref],
-                    mask: torch.Tensor | None = None, fsc: tuple[np.ndarray, np.ndarray] | None = None) -> Ref:
+                    mask: torch.Tensor | None = None, fsc: tuple[np.ndarray, np.ndarray] | None = None,
+                    quarter_maps: list[torch.Tensor] | None = None, denoiser: NetworkWeights | None = None) -> Ref:
     """A new version of a species: half-maps, particles, metrics (with the FSC curve ``(frequency, fsc)`` if given)
-    and the item versions the half-maps were reconstructed from."""
+    and the item versions the half-maps were reconstructed from; its quarter-maps (only those of these half-maps:
+    never carried over) and network weights (carried over unless new ones are given)."""
     changes = dict(half_map_1=tx.put_array(half_maps[0].cpu().numpy()), half_map_2=tx.put_array(half_maps[1].cpu().numpy()),
-                   particles=tx.put_record(particle_table_record(tx, columns)), reconstructed_from=reconstructed_from)
+                   particles=tx.put_record(particle_table_record(tx, columns)), reconstructed_from=reconstructed_from,
+                   quarter_maps=None if quarter_maps is None else [tx.put_array(q.cpu().numpy()) for q in quarter_maps])
+    if denoiser is not None:
+        changes["denoiser"] = tx.put_record(state_dict_record(tx, denoiser))
     if fsc is not None:
         metrics = replace(metrics, fsc=tx.put_array(np.stack(fsc, 1)))
     if mask is not None:

@@ -13,10 +13,19 @@ import dataclasses
 import numpy as np
 
 from .population import item_refs
-from .records import ParticleTable, Population, Species, TiltSeries
+from .records import ParticleTable, Population, Species, StateDict, TiltSeries
 from .repository import Repository
 
-__all__ = ["diff_populations", "particle_changes"]
+__all__ = ["diff_populations", "particle_changes", "weights_summary"]
+
+
+def weights_summary(repo: Repository, species: Species) -> dict | None:
+    """Which network weights a species version carries: their id, kind and training steps so far."""
+    if species.denoiser is None:
+        return None
+    sd = repo.get_record(species.denoiser, StateDict)
+    return {"id": species.denoiser.id, "kind": sd.metadata.get("kind"), "steps": sd.metadata.get("steps"),
+            "tensors": len(sd.tensors)}
 
 
 def _changed_fields(a, b) -> list[str]:
@@ -61,6 +70,8 @@ def diff_populations(repo: Repository, a: Population, b: Population) -> dict:
         sa, sb = repo.get_record(a.species[name], Species), repo.get_record(b.species[name], Species)
         entry = {"fields": _changed_fields(sa, sb),
                  "resolution_angstrom": [sa.metrics.resolution_angstrom, sb.metrics.resolution_angstrom]}
+        if sa.denoiser != sb.denoiser:
+            entry["denoiser"] = [weights_summary(repo, sa), weights_summary(repo, sb)]
         if sa.particles != sb.particles:
             entry["particles"] = particle_changes(repo, repo.get_record(sa.particles, ParticleTable),
                                                   repo.get_record(sb.particles, ParticleTable))

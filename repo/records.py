@@ -383,9 +383,15 @@ class Species(Record):
     metrics: Metrics = field(default_factory=Metrics)
     reconstructed_from: list[Annotated[Ref, Target(ITEM_TYPES)]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # each half's particles split in two by particle id (half 1 A, 1 B, 2 A, 2 B): non-uniform filtering's
+    # cross-validation inside one half
+    quarter_maps: list[ArrayRef] | None = later()
 
     def __post_init__(self) -> None:
         where = f"species {self.name}"
+        if self.quarter_maps is not None and len(self.quarter_maps) != 4:
+            raise InvalidInputError("four quarter-maps expected (half 1 A, 1 B, 2 A, 2 B)", path=where,
+                                    field="quarter_maps", expected=4, found=len(self.quarter_maps))
         physical.check("diameter_angstrom", self.diameter_angstrom, path=where, field="diameter_angstrom")
         physical.check("pixel_size_angstrom", self.pixel_size_angstrom, path=where, field="pixel_size_angstrom")
         physical.validate_symmetry(self.symmetry, path=where)

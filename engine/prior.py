@@ -1,0 +1,116 @@
+"""A Blush-style learned prior: a U-net denoiser trained once on simulated maps, shipped as arrays.
+
+Kimanius et al. (2024) denoise each half-map with frozen weights between iterations and keep the
+denoiser away from the shells that decide the resolution ("spectral trailing"): the reference is the
+denoised map up to two shells below the 0.143 resolution and the ordinary FSC-filtered map beyond.
+Their network was trained on 422 experimental EMDB half-map pairs; ours is trained on maps simulated
+from pseudo-atomic phantoms (``prior_training``), the approach those authors moved away from because it
+can hallucinate protein-like features, hence "Blush-style". Maps are resampled to the prior's voxel size
+(Fourier cropping or padding), standardised, denoised in overlapping windows, and resampled back.
+Fine-tuning the prior on a species' own half-maps with noise2noise is the Blush authors' proposed
+future work (``fine_tune``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+import blake3
+import numpy as np
+import torch
+
+from cryopool.repo import InvalidInputError
+
+from .fourier import crop_center, pad_center
+from .unet import UNet3D, denoise_in_windows, network_from_arrays
+
+__all__ = ["PriorWeights", "load_prior", "weights_digest", "fourier_resample", "to_prior_space", "from_prior_space",
+           "apply_prior", "PRIOR_FILE"]
+
+PRIOR_FILE = "blush_style_prior"  # engine/weights/<name>.npz and .json
+
+
+def weights_digest(arrays: dict[str, np.ndarray]) -> str:
+    """BLAKE3 of the weights: names in order, then each array's dtype, shape and little-endian bytes."""
+    h = blake3.blake3()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype=np.float32)
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PriorWeights:
+    arrays: dict[str, np.ndarray]
+    manifest: dict  # architecture, voxel size, window, training record, digest
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["blake3"]
+
+    @property
+    def voxel_size_angstrom(self) -> float:
+        return float(self.manifest["voxel_size_angstrom"])
+
+    def network(self) -> UNet3D:
+        return network_from_arrays(self.arrays, self.manifest["architecture"], where=f"{PRIOR_FILE}.npz")
+
+
+def load_prior(directory=None) -> PriorWeights:
+    """The shipped prior (or one in ``directory``), its arrays checked against the manifest's digest."""
+    base = resources.files("cryopool.engine") / "weights" if directory is None else directory
+    npz, manifest_path = base / f"{PRIOR_FILE}.npz", base / f"{PRIOR_FILE}.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        with np.load(npz, allow_pickle=False) as f:  # never unpickle
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError as e:
+        raise InvalidInputError("the Blush-style prior's weights are missing", path=str(e.filename),
+                                hint="rebuild them: python -m cryopool.engine.prior_training") from None
+    found = weights_digest(arrays)
+    if found != manifest.get("blake3"):
+        raise InvalidInputError("the prior's weights do not match their manifest", path=str(npz), field="blake3",
+                                expected=manifest.get("blake3"), found=found)
+    return PriorWeights(arrays, manifest)
+
+
+def fourier_resample(volume: torch.Tensor, size: int) -> torch.Tensor:
+    """A cubic volume resampled to ``size`` voxels per edge over the same extent (Fourier crop or zero-pad);
+    values keep their scale."""
+    d = volume.shape[-1]
+    if size == d:
+        return volume
+    spectrum = torch.fft.fftshift(torch.fft.fftn(volume), dim=(-3, -2, -1))
+    spectrum = crop_center(spectrum, size, dims=3) if size < d else pad_center(spectrum, size, dims=3)
+    out = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=(-3, -2, -1))).real
+    return out * (size / d) ** 3
+
+
+def _prior_box(box: int, pixel_size_angstrom: float, voxel: float) -> int:
+    size = int(round(box * pixel_size_angstrom / voxel))
+    return max(size + size % 2, 8)
+
+
+def to_prior_space(half_map: torch.Tensor, pixel_size_angstrom: float, voxel: float) -> tuple[torch.Tensor, tuple]:
+    """Resampled to the prior's voxel and standardised, with what undoes it."""
+    x = fourier_resample(half_map, _prior_box(half_map.shape[-1], pixel_size_angstrom, voxel))
+    mean, std = float(x.mean()), float(x.std().clamp(min=1e-30))
+    return (x - mean) / std, (half_map.shape[-1], mean, std)
+
+
+def from_prior_space(x: torch.Tensor, undo: tuple) -> torch.Tensor:
+    box, mean, std = undo
+    return fourier_resample(x * std + mean, box)
+
+
+def apply_prior(net: UNet3D, half_map: torch.Tensor, pixel_size_angstrom: float, manifest: dict) -> torch.Tensor:
+    """One half-map denoised by the network in the prior's space, returned on the half-map's grid."""
+    x, undo = to_prior_space(half_map, pixel_size_angstrom, float(manifest["voxel_size_angstrom"]))
+    net.eval()
+    with torch.no_grad():
+        out = denoise_in_windows(net.to(x.device), x, window=int(manifest.get("window", 48)),
+                                 overlap=int(manifest.get("overlap", 16)), stride=net.stride)
+    return from_prior_space(out, undo)
