@@ -145,3 +145,14 @@ def repo_state(repo: Repository) -> dict[str, str]:
 
 
 running_server = serve_in_thread  # the library's helper, under the name the tests use
+
+
+@pytest.fixture(scope="module")
+def small_sim():
+    """Two species of 4 particles in one small tilt series: the population the engine's refine tests share."""
+    from dataclasses import replace
+
+    from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate  # torch only for the tests that use it
+    cfg = replace(PRESETS["test"], species=[SpeciesSpec("a", 150.0, 4), SpeciesSpec("b", 80.0, 4)],
+                  items_per_source=1, image_size_px=(112, 112), seed=21)
+    return simulate(cfg)

@@ -12,19 +12,12 @@ from click.testing import CliRunner
 
 from cryopool.cli.main import cli
 from cryopool.engine.refine import RefineOptions, refine_population, resume_point
-from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate, write_simulation
+from cryopool.engine.simulate import write_simulation
 from cryopool.repo import (ImagingModel, InvalidInputError, Operation, ParticleTable, Repository, Species, iter_items,
                            refinement_marks, software_version, with_item, with_marks)
 from cryopool.repo.verify import verify
 
 FAST = dict(groups=("shifts", "poses"), lbfgs_iterations=4, rounds=1, image_warp_grid=(2, 2))
-
-
-@pytest.fixture(scope="module")
-def small_sim():
-    cfg = replace(PRESETS["test"], species=[SpeciesSpec("a", 150.0, 4), SpeciesSpec("b", 80.0, 4)],
-                  items_per_source=1, image_size_px=(112, 112), seed=21)
-    return simulate(cfg)
 
 
 @pytest.fixture
