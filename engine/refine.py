@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from cryopool.repo import (InvalidInputError, item_refs, iter_items, Metrics, NotFoundError, Operation, Population, Ref,
-                           Repository, Species, TiltSeries, software_version, with_items, without_marks)
+from cryopool.repo import (ConflictError, InvalidInputError, item_refs, iter_items, Metrics, NotFoundError, Operation,
+                           Population, Ref, Repository, Species, TiltSeries, software_version, with_items, without_marks)
 
 from .forward import species_reconstruction_box
 from .alignment import masked_reference
@@ -259,7 +259,7 @@ class InProcess:
 
 
 def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, device,
-               regulariser: Regulariser, progress: ProgressFn | None, runner) -> IterationReport:
+               regulariser: Regulariser, progress: ProgressFn | None, runner, ref_name: str) -> IterationReport:
     pop = repo.population(tip)
     species = _load_species(repo, pop, device)
     items = [(key, ref, repo.get_record(ref, TiltSeries)) for key, ref in item_refs(repo, pop).items()]
@@ -284,7 +284,7 @@ def _iteration(repo: Repository, tip: str, opts: RefineOptions, run: dict, devic
     if progress:
         progress("reconstructing", len(items), len(items))
     return _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions,
-                   regulariser, regularised)
+                   regulariser, regularised, ref_name)
 
 
 def _half_maps(accs: tuple[FourierAccumulator, ...], opts: RefineOptions, box: int):
@@ -297,7 +297,7 @@ def _half_maps(accs: tuple[FourierAccumulator, ...], opts: RefineOptions, box: i
 
 
 def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions, regulariser,
-            regularised):
+            regularised, ref_name):
     work_res = {name: s.resolution_angstrom for name, s in plan.species.items()}
     rec_box = {name: s.reconstruction_box for name, s in plan.species.items()}
     with repo.transaction() as tx:
@@ -333,8 +333,13 @@ def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, nc
         operation = Operation(kind="refine", parameters=params, software=software_version(),
                               inputs={"population": repo.get_commit(tip).population})
         summary = ", ".join(f"{n} {before[n]:.1f}→{after[n]:.1f} Å" for n in species)
-        commit = tx.commit(new_pop, message=f"Refine iteration {run['iteration'] + 1}/{run['of']}: {summary}",
-                           operation=operation, retries=0)
+        def on_refined_tip(base):  # the branch it was read from, and only if no one moved it meanwhile
+            if base != pop:
+                raise ConflictError("the branch moved while it was being refined: nothing was committed",
+                                    field=ref_name, hint="refine again from the new tip")
+            return new_pop
+        commit = tx.commit(on_refined_tip, message=f"Refine iteration {run['iteration'] + 1}/{run['of']}: {summary}",
+                           operation=operation, branch=ref_name, retries=0)
     return IterationReport(commit, run["iteration"] + 1, before, after, counts, ncc_history, decisions)
 
 
@@ -372,7 +377,7 @@ def refine_population(repo: Repository, options: RefineOptions, *, branch: str |
         tip = repo.refs.read(ref_name)
         if tip is None:
             raise NotFoundError("nothing to refine: the branch has no commits", field=ref_name)
-        report = _iteration(repo, tip, options, dict(run), device, regulariser, progress, runner)
+        report = _iteration(repo, tip, options, dict(run), device, regulariser, progress, runner, ref_name)
         reports.append(report)
         run = {**run, "iteration": run["iteration"] + 1}
     return reports

@@ -324,3 +324,25 @@ def test_the_command_line_offers_every_regulariser(tmp_path, small_sim):
     assert repo.get_commit(repo.refs.read(repo.branch_ref(None))).operation.parameters["regulariser"]["name"] == "nu"
     with pytest.raises(InvalidInputError, match="unknown regulariser"):
         RefineOptions(regulariser="blush")
+
+
+def test_denoiser_weights_merge_like_any_species_field(tmp_path, small_sim):
+    """Lab B refines with the denoiser on a branch while main changes something else: the merge brings the weights."""
+    from cryopool.repo import Operation
+    from cryopool.repo.merge import merge
+    repo = Repository.init(tmp_path / "pop")
+    write_simulation(repo, small_sim)
+    repo.create_branch("lab-b")
+    main = repo.resolve("HEAD")
+    (report,) = refine_population(repo, RefineOptions(iterations=1, regulariser="denoiser", denoiser_steps=2,
+                                                      **FAST), branch="lab-b")
+    # the refinement lands on the branch it refined (it once landed on HEAD's branch), and main stays where it was
+    assert repo.resolve("lab-b") == report.commit and repo.resolve("HEAD") == main
+    pop = repo.population()
+    repo.commit(replace(pop, metadata={**pop.metadata, "note": "main's own change"}), message="note",
+                operation=Operation(kind="edit", parameters={}, software="test"))
+    merge(repo, "lab-b")
+    theirs = repo.get_record(repo.population(repo.resolve("lab-b")).species["a"], Species)
+    merged = repo.get_record(repo.population().species["a"], Species)
+    assert merged.denoiser is not None and merged.denoiser == theirs.denoiser
+    assert repo.population().metadata["note"] == "main's own change" and verify(repo).ok
