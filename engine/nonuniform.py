@@ -115,8 +115,9 @@ def apply_local_filter(volume: torch.Tensor, levels: torch.Tensor,
     radius = spatial_frequency_radius(d, device=volume.device, dtype=volume.dtype) / d
     spectrum = torch.fft.rfftn(volume)
     out = torch.zeros_like(volume)
+    cutoffs = cutoff_levels(d, settings).tolist()
     for k in torch.unique(levels).tolist():
-        cutoff = float(cutoff_levels(d, settings)[k])
+        cutoff = cutoffs[k]
         sel = levels == k
         out[sel] = _filtered(spectrum, butterworth(radius, cutoff, settings.order), shape)[sel]
     return out

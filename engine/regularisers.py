@@ -72,6 +72,11 @@ def _stored(maps: HalfMaps, kind: str, **must_match) -> tuple[UNet3D | None, dic
     return network_from_arrays(w.arrays, w.metadata["architecture"], where="species denoiser"), w.metadata, "stored"
 
 
+def _recent_loss(losses: list[float]) -> float | None:
+    """The training loss over the last 20 steps (None after no steps)."""
+    return round(sum(losses[-20:]) / len(losses[-20:]), 5) if losses else None
+
+
 def _weights(net: UNet3D, metadata: dict) -> NetworkWeights:
     arrays, architecture = weights_to_arrays(net)
     return NetworkWeights(arrays, {**metadata, "architecture": architecture})
@@ -101,8 +106,7 @@ class Noise2NoiseDenoiser:
         weights = _weights(net, {"kind": "noise2noise", "steps": int(meta["steps"]) + s.steps, "whitened": True})
         return Regularised(refs, weights, {"started_from": start, "steps": s.steps,
                                            "loss_first": round(losses[0], 5) if losses else None,
-                                           "loss_last": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 5)
-                                           if losses else None})
+                                           "loss_last": _recent_loss(losses)})
 
 
 class BlushStylePrior:
@@ -137,8 +141,7 @@ class BlushStylePrior:
             weights = _weights(net, {"kind": "prior-fine-tuned", "initialised_from": self.prior.digest,
                                      "steps": int(meta["steps"]) + s.steps, "whitened": False,
                                      "voxel_size_angstrom": self.prior.voxel_size_angstrom})
-            record = {"started_from": start, "steps": s.steps, "loss_last": round(sum(losses[-20:]) /
-                                                                                  max(len(losses[-20:]), 1), 5)}
+            record = {"started_from": start, "steps": s.steps, "loss_last": _recent_loss(losses)}
         else:
             net = self.prior.network().to(maps.halves[0].device)
         refs = tuple(self._trail(maps, h, apply_prior(net, h, maps.pixel_size_angstrom, self.prior.manifest))

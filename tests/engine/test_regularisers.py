@@ -14,16 +14,19 @@ from cryopool.cli.main import cli
 from cryopool.cli.regularise_cmd import METHODS
 from cryopool.engine.denoiser import DenoiserSettings
 from cryopool.engine.fsc import fsc
-from cryopool.engine.nonuniform import NonUniformSettings, apply_local_filter, quarter_set
+from cryopool.engine.fourier import spatial_frequency_radius
+from cryopool.engine.nonuniform import (NonUniformSettings, apply_local_filter, butterworth, cutoff_levels,
+                                        local_filter_levels, quarter_set)
 from cryopool.engine.phantoms import detergent_belt, noisy_quarter_maps, pseudo_atomic_model, render_map
 from cryopool.engine.prior import fourier_resample, load_prior, weights_digest
-from cryopool.engine.prior_training import train_prior, write_prior
+from cryopool.engine.prior_training import RECIPE, train_prior, write_prior
 from cryopool.engine.refine import RefineOptions, refine_population
 from cryopool.engine.regularise import HalfMaps, low_pass, working_resolution
 from cryopool.engine.regularisers import REGULARISERS, BlushStylePrior, NonUniform, Noise2NoiseDenoiser, make_regulariser
 from cryopool.engine.simulate import write_simulation
 from cryopool.engine.unet import UNet3D, denoise_in_windows, network_from_arrays, weights_to_arrays
-from cryopool.repo import InvalidInputError, Repository, Species, StateDict
+from cryopool.repo import InvalidInputError, Operation, Repository, Species, StateDict
+from cryopool.repo.merge import merge
 from cryopool.repo.verify import verify
 
 from conftest import write_mrc
@@ -111,7 +114,6 @@ def test_nonuniform_beats_the_fsc_filter_on_an_ordered_core_in_a_disordered_belt
         return float((((out.references[0] + out.references[1]) / 2 - truth)[where] ** 2).mean())
     assert mse(nu, core) < 0.7 * mse(wiener, core) and mse(nu, belt) < mse(wiener, belt)
     # the filter follows the order: fine in the core, coarse in the belt and the solvent
-    from cryopool.engine.nonuniform import local_filter_levels
     levels = local_filter_levels(*maps.quarters[0]).float()
     z, y, x = torch.meshgrid(*[torch.arange(64) - 32] * 3, indexing="ij")
     solvent = torch.sqrt((x**2 + y**2 + z**2).float()) > 30
@@ -137,8 +139,6 @@ def test_nonuniform_without_quarter_maps_falls_back_to_the_fsc_filter_and_says_s
 def test_a_single_level_filters_like_that_butterworth_everywhere():
     v = torch.randn(32, 32, 32)
     s = NonUniformSettings()
-    from cryopool.engine.fourier import spatial_frequency_radius
-    from cryopool.engine.nonuniform import butterworth, cutoff_levels
     cutoff = float(cutoff_levels(32, s)[20])
     expected = torch.fft.irfftn(torch.fft.rfftn(v) * butterworth(spatial_frequency_radius(32) / 32, cutoff, 8),
                                 s=v.shape)
@@ -196,8 +196,7 @@ def test_prior_beats_the_fsc_filter_at_low_snr():
 
 
 def test_prior_training_is_reproducible_and_verified_on_load(tmp_path):
-    recipe = {**__import__("cryopool.engine.prior_training", fromlist=["RECIPE"]).RECIPE, "structures": 2,
-              "map_box": 32, "crop": 16, "batch": 2}
+    recipe = {**RECIPE, "structures": 2, "map_box": 32, "batch": 2}
     digests = []
     for run in ("a", "b"):
         net, record = train_prior(3, seed=1, recipe=recipe)
@@ -328,8 +327,6 @@ def test_the_command_line_offers_every_regulariser(tmp_path, small_sim):
 
 def test_denoiser_weights_merge_like_any_species_field(tmp_path, small_sim):
     """Lab B refines with the denoiser on a branch while main changes something else: the merge brings the weights."""
-    from cryopool.repo import Operation
-    from cryopool.repo.merge import merge
     repo = Repository.init(tmp_path / "pop")
     write_simulation(repo, small_sim)
     repo.create_branch("lab-b")
