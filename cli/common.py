@@ -6,6 +6,7 @@ import errno
 import functools
 import json
 import sys
+import time
 import traceback
 
 import click
@@ -89,50 +90,85 @@ def short(object_id: str | None) -> str:
 
 
 class progress_bar:
-    """A click progress bar on stderr, or nothing when quiet/JSON/not a terminal.
+    """A progress line on stderr with rate and ETA, redrawn in place; nothing when JSON or not a terminal.
 
-    ``total`` may be unknown (None) until the first ``update_to(done, total)``.
+    ``total`` may be unknown (None) until the first ``update_to(done, total)``;
+    ``tick`` counts open-ended bytes (transfers), ``step`` names the part being done.
     """
 
-    def __init__(self, total: int | None, label: str, enabled: bool = True) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
+    def __init__(self, total: int | None, label: str, enabled: bool = True, *, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
         self.label = label
-        self._bar = None
+        self.total = total
         self._done = 0
-        if self.enabled and total is not None:
-            self._start(total)
-
-    def _start(self, total: int) -> None:
-        self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-        self._bar.__enter__()
+        self._bytes = False
+        self._what = ""
+        self._start = time.monotonic()
+        self._drawn = 0.0
+        self._width = 0
 
     def __enter__(self):
         return self
 
     def update(self, n: int) -> None:
-        if self._bar:
-            self._bar.update(n)
-
-    def tick(self, nbytes: int) -> None:
-        """Open-ended work (bytes received or sent): a running count instead of a bar."""
-        if not self.enabled:
-            return
-        self._done += nbytes
-        sys.stderr.write(f"\r{self.label}: {human_bytes(self._done)}")
-        sys.stderr.flush()
+        self._done += n
+        self._draw()
 
     def update_to(self, done: int, total: int) -> None:
-        if self.enabled and self._bar is None:
-            self._start(total)
-        if self._bar:
-            self._bar.update(done - self._done)
-            self._done = done
+        self._done, self.total = done, total
+        self._draw()
+
+    def tick(self, nbytes: int) -> None:
+        self._bytes = True
+        self.update(nbytes)
+
+    def step(self, what: str) -> None:
+        self._what = what
+        self._draw(force=True)
+        self._done += 1
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = self._done / elapsed
+        count = human_bytes(self._done) if self._bytes else str(self._done)
+        speed = f"{human_bytes(int(rate))}/s" if self._bytes else f"{rate:.2f}/s"
+        parts = [f"{self.label}:"]
+        if self.total:
+            frac = min(self._done / self.total, 1.0)
+            bar = "#" * int(24 * frac)
+            parts += [f"[{bar:<24}] {100 * frac:3.0f}%", f"{count}/{human_bytes(self.total) if self._bytes else self.total}"]
+        else:
+            parts.append(f"{count} done")
+        parts.append(speed)
+        if self.total and 0 < self._done < self.total:
+            parts.append(f"ETA {_clock((self.total - self._done) / rate)}")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self._what:
+            parts.append(f"· {self._what}")
+        return " ".join(parts)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._drawn < 0.1):
+            return
+        self._drawn = now
+        text = self.line()
+        self.stream.write("\r" + text.ljust(self._width))
+        self.stream.flush()
+        self._width = len(text)
 
     def __exit__(self, *exc):
-        if self._bar:
-            self._bar.__exit__(*exc)
-        elif self.enabled and self._done:
-            sys.stderr.write("\n")
+        if self.enabled and self._width:
+            self._draw(force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

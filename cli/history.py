@@ -18,7 +18,7 @@ from cryopool.repo.records import Commit, DataSource, ParticleTable, Species, Ti
 
 from .common import Context, emit_json, handle_errors, human_bytes, json_option, short, table
 
-__all__ = ["COMMANDS", "render_diff", "log_graph_lines"]
+__all__ = ["COMMANDS", "render_diff", "log_graph_lines", "commit_info", "species_info", "item_info"]
 
 
 def _decorations(repo) -> dict[str, list[str]]:
@@ -238,7 +238,7 @@ def _jsonable(value):
     return value
 
 
-def _show_commit(repo, cid: str) -> tuple[dict, list[str]]:
+def commit_info(repo, cid: str) -> tuple[dict, list[str]]:
     c = repo.get_commit(cid)
     parent_pop = repo.population(c.parents[0].id) if c.parents else None
     pop = repo.population(cid)
@@ -264,7 +264,7 @@ def _show_commit(repo, cid: str) -> tuple[dict, list[str]]:
     return info, lines
 
 
-def _show_species(repo, ref) -> tuple[dict, list[str]]:
+def species_info(repo, ref) -> tuple[dict, list[str]]:
     sp = repo.get_record(ref, Species)
     t = repo.get_record(sp.particles, ParticleTable)
     half = repo.get_array(t.columns["half_set"]).read()
@@ -292,7 +292,7 @@ def _show_species(repo, ref) -> tuple[dict, list[str]]:
     return info, lines
 
 
-def _show_item(repo, key: str, ref) -> tuple[dict, list[str]]:
+def item_info(repo, key: str, ref) -> tuple[dict, list[str]]:
     ts = repo.get_record(ref, TiltSeries)
     stack = repo.get_array(ts.stack)
     imaging = repo.get_record(ts.imaging)
@@ -347,14 +347,14 @@ def show(obj: Context, spec: str, raw: bool, as_json: bool) -> None:
     rev, path = _split_rev_path(spec)
     cid = repo.resolve(rev)
     if path is None:
-        info, lines = _show_commit(repo, cid)
+        info, lines = commit_info(repo, cid)
     else:
         pop = repo.population(cid)
         parts = path.split("/")
         if parts[0] == "species" and len(parts) == 2:
             if parts[1] not in pop.species:
                 raise NotFoundError(f"no species '{parts[1]}' at {short(cid)}", hint=f"known: {sorted(pop.species)}")
-            info, lines = _show_species(repo, pop.species[parts[1]])
+            info, lines = species_info(repo, pop.species[parts[1]])
         elif parts[0] == "sources" and len(parts) == 2:
             if parts[1] not in pop.data_sources:
                 raise NotFoundError(f"no data source '{parts[1]}' at {short(cid)}")
@@ -366,7 +366,7 @@ def show(obj: Context, spec: str, raw: bool, as_json: bool) -> None:
             if not key:
                 raise InvalidInputError("show needs REV:species/NAME, REV:sources/NAME or REV:SOURCE/ITEM", found=spec)
             key, ref = find_item(repo, pop, key)
-            info, lines = _show_item(repo, key, ref)
+            info, lines = item_info(repo, key, ref)
     if as_json:
         emit_json(info)
     else:

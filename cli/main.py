@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pull": ("remote_cmds", "pull",
         "Fetch NAME and merge NAME/BRANCH (default: the checked-out branch's name) into the checked-out branch."),
     "serve": ("serve_cmd", "serve",
-        "Serve the repository as a shared population (push needs a token with the write scope)."),
+        "Serve the repository as a shared population (push needs a token with the write scope), with a web view."),
     "rm": ("undo_cmds", "rm",
         "Remove species NAME or item SOURCE/ITEM from the population, in a new commit (history keeps it)."),
     "revert": ("undo_cmds", "revert",
@@ -64,6 +64,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "refine": ("refine_cmd", "refine", "Refine all species jointly in every tilt series and commit each iteration."),
     "regularise": ("regularise_cmd", "regularise",
         "Regularise HALF_MAP_1 and HALF_MAP_2 (MRC) and write both, their average and the FSC to --output."),
+    "report": ("report_cmd", "report",
+        "Write an HTML report of REV: population, species (FSC, history, maps, provenance), tilt series, merges."),
     "demo": ("demo", "demo",
         "Two labs pool tilt series: the repository walk, then a simulated population refined against its truth."),
 }

@@ -8,6 +8,7 @@ import uvicorn
 from cryopool.repo.server import create_app
 
 from .common import Context, handle_errors
+from .web import web_pages
 
 __all__ = ["COMMANDS"]
 
@@ -21,7 +22,7 @@ __all__ = ["COMMANDS"]
 @click.pass_obj
 @handle_errors
 def serve(obj: Context, host: str, port: int, tokens: tuple[str, ...], anonymous_read: bool | None) -> None:
-    """Serve the repository as a shared population (push needs a token with the write scope)."""
+    """Serve the repository as a shared population (push needs a token with the write scope), with a web view."""
     parsed = None
     if tokens:
         parsed = {}
@@ -33,8 +34,8 @@ def serve(obj: Context, host: str, port: int, tokens: tuple[str, ...], anonymous
             unknown = sorted(set(parsed[token]) - {"read", "write", "force"})
             if unknown:
                 raise click.BadParameter(f"unknown scope(s) {unknown}: read, write, force", param_hint="--token")
-    app = create_app(str(obj.repo().work_dir), tokens=parsed, anonymous_read=anonymous_read)
-    click.echo(f"Serving {obj.repo().work_dir} on http://{host}:{port} (OpenAPI: /docs)", err=True)
+    app = create_app(str(obj.repo().work_dir), tokens=parsed, anonymous_read=anonymous_read, pages=web_pages)
+    click.echo(f"Serving {obj.repo().work_dir} on http://{host}:{port} (pages: /web/, API: /docs)", err=True)
     # idle connections are closed after 5 s and at most 64 are served at once (503 beyond): a slow client
     # cannot hold the server; on an open network put a TLS proxy with header timeouts in front
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=64)

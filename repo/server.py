@@ -33,8 +33,11 @@ import threading
 import time
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from typing import Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from . import canonical
@@ -48,7 +51,7 @@ from .store import decode_object_file, encode_object_file
 from .transport import FRAME_HEADER, children_of, encode_frames, iter_frames
 from .verify import verify
 
-__all__ = ["create_app", "serve_in_thread", "MAX_OBJECT_BYTES", "MAX_REQUEST_BYTES"]
+__all__ = ["create_app", "serve_in_thread", "token_checker", "MAX_OBJECT_BYTES", "MAX_REQUEST_BYTES"]
 
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
@@ -122,30 +125,49 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
     return bytes(body)
 
 
+Pages = Callable[[Repository, Callable[[str | None, str], None]], APIRouter]
+
+
+def token_checker(tokens: dict[str, list[str]], anonymous_read: bool) -> Callable[[str | None, str], None]:
+    """``check(token, scope)``: returns if ``token`` (None: none given) may do ``scope``, else raises 401/403."""
+    def check(token: str | None, needed: str) -> None:
+        if needed == "read" and anonymous_read:
+            return
+        if not token:
+            raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Bearer"})
+        scopes = tokens.get(token)
+        if scopes is None:
+            raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+        if needed not in scopes:
+            raise HTTPException(403, f"token lacks the '{needed}' scope")
+    return check
+
+
 def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
                anonymous_read: bool | None = None, max_object_bytes: int = MAX_OBJECT_BYTES,
-               max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
-    """A FastAPI app serving the repository at ``repo_path`` (settings default to its config)."""
+               max_request_bytes: int = MAX_REQUEST_BYTES, pages: Pages | None = None) -> FastAPI:
+    """A FastAPI app serving the repository at ``repo_path`` (settings default to its config).
+
+    ``pages(repo, check)`` may add a router of read-only pages (the web view, which lives above this
+    layer); ``check(token, scope)`` is the API's own token rule, so pages and API share tokens and scopes.
+    """
     repo = Repository.open(repo_path, search_parents=False)
     cfg = repo.config.get("server", {})
     tokens = tokens if tokens is not None else cfg.get("tokens", {})
     anonymous_read = cfg.get("anonymous_read", False) if anonymous_read is None else anonymous_read
-    app = FastAPI(title="cryopool shared population", version="1")
+    # Swagger UI (/docs) and ReDoc (/redoc) from fastapi-offline's own files: they work with no internet
+    app = FastAPIOffline(title="cryopool shared population", version="1")
+    check_token = token_checker(tokens, anonymous_read)
 
     def scope(needed: str):
         def check(authorization: str | None = Header(default=None)) -> None:
-            if needed == "read" and anonymous_read:
-                return
-            if not authorization or not authorization.startswith("Bearer "):
-                raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Bearer"})
-            scopes = tokens.get(authorization.removeprefix("Bearer ").strip())
-            if scopes is None:
-                raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
-            if needed not in scopes:
-                raise HTTPException(403, f"token lacks the '{needed}' scope")
+            bearer = authorization is not None and authorization.startswith("Bearer ")
+            check_token(authorization.removeprefix("Bearer ").strip() if bearer else None, needed)
         return check
 
     read, write = Depends(scope("read")), Depends(scope("write"))
+    if pages is not None:
+        app.include_router(pages(repo, check_token))
 
     @app.get(f"{API}/info", dependencies=[read])
     def info() -> dict:

@@ -147,12 +147,69 @@ def repo_state(repo: Repository) -> dict[str, str]:
 running_server = serve_in_thread  # the library's helper, under the name the tests use
 
 
-@pytest.fixture(scope="module")
-def small_sim():
-    """Two species of 4 particles in one small tilt series: the population the engine's refine tests share."""
+def small_config():
+    """Two species of 4 particles in one small tilt series (the test preset)."""
     from dataclasses import replace
 
-    from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate  # torch only for the tests that use it
-    cfg = replace(PRESETS["test"], species=[SpeciesSpec("a", 150.0, 4), SpeciesSpec("b", 80.0, 4)],
-                  items_per_source=1, image_size_px=(112, 112), seed=21)
-    return simulate(cfg)
+    from cryopool.engine.simulate import PRESETS, SpeciesSpec  # torch only for the tests that use it
+    return replace(PRESETS["test"], species=[SpeciesSpec("a", 150.0, 4), SpeciesSpec("b", 80.0, 4)],
+                   items_per_source=1, image_size_px=(112, 112), seed=21)
+
+
+@pytest.fixture(scope="module")
+def small_sim():
+    """The population the engine's refine tests share (``small_config``)."""
+    from cryopool.engine.simulate import simulate
+    return simulate(small_config())
+
+
+def add_colliding_picks(repo: Repository, species: str, near: str, offset_angstrom: float) -> list[tuple]:
+    """Commit picks of ``species`` placed ``offset_angstrom`` (along x) from every particle of ``near``, as a
+    second lab's picker might; returns (item, near id, new id, distance) for each planted pair."""
+    from dataclasses import replace
+
+    from cryopool.repo.records import Operation, ParticleTable, Species
+    pop = repo.population()
+    sp, other = (repo.get_record(pop.species[n], Species) for n in (species, near))
+    table, near_table = (repo.get_record(s.particles, ParticleTable) for s in (sp, other))
+    col = {k: repo.get_array(v).read() for k, v in table.columns.items()}
+    ncol = {k: repo.get_array(v).read() for k, v in near_table.columns.items()}
+    n = near_table.count
+    rows = np.arange(n) % table.count  # copy the other columns from existing picks
+    new = {k: v[rows].copy() for k, v in col.items()}
+    new["position_angstrom"] = ncol["position_angstrom"].reshape(n, -1, 3)[:, :1].repeat(
+        table.temporal_samples, axis=1).reshape(new["position_angstrom"].shape) + np.array([offset_angstrom, 0, 0])
+    new["item_index"] = np.array([table.item_names.index(near_table.item_names[i]) for i in ncol["item_index"]],
+                                 dtype=col["item_index"].dtype)
+    new["particle_id"] = (np.arange(n) + 10**9).astype(col["particle_id"].dtype)
+    columns = {k: repo.put_array(np.concatenate([col[k], new[k]])) for k in col}
+    new_table = repo.put_record(replace(table, count=table.count + n, columns=columns))
+    ref = repo.put_record(replace(sp, particles=new_table))
+    repo.commit(replace(pop, species={**pop.species, species: ref}), message=f"picks of {species} near {near}",
+                operation=Operation(kind="edit", parameters={}, software="test"))
+    return [(near_table.item_names[ncol["item_index"][i]], int(ncol["particle_id"][i]), int(new["particle_id"][i]),
+             abs(offset_angstrom)) for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def merged_population(tmp_path_factory):
+    """A simulated population refined once; lab B's branch adds picks of species b 30 Å from each particle of
+    a; the merge keeps both, so the merge records the collisions and the population still holds them."""
+    import dataclasses
+
+    from cryopool.engine.refine import RefineOptions, refine_population
+    from cryopool.engine.simulate import simulate, write_simulation
+    from cryopool.repo.merge import merge
+    from cryopool.repo.records import Operation
+    repo = Repository.init(tmp_path_factory.mktemp("report") / "pop")
+    write_simulation(repo, simulate(small_config()))
+    refine_population(repo, RefineOptions(iterations=1, groups=("shifts", "image_warp", "poses"), lbfgs_iterations=4,
+                                          rounds=1, image_warp_grid=(2, 2)))
+    repo.create_branch("lab-b")
+    repo.checkout("lab-b")
+    planted = add_colliding_picks(repo, "b", "a", 30.0)
+    repo.checkout("main")
+    repo.commit(lambda p: dataclasses.replace(p, metadata={**p.metadata, "note": "lab A moved on"}), message="note",
+                operation=Operation(kind="edit", parameters={}, software="test"))  # a real three-way merge
+    merge(repo, "lab-b", policy="keep-both")
+    return repo, planted
