@@ -1,8 +1,8 @@
-"""Generated input files for ``cryopool demo``: two labs' tilt series and two species.
+"""Example input files (``cryopool demo --inputs-only``, the tutorial): two labs' tilt series and two species.
 
 This is deliberately simple image formation (pseudo-atom densities splatted
-along the tilted projection direction, plus Gaussian noise) so the demo runs
-in seconds anywhere; the physically complete simulator with CTF, dose
+along the tilted projection direction, plus Gaussian noise) so the files are
+made in seconds anywhere; the physically complete simulator with CTF, dose
 weighting and ground truth is ``cryopool simulate`` in the engine.
 """
 

@@ -44,6 +44,25 @@ def _rotation_angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1, 1)))
 
 
+def _truth_rows(cols, tcols, key: str, rows: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For particle ``rows`` of item ``key``: their true particle, by id, or else (picks made outside the
+    simulation, e.g. imported by another lab) the nearest true particle in the item within ``radius``.
+    Returns the rows that have one and the matching truth rows; the rest are false picks."""
+    order = {int(i): j for j, i in enumerate(tcols.ids)}
+    candidates = tcols.select(key).nonzero().flatten()
+    keep, match = [], []
+    for r in rows.tolist():
+        j = order.get(int(cols.ids[r]))
+        if j is None and len(candidates):
+            d = (tcols.positions[candidates, 0] - cols.positions[r, 0]).norm(dim=-1)
+            if float(d.min()) < radius:
+                j = int(candidates[int(d.argmin())])
+        if j is not None:
+            keep.append(r)
+            match.append(j)
+    return torch.tensor(keep, dtype=torch.long), torch.tensor(match, dtype=torch.long)
+
+
 def _centre_displacement_error(geometry, truth) -> torch.Tensor:
     """Per tilt, where the tomogram's centre lands (shift + image warp there) against the truth ``(t, 2)`` Å,
     less the part a translation of the whole specimen explains (a gauge freedom traded with the particles)."""
@@ -57,25 +76,28 @@ def _centre_displacement_error(geometry, truth) -> torch.Tensor:
 def compare_with_truth(repo: Repository, population: Population, truth: Population) -> dict:
     """RMS projected-position error (Å), orientation error in the tilts (°), per-tilt defocus RMS error (Å),
     demeaned tilt-angle error (°), per-tilt shift error (Å, at the tomogram centre, less a specimen translation),
-    and per species the resolution at FSC 0.5 of the half-map average against the true map.
+    and per species the resolution at FSC 0.5 of the half-map average against the true map and the number of
+    particles with no true particle (false picks: not in the geometry measures).
 
     Geometry and defocus are compared per half-set (each half-set is refined on its own); the
     defocus of the published item model (the two half-sets' average) is reported as well.
     """
     true_items = {k: ts for k, _, ts in iter_items(repo, truth)}
     sq_pos, sq_def, sq_ang, sq_pub, sq_rot, sq_shift = [], [], [], [], [], []
+    unmatched: dict[str, int] = {}
     for key, _, ts in iter_items(repo, population):
         models = _item_models(repo, ts)
         truth_model = load_item(repo, true_items[key], with_stack=False)
         for name in population.species:
-            cols = load_particles(repo, repo.get_record(population.species[name], Species).particles)
+            species = repo.get_record(population.species[name], Species)
+            cols = load_particles(repo, species.particles)
             tcols = load_particles(repo, repo.get_record(truth.species[name], Species).particles)
-            order = {int(i): j for j, i in enumerate(tcols.ids)}
             for half in (1, 2):
-                sel = (cols.select(key) & (cols.half_sets == half)).nonzero().flatten()
+                rows = (cols.select(key) & (cols.half_sets == half)).nonzero().flatten()
+                sel, tsel = _truth_rows(cols, tcols, key, rows, species.diameter_angstrom / 2)
+                unmatched[name] = unmatched.get(name, 0) + len(rows) - len(sel)
                 if len(sel) == 0:
                     continue
-                tsel = torch.tensor([order[int(i)] for i in cols.ids[sel.numpy()]])
                 xy, _ = particle_positions_in_tilts(models[half].geometry, cols.positions[sel])
                 txy, _ = particle_positions_in_tilts(truth_model.geometry, tcols.positions[tsel])
                 sq_pos.append(((xy - txy) ** 2).sum(-1).flatten())
@@ -105,5 +127,5 @@ def compare_with_truth(repo: Repository, population: Population, truth: Populati
         avg = 0.5 * (load_map(repo, sp, "half_map_1") + load_map(repo, sp, "half_map_2"))
         curve = fsc(avg, load_map(repo, tsp, "half_map_1"))
         out["species"][name] = {"fsc_vs_truth_0.5_angstrom": resolution_at(curve, sp.pixel_size_angstrom, 0.5),
-                                "fsc_vs_truth": curve.tolist()}
+                                "fsc_vs_truth": curve.tolist(), "false_picks": unmatched.get(name, 0)}
     return out

@@ -32,7 +32,7 @@ from cryopool.repo import (dose_times, DataSource, InvalidInputError, Metrics, O
 from .ctf import aliasing_free_box, reconstruction_box
 from .ctf_fit import circular_mask
 from .forward import ParticleSet, reconstruct_half_maps, render_tilt_series, species_reconstruction_box
-from .geometry import euler_zyz_to_matrix, rotation_x, rotation_y, rotation_z, rotvec_to_matrix
+from .geometry import euler_zyz_to_matrix, matrix_to_euler_zyz, rotation_x, rotation_y, rotation_z, rotvec_to_matrix
 from .phantoms import atomic_model_from_pdb, pseudo_atomic_model, render_map
 from .projection import prepare_volume
 from .records_io import ParticleColumns
@@ -41,7 +41,7 @@ from .tilt_model import Imaging, TiltGeometry
 from .writer import item_version, species_version
 
 __all__ = ["SpeciesSpec", "SimulationConfig", "PRESETS", "simulate", "write_simulation", "SimulatedItem",
-           "Simulation", "soft_sphere_mask"]
+           "Simulation", "soft_sphere_mask", "WithheldSpecies", "withheld_species"]
 
 
 @dataclass
@@ -332,7 +332,8 @@ def _columns(sim: Simulation, name: str, truth: bool) -> ParticleColumns:
         scores=torch.full((sum(len(p) for p in parts),), float("nan"), dtype=torch.float64))
 
 
-def _population(tx: Repository, sim: Simulation, stacks: dict[str, Ref], *, truth: bool) -> Population:
+def _population(tx: Repository, sim: Simulation, stacks: dict[str, Ref], *, truth: bool,
+                withhold: tuple[str, ...] = ()) -> Population:
     cfg = sim.config
     items: dict[str, Ref] = {}
     for it in sim.items:
@@ -349,6 +350,8 @@ def _population(tx: Repository, sim: Simulation, stacks: dict[str, Ref], *, trut
         items[it.key] = item_version(tx, record, (geom, im))
     species = {}
     for spec in cfg.species:
+        if spec.name in withhold:
+            continue
         box = sim.boxes[spec.name]
         h1, h2 = (sim.maps[spec.name], sim.maps[spec.name]) if truth else sim.initial_maps[spec.name]
         record = Species(name=spec.name, symmetry=spec.symmetry.upper(), diameter_angstrom=spec.diameter_angstrom,
@@ -365,13 +368,22 @@ def _population(tx: Repository, sim: Simulation, stacks: dict[str, Ref], *, trut
 
 
 def write_simulation(repo: Repository, sim: Simulation, *, branch: str | None = None,
-                     message: str | None = None) -> str:
-    """Commit the initial state as the population and the truth as ``attachments["truth"]``."""
+                     message: str | None = None, withhold: tuple[str, ...] = ()) -> str:
+    """Commit the initial state as the population and the truth as ``attachments["truth"]``.
+
+    Species in ``withhold`` are in the images and the truth but not in the population: nobody has picked them
+    yet (``withheld_species`` gives their upstream-quality start, for another lab to import).
+    """
+    unknown = sorted(set(withhold) - set(sim.maps))
+    if unknown:
+        raise InvalidInputError(f"no species {unknown} in the simulation", field="withhold", expected=sorted(sim.maps))
+    if set(withhold) >= set(sim.maps):
+        raise InvalidInputError("at least one species must stay in the population", field="withhold")
     with repo.transaction() as tx:
         stacks = {it.key: tx.put_array(it.stack.numpy(), chunks=(1, *it.stack.shape[1:])) for it in sim.items}
-        initial = _population(tx, sim, stacks, truth=False)
+        initial = _population(tx, sim, stacks, truth=False, withhold=tuple(withhold))
         truth_ref = tx.put_record(_population(tx, sim, stacks, truth=True))
-        params = asdict(sim.config)
+        params = asdict(sim.config) | ({"withheld": sorted(withhold)} if withhold else {})
         operation = Operation(kind="simulate", parameters=params, software=software_version(),
                               inputs={"truth": truth_ref})
         n_items = len(sim.items)
@@ -379,3 +391,33 @@ def write_simulation(repo: Repository, sim: Simulation, *, branch: str | None = 
         return tx.commit(initial, message=message or f"Simulate {n_items} tilt series, {len(sim.maps)} species, "
                                                       f"{n_particles} particles (seed {sim.config.seed})",
                          operation=operation, branch=branch, attachments={"truth": truth_ref}, retries=0)
+
+
+@dataclass
+class WithheldSpecies:
+    """A species present in the images but not in the committed population, as a picker would hand it over."""
+
+    half_maps: tuple[np.ndarray, np.ndarray]
+    mask: np.ndarray
+    pixel_size_angstrom: float
+    diameter_angstrom: float
+    symmetry: str
+    item_keys: list[str]  # "source/item" per particle
+    positions_angstrom: np.ndarray  # (n, 3) from the tomogram centre, upstream-quality (perturbed)
+    euler_zyz_deg: np.ndarray  # (n, 3) RELION rot, tilt, psi
+    half_sets: np.ndarray  # (n,) 1 or 2
+
+
+def withheld_species(sim: Simulation, name: str) -> WithheldSpecies:
+    spec = next(s for s in sim.config.species if s.name == name)
+    cols = _columns(sim, name, truth=False)
+    h1, h2 = sim.initial_maps[name]
+    box = sim.boxes[name]
+    return WithheldSpecies(
+        half_maps=(h1.numpy().astype(np.float32), h2.numpy().astype(np.float32)),
+        mask=soft_sphere_mask(box, 0.55 * spec.diameter_angstrom / sim.config.pixel_size_angstrom).numpy(),
+        pixel_size_angstrom=sim.config.pixel_size_angstrom, diameter_angstrom=spec.diameter_angstrom,
+        symmetry=spec.symmetry.upper(), item_keys=[cols.item_names[int(i)] for i in cols.item_index],
+        positions_angstrom=cols.positions[:, 0].numpy(),
+        euler_zyz_deg=matrix_to_euler_zyz(cols.orientations[:, 0]).numpy(),
+        half_sets=cols.half_sets.numpy())

@@ -138,16 +138,6 @@ def test_errors_under_json_are_json_objects(run, inputs, args, kind, words):
     assert error["type"] == kind and words in error["text"], error
 
 
-def test_demo_runs(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", str(tmp_path / "demo"), "--refine-iterations", "1"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "verify: OK" in result.output and "proteasome" in result.output
-    assert "wrote 3 new object(s)" in result.output
-    assert "Refinement against the ground truth" in result.output
-    assert (tmp_path / "demo" / "fsc_vs_truth.png").stat().st_size > 10_000
-
-
 def test_int16_stack_via_cli(run, tmp_path):
     run("init", run.pop)
     stack = write_mrc(tmp_path / "TS_05.mrc", np.arange(9 * 8 * 8, dtype=np.int16).reshape(9, 8, 8))
