@@ -67,7 +67,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("report_cmd", "report",
         "Write an HTML report of REV: population, species (FSC, history, maps, provenance), tilt series, merges."),
     "demo": ("demo", "demo",
-        "Two labs pool tilt series: the repository walk, then a simulated population refined against its truth."),
+        "Two labs pool tilt series: lab A serves a population, lab B adds a species, lab A merges, refines, reports."),
 }
 
 

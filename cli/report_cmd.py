@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cryopool.repo.population import iter_items
+
 from .common import Context, emit_json, handle_errors, json_option, progress_bar
 from .report_pages import report_html
 
@@ -23,7 +25,9 @@ def report(obj: Context, rev: str, output: str, as_json: bool) -> None:
     """Write an HTML report of REV: population, species (FSC, history, maps, provenance), tilt series, merges."""
     repo = obj.repo()
     out = Path(output)
-    with progress_bar(None, "report", enabled=not as_json) as bar:
+    population = repo.population(rev)
+    parts = 2 + len(population.species) + sum(1 for _ in iter_items(repo, population))  # report_html's steps
+    with progress_bar(parts, "report", enabled=not as_json) as bar:
         html, svgs = report_html(repo, rev, progress=bar.step)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, svg in svgs.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -245,3 +246,32 @@ def test_revert_undoes_one_commit_and_refuses_what_changed_since(run, inputs, tm
         "--particles", write_particles(tmp_path / "q.star", particle_rows(["TS_02"])), "--diameter", "100")
     refused = run("revert", species_commit[:12], ok=False)
     assert refused.exit_code == 1 and "species ribo" in refused.output
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_shows_rate_and_eta_on_a_terminal_and_nothing_elsewhere(monkeypatch):
+    from cryopool.cli import common
+    now = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    out = _Terminal()
+    with common.progress_bar(10, "work", stream=out) as bar:
+        now[0] += 2
+        bar.update(4)
+    text = out.getvalue()
+    # 4 of 10 done 2 s after the start: 2 per second, 6 left, 3 s to go
+    assert "[#########" in text and " 40%" in text and "4/10" in text and "2.00/s" in text and "ETA 0:03" in text
+    assert text.endswith("\n")
+    quiet = io.StringIO()  # not a terminal (a pipe, a log file, CI): nothing at all
+    with common.progress_bar(10, "work", stream=quiet) as bar:
+        bar.update(4)
+        bar.tick(100)
+        bar.step("part")
+    assert quiet.getvalue() == ""
+    out = _Terminal()
+    with common.progress_bar(None, "receiving", stream=out) as bar:
+        bar.tick(3 * 1024 * 1024)
+    assert "3.0 MiB done" in out.getvalue() and "/s" in out.getvalue()
