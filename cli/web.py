@@ -140,7 +140,7 @@ def web_pages(repo: Repository, check: Callable[[str | None, str], None]) -> API
         cid = repo.resolve(rev)
         if name not in repo.population(cid).species:
             raise KeyError(f"no species {name!r} at {rev}")
-        return cached(("species", cid, name), lambda: render(
+        return cached(("species", cid, name, rev), lambda: render(
             "web_species.html", rev=rev, commit_id=cid, s=species_section(repo, cid, name, Links(cid, web=True)),
             links=Links(cid, web=True)))
 
@@ -149,7 +149,7 @@ def web_pages(repo: Repository, check: Callable[[str | None, str], None]) -> API
     def item(request: Request, key: str, rev: str = "HEAD") -> str:
         cid = repo.resolve(rev)
         find_item(repo, repo.population(cid), key)  # a clear error for an unknown item
-        return cached(("item", cid, key), lambda: render(
+        return cached(("item", cid, key, rev), lambda: render(
             "web_item.html", rev=rev, commit_id=cid, i=item_section(repo, cid, key), links=Links(cid, web=True)))
 
     @router.get("/web/diff")

@@ -16,7 +16,7 @@ import torch
 
 from .fourier import crop_center, rfft_frequencies_2d
 
-__all__ = ["electron_wavelength_angstrom", "ctf_2d", "aliasing_free_box", "delocalisation_angstrom",
+__all__ = ["electron_wavelength_angstrom", "ctf_2d", "ctf_at", "aliasing_free_box", "delocalisation_angstrom",
            "reconstruction_box", "premultiply_and_crop", "band_limited_ctf2"]
 
 _H = 6.62607015e-34
@@ -41,16 +41,28 @@ def ctf_2d(defocus_u_angstrom: torch.Tensor, defocus_v_angstrom: torch.Tensor, d
     u = torch.as_tensor(defocus_u_angstrom)
     device, dtype = u.device, u.dtype if u.is_floating_point() else torch.float32
     ky, kx = rfft_frequencies_2d(size, pixel_size_angstrom, device=device, dtype=dtype)
+    return ctf_at(kx, ky, defocus_u_angstrom, defocus_v_angstrom, defocus_angle_deg, voltage_kv=voltage_kv,
+                  spherical_aberration_mm=spherical_aberration_mm, amplitude_contrast=amplitude_contrast,
+                  phase_shift_deg=phase_shift_deg)
+
+
+def ctf_at(kx: torch.Tensor, ky: torch.Tensor, defocus_u_angstrom: torch.Tensor, defocus_v_angstrom: torch.Tensor,
+           defocus_angle_deg: torch.Tensor, *, voltage_kv: float, spherical_aberration_mm: float,
+           amplitude_contrast: float, phase_shift_deg: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The CTF at image frequencies ``kx, ky`` (1/Å, any shape ``F``) for defocus tensors ``(...,)`` → ``(..., *F)``."""
+    u = torch.as_tensor(defocus_u_angstrom)
+    dtype = kx.dtype
     k2 = kx**2 + ky**2
     theta = torch.atan2(ky, kx)
     lam = electron_wavelength_angstrom(voltage_kv)
     cs = spherical_aberration_mm * 1e7
-    v = torch.as_tensor(defocus_v_angstrom, device=device, dtype=dtype)[..., None, None]
-    u = u.to(dtype)[..., None, None]
-    ang = torch.deg2rad(torch.as_tensor(defocus_angle_deg, device=device, dtype=dtype))[..., None, None]
+    extra = (None,) * kx.dim()
+    v = torch.as_tensor(defocus_v_angstrom, device=kx.device, dtype=dtype)[(..., *extra)]
+    u = u.to(kx.device, dtype)[(..., *extra)]
+    ang = torch.deg2rad(torch.as_tensor(defocus_angle_deg, device=kx.device, dtype=dtype))[(..., *extra)]
     defocus = 0.5 * (u + v) + 0.5 * (u - v) * torch.cos(2 * (theta - ang))
-    phase = torch.deg2rad(torch.as_tensor(phase_shift_deg, device=device, dtype=dtype))
-    phase = phase[..., None, None] if phase.dim() else phase
+    phase = torch.deg2rad(torch.as_tensor(phase_shift_deg, device=kx.device, dtype=dtype))
+    phase = phase[(..., *extra)] if phase.dim() else phase
     amp = math.atan2(amplitude_contrast, math.sqrt(1 - amplitude_contrast**2))
     chi = math.pi * lam * defocus * k2 - 0.5 * math.pi * cs * lam**3 * k2**2
     return torch.sin(chi + phase + amp)

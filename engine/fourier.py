@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["rfft_frequencies_2d", "fftn_frequencies_3d", "fourier_shift_2d", "crop_center", "pad_center",
-           "spatial_frequency_shells"]
+           "spatial_frequency_shells", "fourier_resample"]
 
 
 def rfft_frequencies_2d(size: int, pixel_size_angstrom: float, *, device=None, dtype=torch.float32):
@@ -66,3 +66,15 @@ def spatial_frequency_radius(size: int, *, device=None, dtype=torch.float32) -> 
 def spatial_frequency_shells(size: int, *, device=None) -> torch.Tensor:
     """Integer shell index ``round(|k| · size)`` of each rfft voxel of a ``size³`` volume."""
     return spatial_frequency_radius(size, device=device).round().long()
+
+
+def fourier_resample(volume: torch.Tensor, size: int) -> torch.Tensor:
+    """A cubic volume resampled to ``size`` voxels per edge over the same extent (Fourier crop or zero-pad);
+    values keep their scale."""
+    d = volume.shape[-1]
+    if size == d:
+        return volume
+    spectrum = torch.fft.fftshift(torch.fft.fftn(volume), dim=(-3, -2, -1))
+    spectrum = crop_center(spectrum, size, dims=3) if size < d else pad_center(spectrum, size, dims=3)
+    out = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=(-3, -2, -1))).real
+    return out * (size / d) ** 3

@@ -23,10 +23,10 @@ import torch
 
 from cryopool.repo import InvalidInputError
 
-from .fourier import crop_center, pad_center
+from .fourier import fourier_resample
 from .unet import UNet3D, denoise_in_windows, network_from_arrays
 
-__all__ = ["PriorWeights", "load_prior", "weights_digest", "fourier_resample", "to_prior_space", "from_prior_space",
+__all__ = ["PriorWeights", "load_prior", "weights_digest", "to_prior_space", "from_prior_space",
            "apply_prior", "PRIOR_FILE"]
 
 PRIOR_FILE = "blush_style_prior"  # engine/weights/<name>.npz and .json
@@ -75,18 +75,6 @@ def load_prior(directory=None) -> PriorWeights:
         raise InvalidInputError("the prior's weights do not match their manifest", path=str(npz), field="blake3",
                                 expected=manifest.get("blake3"), found=found)
     return PriorWeights(arrays, manifest)
-
-
-def fourier_resample(volume: torch.Tensor, size: int) -> torch.Tensor:
-    """A cubic volume resampled to ``size`` voxels per edge over the same extent (Fourier crop or zero-pad);
-    values keep their scale."""
-    d = volume.shape[-1]
-    if size == d:
-        return volume
-    spectrum = torch.fft.fftshift(torch.fft.fftn(volume), dim=(-3, -2, -1))
-    spectrum = crop_center(spectrum, size, dims=3) if size < d else pad_center(spectrum, size, dims=3)
-    out = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=(-3, -2, -1))).real
-    return out * (size / d) ** 3
 
 
 def _prior_box(box: int, pixel_size_angstrom: float, voxel: float) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from .fourier import rfft_frequencies_2d
 
-__all__ = ["dose_tilt_weights", "anisotropic_bfactor_weights", "exposure_crop_frequency", "mid_exposure"]
+__all__ = ["dose_tilt_weights", "anisotropic_bfactor_weights", "exposure_crop_frequency", "mid_exposure", "exposure_weight"]
 
 
 def mid_exposure(pre_exposure: torch.Tensor, exposure: torch.Tensor) -> torch.Tensor:
@@ -22,14 +22,19 @@ def mid_exposure(pre_exposure: torch.Tensor, exposure: torch.Tensor) -> torch.Te
     return pre_exposure + 0.5 * exposure
 
 
+def exposure_weight(pre_exposure: torch.Tensor, exposure: torch.Tensor, k2: torch.Tensor, *,
+                    bfactor_per_dose: float = 4.0) -> torch.Tensor:
+    """``exp(−B k² / 4)`` with ``B = bfactor_per_dose ×`` the mid-exposure dose; ``k2`` in 1/Å², broadcast."""
+    return torch.exp(-bfactor_per_dose * mid_exposure(pre_exposure, exposure) * k2 / 4)
+
+
 def dose_tilt_weights(pre_exposure: torch.Tensor, exposure: torch.Tensor, tilt_angles_deg: torch.Tensor, *,
                       size: int, pixel_size_angstrom: float, bfactor_per_dose: float = 4.0,
                       cos_tilt: bool = True) -> torch.Tensor:
     """``(n_tilts,)`` → ``(n_tilts, size, size // 2 + 1)`` amplitude weights in rfft layout."""
     ky, kx = rfft_frequencies_2d(size, pixel_size_angstrom, device=pre_exposure.device, dtype=pre_exposure.dtype)
-    k2 = kx**2 + ky**2
-    b = bfactor_per_dose * mid_exposure(pre_exposure, exposure)
-    w = torch.exp(-b[:, None, None] * k2 / 4)
+    w = exposure_weight(pre_exposure[:, None, None], exposure[:, None, None], kx**2 + ky**2,
+                        bfactor_per_dose=bfactor_per_dose)
     if cos_tilt:
         w = w * torch.cos(torch.deg2rad(tilt_angles_deg)).clamp(min=0)[:, None, None]
     return w

@@ -18,7 +18,8 @@ from cryopool.engine.fourier import spatial_frequency_radius
 from cryopool.engine.nonuniform import (NonUniformSettings, apply_local_filter, butterworth, cutoff_levels,
                                         local_filter_levels, quarter_set)
 from cryopool.engine.phantoms import detergent_belt, noisy_quarter_maps, pseudo_atomic_model, render_map
-from cryopool.engine.prior import fourier_resample, load_prior, weights_digest
+from cryopool.engine.fourier import fourier_resample
+from cryopool.engine.prior import load_prior, weights_digest
 from cryopool.engine.prior_training import RECIPE, train_prior, write_prior
 from cryopool.engine.refine import RefineOptions, refine_population
 from cryopool.engine.regularise import HalfMaps, low_pass, working_resolution
