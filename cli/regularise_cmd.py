@@ -12,12 +12,12 @@ from cryopool.repo.formats.mrc import read_mrc, write_mrc
 
 from .common import Context, emit_json, handle_errors, json_option
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "cubic_map"]
 
 METHODS = ("fsc", "nu", "denoiser", "prior", "prior+denoiser")  # engine.regularisers.REGULARISERS, without torch
 
 
-def _volume(path: Path, like: tuple[tuple[int, ...], float] | None = None) -> tuple[np.ndarray, float]:
+def cubic_map(path: Path, like: tuple[tuple[int, ...], float] | None = None) -> tuple[np.ndarray, float]:
     m = read_mrc(path)
     data, voxel = m.data, m.voxel_size_angstrom
     if data.ndim != 3 or len(set(data.shape)) != 1 or data.shape[0] % 2:
@@ -61,15 +61,15 @@ def regularise(obj: Context, half_map_1, half_map_2, method, mask, quarters, pix
 
     from cryopool.engine.regularisers import regularise_pair
 
-    h1, voxel = _volume(half_map_1)
+    h1, voxel = cubic_map(half_map_1)
     like = (h1.shape, voxel)
-    h2, _ = _volume(half_map_2, like)
-    m = torch.from_numpy(_volume(mask, like)[0]) if mask else None
+    h2, _ = cubic_map(half_map_2, like)
+    m = torch.from_numpy(cubic_map(mask, like)[0]) if mask else None
     if quarters and method != "nu":
         raise click.UsageError("--quarters is for --method nu")
     q = None
     if quarters:
-        qs = [torch.from_numpy(_volume(p, like)[0]) for p in quarters]
+        qs = [torch.from_numpy(cubic_map(p, like)[0]) for p in quarters]
         q = ((qs[0], qs[1]), (qs[2], qs[3]))
     pixel = pixel_size or voxel
     result = regularise_pair(torch.from_numpy(h1), torch.from_numpy(h2), pixel, method=method, mask=m, quarters=q,

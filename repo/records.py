@@ -430,7 +430,7 @@ class Population(Record):
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-OPERATION_KINDS = ("init", "import", "refine", "merge", "edit", "simulate")
+OPERATION_KINDS = ("init", "import", "refine", "merge", "edit", "simulate", "match", "tomogram")
 
 
 @dataclass(frozen=True)
