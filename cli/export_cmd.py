@@ -1,12 +1,15 @@
-"""``cryopool export``: hand a population to other programs (RELION 5, Warp)."""
+"""``cryopool export``: hand a population to other programs (RELION 5, Warp, copick)."""
 
 from __future__ import annotations
 
 import click
 
-from cryopool.engine.records_io import load_map
+from cryopool.engine.records_io import load_item, load_map
 from cryopool.engine.regularise import filtered_map
+from cryopool.engine.tomogram import TomogramSettings, reconstruct_tomogram
 from cryopool.repo import Species
+from cryopool.repo.copick import export_copick
+from cryopool.repo.population import iter_items
 from cryopool.repo.relion import export_relion
 from cryopool.repo.warp_io import export_warp
 
@@ -79,6 +82,41 @@ def warp(obj: Context, folder, rev, as_json) -> None:
     click.echo(f"exported {len(summary['tilt_series'])} tilt series to {summary['folder']}")
     for note in summary["notes"]:
         click.echo(f"note: {note}")
+
+
+@export_group.command("copick")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("-r", "--rev", default="HEAD", show_default=True, help="Commit, branch or tag to export.")
+@click.option("--species", "species", multiple=True, help="Export only these species (repeatable) [default: all].")
+@click.option("--tomograms", "binning", type=click.IntRange(1, 64),
+              help="Also reconstruct every tilt series' tomogram at this binning (OME-Zarr).")
+@json_option
+@click.pass_obj
+@handle_errors
+def copick(obj: Context, folder, rev, species, binning, as_json) -> None:
+    """Write a copick project into the new FOLDER: each species' particles as picks, and optionally tomograms.
+
+    FOLDER gets copick_config.json (one pickable object per species), the overlay with
+    ExperimentRuns/RUN/Picks/cryopool_0_OBJECT.json per tilt series, and cryopool.json (the commit and the
+    run → tilt series, object → species maps that `import copick` reads back).
+    """
+    repo = obj.repo()
+    volumes = {}
+    if binning:
+        population = repo.population(rev)
+        for key, _, ts in iter_items(repo, population):
+            if not as_json:
+                click.echo(f"reconstructing {key} (binning {binning})", err=True)
+            volume, voxel = reconstruct_tomogram(load_item(repo, ts), ts.tomogram_size_px,
+                                                 TomogramSettings(binning=binning))
+            volumes[key] = (volume.numpy(), voxel)
+    summary = export_copick(repo, rev, folder, species=list(species) or None, tomograms=volumes)
+    if as_json:
+        emit_json(summary)
+        return
+    click.echo(f"exported {len(summary['objects'])} species as copick picks in {len(summary['runs'])} run(s)"
+               f"{f' with {len(volumes)} tomogram(s)' if volumes else ''} to {summary['folder']} "
+               f"(config: {summary['folder']}/copick_config.json)")
 
 
 COMMANDS = [export_group]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from cryopool.repo.copick import import_copick
 from cryopool.repo.importers import import_species, import_tilt_series
-from cryopool.repo.formats.mrc import read_mrc_header
+from cryopool.repo.formats.mrc import read_mrc, read_mrc_header
 from cryopool.repo.relion import import_relion
 from cryopool.repo.warp_io import import_warp
 
@@ -103,6 +104,39 @@ def species(obj: Context, name, half_map_1, half_map_2, mask, particles, symmetr
     n = c.operation.parameters["particles"]
     if as_json:
         emit_json({"commit": commit, "species": name, "particles": n})
+    else:
+        _committed(repo, commit, c.message)
+
+
+@import_group.command("copick")
+@click.argument("config", type=click.Path(dir_okay=False, exists=True))
+@click.option("--object", "obj_name", required=True, help="The copick pickable object whose picks to import.")
+@click.option("--species", "name",
+              help="Species they become [default: the species a cryopool export named, else the object's name].")
+@click.option("--user-id", help="Whose picks, where several users or tools picked the object.")
+@click.option("--session-id", help="Which session's picks [default: 0, a tool's].")
+@click.option("--half1", "half_map_1", type=click.Path(dir_okay=False), help="Half-map 1 (MRC), for a new species.")
+@click.option("--half2", "half_map_2", type=click.Path(dir_okay=False), help="Half-map 2 (MRC), for a new species.")
+@click.option("--mask", type=click.Path(dir_okay=False), help="Mask (MRC), for a new species.")
+@click.option("--diameter", "diameter_angstrom", type=float, help="Particle diameter in Å, for a new species.")
+@click.option("--symmetry", default="C1", show_default=True)
+@commit_options
+def copick(obj: Context, config, obj_name, name, user_id, session_id, half_map_1, half_map_2, mask,
+           diameter_angstrom, symmetry, branch, message, as_json) -> None:
+    """Import a copick project's picks of one object as a species (a new version of it, if it exists)."""
+    repo = obj.repo()
+    maps = [read_mrc(p) for p in (half_map_1, half_map_2) if p]
+    if len(maps) == 1:
+        raise click.UsageError("give both --half1 and --half2, or neither")
+    commit = import_copick(repo, config, obj_name, name, half_maps=tuple(m.data for m in maps) or None,
+                           mask=read_mrc(mask).data if mask else None,
+                           pixel_size_angstrom=maps[0].voxel_size_angstrom[0] if maps else None,
+                           diameter_angstrom=diameter_angstrom, symmetry=symmetry, user_id=user_id,
+                           session_id=session_id, branch=branch, message=message)
+    c = repo.get_commit(commit)
+    if as_json:
+        emit_json({"commit": commit, "species": c.operation.parameters["species"],
+                   "particles": c.operation.parameters["particles"]})
     else:
         _committed(repo, commit, c.message)
 

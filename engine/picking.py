@@ -16,9 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cryopool.repo import InvalidInputError, Metrics, Operation, Repository, Species, software_version
-from cryopool.repo.importers import stable_particle_ids
-from cryopool.repo.population import find_item, iter_items, with_species
+from cryopool.repo import (InvalidInputError, Metrics, Operation, Repository, Species, find_item, iter_items,
+                           software_version, stable_particle_ids, with_species)
 
 from .ctf_fit import circular_mask
 from .fourier import fourier_resample

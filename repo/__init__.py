@@ -34,8 +34,9 @@ from .records import (
     StateDict,
     TiltSeries,
 )
-from .population import (item_key, item_refs, iter_items, population_summary, refinement_marks, split_item_key,
-                         with_item, with_items, with_marks, with_species, without_marks)
+from .population import (find_item, item_key, item_refs, iter_items, population_summary, refinement_marks,
+                         split_item_key, stable_particle_ids, with_item, with_items, with_marks, with_species,
+                         without_marks)
 from .repository import Head, Repository, software_version
 from .trajectory import MAX_TEMPORAL_SAMPLES, dose_times, trajectory_weights
 from .version import __version__
@@ -47,7 +48,8 @@ __all__ = [
     "ArrayManifest", "Commit", "DataSource", "DeformationModel", "Grid", "HalfSetModel", "ImagingModel", "Metrics",
     "Operation",
     "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
-    "item_key", "item_refs", "split_item_key", "iter_items", "with_item", "with_items", "with_species", "population_summary",
+    "item_key", "item_refs", "split_item_key", "iter_items", "find_item", "stable_particle_ids", "with_item",
+    "with_items", "with_species", "population_summary",
     "software_version",
     "refinement_marks", "with_marks", "without_marks", "MAX_TEMPORAL_SAMPLES", "dose_times", "trajectory_weights",
     "readable_at",

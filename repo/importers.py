@@ -25,7 +25,7 @@ from .formats.tilts import (dose_symmetric_order, mdoc_number, parse_tilt_range,
                             xf_alignment)
 from .hashing import ObjectId
 from .physical import check, check_count, validate_symmetry
-from .population import find_item, with_item, with_species
+from .population import find_item, stable_particle_ids, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
@@ -264,23 +264,6 @@ def _choose_pixel_size(path: Path, header: float, given: float | None, metadata:
 
 
 # --------------------------------------------------------------------------- species
-
-
-def stable_particle_ids(species: str, item_keys: list[str], positions: np.ndarray) -> np.ndarray:
-    """uint64 ids from the species name, the item, the row and the position.
-
-    Deterministic (re-importing the same table gives the same ids, so the
-    same hashes) and, at 64 bits, unique in practice across labs; uniqueness
-    within a table is checked.
-    """
-    ids = np.empty(len(item_keys), dtype=np.uint64)
-    for i, (key, pos) in enumerate(zip(item_keys, positions)):
-        h = blake3.blake3(f"{species}\0{key}\0{i}\0".encode() + np.asarray(pos, "<f8").tobytes(),
-                          derive_key_context="cryopool 2026-11-21 particle id v1")
-        ids[i] = int.from_bytes(h.digest(8), "little")
-    if len(np.unique(ids)) != len(ids):
-        raise InvalidInputError("particle id collision; rename the species and import again")
-    return ids
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
+import blake3
+import numpy as np
+
 from .canonical import Ref
 from .errors import AlreadyExistsError, InvalidInputError, NotFoundError
 from .records import DataSource, ParticleTable, Population, Species, TiltSeries, validate_name
 
-__all__ = ["item_key", "export_names", "split_item_key", "iter_items", "item_refs", "find_item", "with_item", "with_items",
-           "with_species",
+__all__ = ["stable_particle_ids", "item_key", "export_names", "split_item_key", "iter_items", "item_refs", "find_item",
+           "with_item", "with_items", "with_species",
            "empty_population", "population_summary", "NEEDS_REFINEMENT", "refinement_marks", "with_marks",
            "without_marks", "without_species", "without_item"]
 
@@ -185,3 +188,20 @@ def without_marks(population: Population, *, items: list[str] = (), species: lis
     """The population with the marks of these items and species cleared (they were just refined)."""
     done = {f"item {k}" for k in items} | {f"species {n}" for n in species}
     return with_marks(population, [m for m in refinement_marks(population) if m not in done])
+
+
+def stable_particle_ids(species: str, item_keys: list[str], positions: np.ndarray) -> np.ndarray:
+    """uint64 ids from the species name, the item, the row and the position.
+
+    Deterministic (re-importing the same table gives the same ids, so the
+    same hashes) and, at 64 bits, unique in practice across labs; uniqueness
+    within a table is checked.
+    """
+    ids = np.empty(len(item_keys), dtype=np.uint64)
+    for i, (key, pos) in enumerate(zip(item_keys, positions)):
+        h = blake3.blake3(f"{species}\0{key}\0{i}\0".encode() + np.asarray(pos, "<f8").tobytes(),
+                          derive_key_context="cryopool 2026-11-21 particle id v1")
+        ids[i] = int.from_bytes(h.digest(8), "little")
+    if len(np.unique(ids)) != len(ids):
+        raise InvalidInputError("particle id collision; rename the species and import again")
+    return ids
