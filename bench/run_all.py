@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_distributed  # noqa: E402
+import bench_match  # noqa: E402
 import bench_projection  # noqa: E402
 import bench_refine  # noqa: E402
 import bench_regulariser_refine  # noqa: E402
@@ -31,6 +32,8 @@ def main() -> None:
     bench_regularisers.main([])
     print("\n== regularisers inside refinement ==")
     bench_regulariser_refine.main([])
+    print("\n== template matching: a withheld species found again, against the truth ==")
+    bench_match.main([])
     print("\n== collaboration: clone and incremental push ==")
     bench_remote.main()
     print("\n== command start-up: status, log, show, diff, branch ==")

@@ -51,37 +51,41 @@ def _tilt_axis_normals(geometry) -> torch.Tensor:
 
 
 def filtered_tilts(item: ItemModel, settings: TomogramSettings = TomogramSettings()) -> tuple[torch.Tensor, float]:
-    """The tilt images ready to back-project ``(t, s, s)`` and their pixel size (Å)."""
-    stack = item.stack.to(settings.dtype)
-    t, h, w = stack.shape
+    """The tilt images ready to back-project ``(t, s, s)`` and their pixel size (Å), one tilt at a time (the
+    padded spectra of a 4k stack would not fit)."""
+    if settings.ctf not in CTF_MODES:
+        raise ValueError(f"ctf must be one of {CTF_MODES}, not {settings.ctf!r}")
+    t, h, w = item.stack.shape
     size = max(h, w) + max(h, w) % 2
     binned = max(2, size // settings.binning)
     binned -= binned % 2
     pixel = item.geometry.pixel_size_angstrom * size / binned
-    images = pad_center(stack - stack.mean(dim=(-2, -1), keepdim=True), size)
-    spectrum = torch.fft.rfft2(images)  # binning: keep the central rows and the first columns of the spectrum
-    rows = torch.fft.fftshift(spectrum, dim=-2).narrow(-2, size // 2 - binned // 2, binned)
-    spectrum = torch.fft.ifftshift(rows, dim=-2)
-    spectrum = spectrum[..., :binned // 2 + 1]
     ky, kx = rfft_frequencies_2d(binned, pixel, dtype=torch.float64)
-    weight = torch.ones((t, binned, binned // 2 + 1), dtype=torch.float64)
-    if settings.ctf == "phase-flip":
-        ctf = ctf_2d(item.imaging.defocus_u_angstrom, item.imaging.defocus_v_angstrom, item.imaging.defocus_angle_deg,
-                     voltage_kv=item.imaging.voltage_kv, spherical_aberration_mm=item.imaging.spherical_aberration_mm,
-                     amplitude_contrast=item.imaging.amplitude_contrast, pixel_size_angstrom=pixel, size=binned)
-        weight = weight * torch.sign(ctf).to(torch.float64)
-    elif settings.ctf != "none":
-        raise ValueError(f"ctf must be one of {CTF_MODES}, not {settings.ctf!r}")
-    if settings.exposure_weighting:
-        weight = weight * dose_tilt_weights(item.pre_exposure, item.exposure, item.geometry.tilt_angles_deg,
-                                            size=binned, pixel_size_angstrom=pixel).to(torch.float64)
-    normal = _tilt_axis_normals(item.geometry)
     nyquist = 0.5 / pixel
-    ramp = (kx[None] * normal[:, 0, None, None] + ky[None] * normal[:, 1, None, None]).abs() / nyquist + 1.0 / t
     k = torch.hypot(kx, ky) / nyquist  # cosine roll-off from 0.9 Nyquist: no ringing from the cut
     taper = torch.where(k < 0.9, 1.0, 0.5 + 0.5 * torch.cos(math.pi * ((k - 0.9) / 0.1).clamp(0, 1)))
-    weight = (weight * ramp * taper).to(spectrum.real.dtype)
-    return torch.fft.irfft2(spectrum * weight, s=(binned, binned)) / t, pixel
+    normal = _tilt_axis_normals(item.geometry)
+    im = item.imaging
+    out = torch.empty((t, binned, binned), dtype=settings.dtype)
+    for i in range(t):
+        image = item.stack[i].to(settings.dtype)
+        spectrum = torch.fft.rfft2(pad_center(image - image.mean(), size))
+        rows = torch.fft.fftshift(spectrum, dim=-2).narrow(-2, size // 2 - binned // 2, binned)
+        spectrum = torch.fft.ifftshift(rows, dim=-2)[..., :binned // 2 + 1]  # binned: the central frequencies
+        ramp = (kx * normal[i, 0] + ky * normal[i, 1]).abs() / nyquist + 1.0 / t
+        weight = ramp * taper
+        if settings.ctf == "phase-flip":
+            weight = weight * torch.sign(ctf_2d(im.defocus_u_angstrom[i], im.defocus_v_angstrom[i],
+                                                im.defocus_angle_deg[i], voltage_kv=im.voltage_kv,
+                                                spherical_aberration_mm=im.spherical_aberration_mm,
+                                                amplitude_contrast=im.amplitude_contrast, pixel_size_angstrom=pixel,
+                                                size=binned)).to(torch.float64)
+        if settings.exposure_weighting:
+            weight = weight * dose_tilt_weights(item.pre_exposure[i:i + 1], item.exposure[i:i + 1],
+                                                item.geometry.tilt_angles_deg[i:i + 1], size=binned,
+                                                pixel_size_angstrom=pixel)[0].to(torch.float64)
+        out[i] = torch.fft.irfft2(spectrum * weight.to(spectrum.real.dtype), s=(binned, binned)) / t
+    return out, pixel
 
 
 def tomogram_shape(item: ItemModel, tomogram_size_px: list[int], binning: int) -> tuple[int, int, int]:
