@@ -90,13 +90,22 @@ def test_the_tomogram_shows_the_particles_where_the_truth_puts_them(repo):
     torch.testing.assert_close(small, vol)
 
 
-def test_matching_finds_the_withheld_species_where_and_as_it_is(repo):
+@pytest.fixture(scope="module")
+def matched(sim):
+    """The first tilt series' tomogram searched for the withheld species with its true map."""
+    repo = Repository.in_memory()
+    write_simulation(repo, sim, withhold=("prot",))
     key, _, ts = next(iter_items(repo, repo.population()))
     item = load_item(repo, ts)
     vol, voxel = reconstruct_tomogram(item, ts.tomogram_size_px)
     sp, true_pos, true_rot = _true_particles(repo, "prot", key)
     result = match_template(vol, voxel, load_map(repo, sp), sp.pixel_size_angstrom, item, sp.diameter_angstrom,
                             MatchSettings(angular_step_deg=STEP))
+    return repo, key, sp, true_pos, true_rot, result
+
+
+def test_matching_finds_the_withheld_species_where_and_as_it_is(matched):
+    repo, key, sp, true_pos, true_rot, result = matched
     picks = pick_peaks(result, sp.diameter_angstrom, occupied_in(repo, repo.population(), key),
                        threshold=8 * result.score_std, max_picks=len(true_pos))
     hits, angles = 0, []
@@ -110,13 +119,8 @@ def test_matching_finds_the_withheld_species_where_and_as_it_is(repo):
     assert np.median(angles) < STEP / 2 + 5  # within the grid's reach of the true orientation
 
 
-def test_picks_avoid_the_particles_already_there_and_each_other(repo):
-    key, _, ts = next(iter_items(repo, repo.population()))
-    item = load_item(repo, ts)
-    vol, voxel = reconstruct_tomogram(item, ts.tomogram_size_px)
-    sp, true_pos, _ = _true_particles(repo, "prot", key)
-    result = match_template(vol, voxel, load_map(repo, sp), sp.pixel_size_angstrom, item, sp.diameter_angstrom,
-                            MatchSettings(angular_step_deg=STEP))
+def test_picks_avoid_the_particles_already_there_and_each_other(matched):
+    repo, key, sp, true_pos, _, result = matched
     occupied = occupied_in(repo, repo.population(), key) + [(true_pos[0], 60.0)]  # one as if already picked
     picks = pick_peaks(result, sp.diameter_angstrom, occupied, threshold=3 * result.score_std)
     assert len(picks) > len(true_pos)  # a low threshold: every place that is free gets a pick
