@@ -8,7 +8,8 @@ import click
 import torch
 
 from cryopool.engine.picking import pick_species
-from cryopool.engine.records_io import load_item
+from cryopool.engine.records_io import load_item, to_device
+from cryopool.engine.refine import pick_device
 from cryopool.engine.template_match import MatchSettings
 from cryopool.engine.tomogram import CTF_MODES, TomogramSettings, reconstruct_tomogram
 from cryopool.repo import Operation, software_version
@@ -19,6 +20,9 @@ from .common import Context, emit_json, handle_errors, json_option, progress_bar
 from .regularise_cmd import cubic_map
 
 __all__ = ["COMMANDS"]
+
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                      help="Where to compute (auto: CUDA when present).")
 
 
 @click.command()
@@ -36,11 +40,12 @@ __all__ = ["COMMANDS"]
                    "version it came from and holds the volume as an attachment.")
 @click.option("--memory-budget", "memory_gb", default=0.5, show_default=True, type=float,
               help="GiB for the back-projection's working arrays (slabs of z are sized to fit).")
+@DEVICE
 @json_option
 @click.pass_obj
 @handle_errors
 def tomogram(obj: Context, item: str, rev: str, output: Path | None, binning: int, ctf: str,
-             no_exposure_weighting: bool, store: bool, memory_gb: float, as_json: bool) -> None:
+             no_exposure_weighting: bool, store: bool, memory_gb: float, device: str, as_json: bool) -> None:
     """Reconstruct ITEM's tomogram (weighted back-projection) with its current deformation and imaging models."""
     repo = obj.repo()
     cid = repo.resolve(rev)
@@ -49,8 +54,9 @@ def tomogram(obj: Context, item: str, rev: str, output: Path | None, binning: in
     settings = TomogramSettings(binning=binning, ctf=ctf, exposure_weighting=not no_exposure_weighting,
                                 memory_budget_bytes=int(memory_gb * 1024**3))
     with progress_bar(None, f"tomogram {key}", enabled=not as_json) as bar:
-        volume, voxel = reconstruct_tomogram(load_item(repo, ts), ts.tomogram_size_px, settings,
-                                             progress=bar.update_to)
+        volume, voxel = reconstruct_tomogram(to_device(load_item(repo, ts), pick_device(device)),
+                                             ts.tomogram_size_px, settings, progress=bar.update_to)
+    volume = volume.cpu()
     out = output or Path(f"{ts.name}.mrc")
     write_mrc(out, volume.numpy(), voxel)
     commit = None
@@ -94,11 +100,12 @@ def tomogram(obj: Context, item: str, rev: str, output: Path | None, binning: in
               help="Write each tilt series' score volume (σ) here as MRC.")
 @click.option("-b", "--branch", help="Commit to this branch [default: the checked-out one].")
 @click.option("-m", "--message", help="Commit message.")
+@DEVICE
 @json_option
 @click.pass_obj
 @handle_errors
 def match(obj: Context, items, template, name, diameter, symmetry, angular_step, binning, lowpass, threshold,
-          max_picks, scores_dir, branch, message, as_json) -> None:
+          max_picks, scores_dir, branch, message, device, as_json) -> None:
     """Find a new species in ITEMS (default: every tilt series) by template matching, and commit its picks."""
     repo = obj.repo()
     volume, pixel = cubic_map(template)
@@ -118,6 +125,7 @@ def match(obj: Context, items, template, name, diameter, symmetry, angular_step,
                               symmetry=symmetry, items=list(items) or None, branch=branch, settings=settings,
                               binning=binning, threshold_sigma=threshold, max_picks=max_picks, message=message,
                               template_attributes={"voxel_angstrom": pixel, "file": template.name},
+                              device=pick_device(device),
                               progress=lambda what, done, total: bar.step(what),
                               scores=save_scores)
     if as_json:

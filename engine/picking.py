@@ -21,7 +21,7 @@ from cryopool.repo import (InvalidInputError, Metrics, Operation, Repository, Sp
 
 from .ctf_fit import circular_mask
 from .fourier import fourier_resample
-from .records_io import ParticleColumns, load_item, load_particles
+from .records_io import ParticleColumns, load_item, load_particles, to_device
 from .template_match import MatchSettings, false_alarm_threshold, match_template, pick_peaks
 from .tomogram import TomogramSettings, reconstruct_tomogram
 from .writer import species_version
@@ -54,7 +54,8 @@ def pick_species(repo: Repository, name: str, template: torch.Tensor, template_p
                  diameter_angstrom: float, symmetry: str = "C1", items: list[str] | None = None,
                  branch: str | None = None, settings: MatchSettings = MatchSettings(), binning: int = 1,
                  threshold_sigma: float | None = None, max_picks: int | None = None, message: str | None = None,
-                 template_attributes: dict | None = None, progress: Callable[[str, int, int], None] | None = None,
+                 template_attributes: dict | None = None, device: torch.device | str = "cpu",
+                 progress: Callable[[str, int, int], None] | None = None,
                  scores: Callable[[str, torch.Tensor, float], None] | None = None) -> PickingReport:
     """Match ``template`` in every item (or ``items``) and commit the picks as species ``name`` on ``branch``."""
     if branch and not repo.branch_exists(branch):
@@ -77,7 +78,7 @@ def pick_species(repo: Repository, name: str, template: torch.Tensor, template_p
             raise InvalidInputError("items of one match must share a pixel size", field=key,
                                     expected=pixel, found=ts.pixel_size_angstrom)
         t0 = time.perf_counter()
-        item = load_item(repo, ts)
+        item = to_device(load_item(repo, ts), device)
         if progress:
             progress(f"{key}: tomogram", n, len(keys))
         tomogram, voxel = reconstruct_tomogram(item, ts.tomogram_size_px, TomogramSettings(binning=binning))

@@ -6,7 +6,7 @@ With ``writer`` (the way back), the only engine modules that touch records, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from .geometry import euler_zyz_to_matrix
 from .regularise import NetworkWeights
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["ItemModel", "load_item", "unmodelled_optics", "ParticleColumns", "load_particles", "load_map",
+__all__ = ["ItemModel", "load_item", "to_device", "geometry_to", "imaging_to",
+           "unmodelled_optics", "ParticleColumns", "load_particles", "load_map",
            "load_quarter_maps", "load_weights"]
 
 
@@ -141,3 +142,22 @@ def load_weights(repo: Repository, species: Species) -> NetworkWeights | None:
     sd = repo.get_record(species.denoiser, StateDict)
     return NetworkWeights({name: np.asarray(repo.get_array(ref).read(), dtype=np.float32)
                            for name, ref in sd.tensors.items()}, dict(sd.metadata))
+
+
+def geometry_to(g: TiltGeometry, device) -> TiltGeometry:
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
+                   angle_corrections_deg=g.angle_corrections_deg.to(device), dose_time=g.dose_time.to(device),
+                   image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
+                   orientation_corrections_deg=move(g.orientation_corrections_deg))
+
+
+def imaging_to(i: Imaging, device) -> Imaging:
+    return replace(i, defocus_u_angstrom=i.defocus_u_angstrom.to(device),
+                   defocus_v_angstrom=i.defocus_v_angstrom.to(device), defocus_angle_deg=i.defocus_angle_deg.to(device))
+
+
+def to_device(model: ItemModel, device) -> ItemModel:
+    """The item's tensors on ``device`` (CPU or CUDA)."""
+    return ItemModel(model.stack.to(device), geometry_to(model.geometry, device), imaging_to(model.imaging, device),
+                     model.pre_exposure.to(device), model.exposure.to(device))

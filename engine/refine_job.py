@@ -19,7 +19,7 @@ from cryopool.repo import Repository, TiltSeries
 
 from .forward import ParticleSet, reconstruct_half_maps
 from .projection import FourierAccumulator, VolumeTransform
-from .records_io import ItemModel, ParticleColumns, load_item
+from .records_io import ItemModel, ParticleColumns, geometry_to, imaging_to, load_item, to_device
 from .nonuniform import quarter_set
 from .refine_item import RefineSettings, SpeciesInput, refine_item_half
 from .symmetry import symmetry_operators
@@ -74,7 +74,7 @@ class ItemResult:
         accs = None
         if self.accumulators is not None:
             accs = {name: tuple(a.to("cpu") for a in pair) for name, pair in self.accumulators.items()}
-        return replace(self, half_models={h: (_geometry_to(g, "cpu"), _imaging_to(i, "cpu"))
+        return replace(self, half_models={h: (geometry_to(g, "cpu"), imaging_to(i, "cpu"))
                                           for h, (g, i) in self.half_models.items()},
                        poses={n: tuple(t.cpu() for t in p) for n, p in self.poses.items()}, accumulators=accs)
 
@@ -83,24 +83,6 @@ def new_accumulators(plan: IterationPlan, device, dtype=torch.float32) -> Accumu
     n = 4 if plan.quarters else 2
     return {name: tuple(FourierAccumulator(s.reconstruction_box, device=device, dtype=dtype) for _ in range(n))
             for name, s in plan.species.items()}
-
-
-def _geometry_to(g: TiltGeometry, device) -> TiltGeometry:
-    move = lambda x: None if x is None else x.to(device)  # noqa: E731
-    return replace(g, tilt_angles_deg=g.tilt_angles_deg.to(device), shifts_angstrom=g.shifts_angstrom.to(device),
-                   angle_corrections_deg=g.angle_corrections_deg.to(device), dose_time=g.dose_time.to(device),
-                   image_warp=move(g.image_warp), volume_warp=move(g.volume_warp),
-                   orientation_corrections_deg=move(g.orientation_corrections_deg))
-
-
-def _imaging_to(i: Imaging, device) -> Imaging:
-    return replace(i, defocus_u_angstrom=i.defocus_u_angstrom.to(device),
-                   defocus_v_angstrom=i.defocus_v_angstrom.to(device), defocus_angle_deg=i.defocus_angle_deg.to(device))
-
-
-def to_device(model: ItemModel, device) -> ItemModel:
-    return ItemModel(model.stack.to(device), _geometry_to(model.geometry, device), _imaging_to(model.imaging, device),
-                     model.pre_exposure.to(device), model.exposure.to(device))
 
 
 def _half_model(repo: Repository, item: TiltSeries, half: int, device) -> ItemModel | None:

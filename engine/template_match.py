@@ -77,14 +77,13 @@ def false_alarm_threshold(std: float, trials: float, false_peaks: float = 1.0) -
 def tomogram_transfer(item: ItemModel, box: int, voxel: float) -> torch.Tensor:
     """``(box, box, box // 2 + 1)`` how the tomogram passes each 3D frequency: the mean over the tilts whose
     central slice holds it of |CTF| × exposure weight; zero in the missing wedge."""
-    f = torch.fft.fftfreq(box, d=voxel, dtype=torch.float64)
-    fr = torch.fft.rfftfreq(box, d=voxel, dtype=torch.float64)
-    kz, ky, kx = torch.meshgrid(f, f, fr, indexing="ij")
+    device = item.stack.device
+    kz, ky, kx = _frequencies(box, voxel, device)
     k = torch.stack([kx, ky, kz], dim=-1)  # (…, 3) specimen frequencies, x y z
     rotations = item.geometry.rotations().to(torch.float64)  # (t, 3, 3) specimen → tilt frame
     tilt_k = torch.einsum("tij,...j->t...i", rotations, k)  # (t, …, 3)
     on_slice = (tilt_k[..., 2].abs() <= 0.5 / (box * voxel)).to(torch.float64)
-    weight = torch.zeros(kx.shape, dtype=torch.float64)
+    weight = torch.zeros(kx.shape, dtype=torch.float64, device=device)
     im = item.imaging
     for i in range(len(rotations)):  # each tilt with its own defocus and dose
         ctf = ctf_at(tilt_k[i, ..., 0], tilt_k[i, ..., 1], im.defocus_u_angstrom[i].to(torch.float64),
@@ -98,10 +97,15 @@ def tomogram_transfer(item: ItemModel, box: int, voxel: float) -> torch.Tensor:
     return torch.where(count > 0, weight / count.clamp(min=1), torch.zeros_like(count))
 
 
-def _lowpass(box: int, voxel: float, resolution: float) -> torch.Tensor:
-    f = torch.fft.fftfreq(box, d=voxel, dtype=torch.float64)
-    fr = torch.fft.rfftfreq(box, d=voxel, dtype=torch.float64)
-    kz, ky, kx = torch.meshgrid(f, f, fr, indexing="ij")
+def _frequencies(box: int, voxel: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kz, ky, kx)`` in 1/Å of a ``box³`` volume's rfft."""
+    f = torch.fft.fftfreq(box, d=voxel, dtype=torch.float64, device=device)
+    fr = torch.fft.rfftfreq(box, d=voxel, dtype=torch.float64, device=device)
+    return torch.meshgrid(f, f, fr, indexing="ij")
+
+
+def _lowpass(box: int, voxel: float, resolution: float, device=None) -> torch.Tensor:
+    kz, ky, kx = _frequencies(box, voxel, device)
     k = torch.sqrt(kx**2 + ky**2 + kz**2) * resolution
     return torch.where(k < 0.9, 1.0, 0.5 + 0.5 * torch.cos(math.pi * ((k - 0.9) / 0.2).clamp(0, 1)))
 
@@ -109,9 +113,9 @@ def _lowpass(box: int, voxel: float, resolution: float) -> torch.Tensor:
 def _rotate(volume: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """``volume(Rᵀ x)`` about the box centre (index n // 2), trilinear; x, y, z axes as (x, y, z) of the map."""
     n = volume.shape[-1]
-    c = (torch.arange(n, dtype=torch.float64) - n // 2)
+    c = (torch.arange(n, dtype=torch.float64, device=volume.device) - n // 2)
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    pts = torch.stack([x, y, z], dim=-1) @ rotation.to(torch.float64)  # rows: Rᵀ x
+    pts = torch.stack([x, y, z], dim=-1) @ rotation.to(volume.device, torch.float64)  # rows: Rᵀ x
     grid = (2 * (pts + n // 2) + 1) / n - 1
     return torch.nn.functional.grid_sample(volume[None, None].to(torch.float64), grid[None], mode="bilinear",
                                            padding_mode="zeros", align_corners=False)[0, 0].to(volume.dtype)
@@ -121,13 +125,14 @@ def match_template(tomogram: torch.Tensor, voxel: float, template: torch.Tensor,
                    item: ItemModel, diameter_angstrom: float, settings: MatchSettings = MatchSettings(),
                    progress: Callable[[int, int], None] | None = None) -> MatchResult:
     """Score every voxel and orientation of ``tomogram`` ``(z, y, x)`` against ``template`` (a map, cubic)."""
-    dtype = torch.float32
+    dtype, device = torch.float32, tomogram.device
     box = int(round(template.shape[-1] * template_pixel / voxel))
     box += box % 2
-    tpl = fourier_resample(template.to(torch.float64), box)
-    transfer = tomogram_transfer(item, box, voxel) * _lowpass(box, voxel, settings.lowpass_angstrom or 2.5 * voxel)
+    tpl = fourier_resample(template.to(device, torch.float64), box)
+    transfer = tomogram_transfer(item, box, voxel) * _lowpass(box, voxel, settings.lowpass_angstrom or 2.5 * voxel,
+                                                              device)
     radius = (settings.mask_radius_angstrom or diameter_angstrom / 2) / voxel
-    c = torch.arange(box, dtype=torch.float64) - box // 2
+    c = torch.arange(box, dtype=torch.float64, device=device) - box // 2
     zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
     mask = (torch.sqrt(xx**2 + yy**2 + zz**2) <= radius).to(torch.float64)
     n_mask = float(mask.sum())
@@ -141,8 +146,8 @@ def match_template(tomogram: torch.Tensor, voxel: float, template: torch.Tensor,
     sq = torch.fft.irfftn(torch.fft.rfftn(vol**2) * fm.conj(), s=shape) / n_mask
     local_std = torch.sqrt((sq - mean**2).clamp(min=1e-12))
     rotations = so3_grid(settings.angular_step_deg)
-    best = torch.full(shape, -torch.inf, dtype=dtype)
-    best_index = torch.zeros(shape, dtype=torch.long)
+    best = torch.full(shape, -torch.inf, dtype=dtype, device=device)
+    best_index = torch.zeros(shape, dtype=torch.long, device=device)
     total = total_sq = 0.0
     for r in range(len(rotations)):
         t = torch.fft.irfftn(torch.fft.rfftn(_rotate(tpl, rotations[r])) * transfer, s=(box,) * 3)
@@ -158,12 +163,12 @@ def match_template(tomogram: torch.Tensor, voxel: float, template: torch.Tensor,
             progress(r + 1, len(rotations))
     n = cc.numel() * len(rotations)
     std = math.sqrt(max(total_sq / n - (total / n) ** 2, 1e-30))
-    return MatchResult(best, best_index, rotations, std, voxel)
+    return MatchResult(best.cpu(), best_index.cpu(), rotations, std, voxel)  # small: picking runs on the CPU
 
 
 def _pad_to(small: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A box centred on the origin of a volume of ``shape`` (wrapped), for correlation by FFT."""
-    out = torch.zeros(shape, dtype=small.dtype)
+    out = torch.zeros(shape, dtype=small.dtype, device=small.device)
     b = small.shape[-1]
     out[:b, :b, :b] = small
     return torch.roll(out, shifts=(-(b // 2),) * 3, dims=(0, 1, 2))

@@ -42,8 +42,9 @@ class TomogramSettings:
 
 def _tilt_axis_normals(geometry) -> torch.Tensor:
     """Per tilt, the unit image direction in which height moves a point: perpendicular to the tilt axis."""
-    pts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1000.0]], dtype=torch.float64)
-    xy, _ = particle_positions_in_tilts(geometry, pts.to(geometry.shifts_angstrom.dtype))
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1000.0]], dtype=geometry.shifts_angstrom.dtype,
+                       device=geometry.shifts_angstrom.device)
+    xy, _ = particle_positions_in_tilts(geometry, pts)
     d = (xy[1] - xy[0]).to(torch.float64)  # (t, 2)
     big = int(torch.argmax(d.norm(dim=-1)))
     ref = d[big] / d[big].norm().clamp(min=1e-12)  # low tilts barely move: use the most tilted image's direction
@@ -60,13 +61,14 @@ def filtered_tilts(item: ItemModel, settings: TomogramSettings = TomogramSetting
     binned = max(2, size // settings.binning)
     binned -= binned % 2
     pixel = item.geometry.pixel_size_angstrom * size / binned
-    ky, kx = rfft_frequencies_2d(binned, pixel, dtype=torch.float64)
+    device = item.stack.device
+    ky, kx = rfft_frequencies_2d(binned, pixel, dtype=torch.float64, device=device)
     nyquist = 0.5 / pixel
     k = torch.hypot(kx, ky) / nyquist  # cosine roll-off from 0.9 Nyquist: no ringing from the cut
     taper = torch.where(k < 0.9, 1.0, 0.5 + 0.5 * torch.cos(math.pi * ((k - 0.9) / 0.1).clamp(0, 1)))
     normal = _tilt_axis_normals(item.geometry)
     im = item.imaging
-    out = torch.empty((t, binned, binned), dtype=settings.dtype)
+    out = torch.empty((t, binned, binned), dtype=settings.dtype, device=device)
     for i in range(t):
         image = item.stack[i].to(settings.dtype)
         spectrum = torch.fft.rfft2(pad_center(image - image.mean(), size))
@@ -94,23 +96,24 @@ def tomogram_shape(item: ItemModel, tomogram_size_px: list[int], binning: int) -
     return z, y, x
 
 
-def voxel_centres(n: int, voxel: float, dtype=torch.float64) -> torch.Tensor:
+def voxel_centres(n: int, voxel: float, dtype=torch.float64, device=None) -> torch.Tensor:
     """Å from the tomogram centre of voxel indices 0..n-1 (index n // 2 at the centre)."""
-    return (torch.arange(n, dtype=dtype) - n // 2) * voxel
+    return (torch.arange(n, dtype=dtype, device=device) - n // 2) * voxel
 
 
 def reconstruct_tomogram(item: ItemModel, tomogram_size_px: list[int], settings: TomogramSettings = TomogramSettings(),
                          progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, float]:
-    """The tomogram ``(z, y, x)`` and its voxel size (Å), in slabs of z."""
+    """The tomogram ``(z, y, x)`` and its voxel size (Å), in slabs of z, on the item's device."""
     images, pixel = filtered_tilts(item, settings)
     t, s, _ = images.shape
     nz, ny, nx = tomogram_shape(item, tomogram_size_px, settings.binning)
     voxel = item.geometry.pixel_size_angstrom * settings.binning
-    xs, ys, zs = voxel_centres(nx, voxel), voxel_centres(ny, voxel), voxel_centres(nz, voxel)
+    device = images.device
+    xs, ys, zs = (voxel_centres(n, voxel, device=device) for n in (nx, ny, nz))
     plane = nx * ny
     per_plane = plane * t * 2 * 8 * 3  # positions, pixel coordinates and sampling grid, float64
     slab = max(1, min(nz, settings.memory_budget_bytes // per_plane))
-    out = torch.empty((nz, ny, nx), dtype=settings.dtype)
+    out = torch.empty((nz, ny, nx), dtype=settings.dtype, device=device)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     source = images[:, None]  # (t, 1, s, s)
     for z0 in range(0, nz, slab):

@@ -65,3 +65,28 @@ def test_refinement_on_cuda_gives_the_cpus_refined_parameters():
                                atol=0.05, rtol=0)
     torch.testing.assert_close(cuda.positions[0].cpu(), cpu.positions[0], atol=0.5, rtol=0)
     assert cuda.history[-1] == pytest.approx(cpu.history[-1], rel=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tomogram_and_template_matching_on_device(device):
+    """A tomogram and a short orientation search give the CPU's numbers on every device."""
+    from dataclasses import replace
+
+    from cryopool.engine.records_io import ItemModel, to_device
+    from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate
+    from cryopool.engine.template_match import MatchSettings, match_template
+    from cryopool.engine.tomogram import TomogramSettings, reconstruct_tomogram
+    sim = simulate(replace(PRESETS["test"], species=[SpeciesSpec("a", 120.0, 3)], items_per_source=1,
+                           image_size_px=(64, 64), seed=4))
+    it = sim.items[0]
+    item = ItemModel(it.stack, it.initial_geometry, it.initial_imaging, it.pre_exposure, it.exposure)
+    size = [64, 64, 24]
+    cpu, voxel = reconstruct_tomogram(item, size, TomogramSettings())
+    out, _ = reconstruct_tomogram(to_device(item, device), size, TomogramSettings())
+    assert device in str(out.device)
+    torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-4 * float(cpu.abs().max()))
+    settings = MatchSettings(angular_step_deg=60.0)
+    ref = match_template(cpu, voxel, sim.maps["a"], 10.0, item, 120.0, settings)
+    got = match_template(out, voxel, sim.maps["a"], 10.0, to_device(item, device), 120.0, settings)
+    torch.testing.assert_close(got.scores, ref.scores, rtol=1e-3, atol=1e-3)
+    assert got.score_std == pytest.approx(ref.score_std, rel=1e-4)
