@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cryopool.repo import (DeformationModel, Grid, HalfSetModel, ImagingModel, Metrics, ParticleTable, Ref, Repository,
-                           Species, StateDict, TiltSeries)
+                           Species, StateDict, TiltSeries, particle_table)
 
 from .geometry import matrix_to_euler_zyz
 from .records_io import ParticleColumns
@@ -61,17 +61,10 @@ def item_version(tx: Repository, item: TiltSeries, published: tuple[TiltGeometry
 
 def particle_table_record(repo: Repository, columns: ParticleColumns) -> ParticleTable:
     """A ParticleTable record (arrays written to ``repo``) from tensors."""
-    n, t = columns.positions.shape[:2]
     angles = matrix_to_euler_zyz(columns.orientations.double()).numpy()
-    cols = {
-        "particle_id": repo.put_array(np.asarray(columns.ids, dtype=np.uint64)),
-        "item_index": repo.put_array(columns.item_index.numpy().astype(np.int32)),
-        "position_angstrom": repo.put_array(columns.positions.double().numpy().reshape(n, t, 3)),
-        "orientation_deg": repo.put_array(angles.reshape(n, t, 3)),
-        "half_set": repo.put_array(columns.half_sets.numpy().astype(np.uint8)),
-        "score": repo.put_array(columns.scores.numpy().astype(np.float32)),
-    }
-    return ParticleTable(count=n, temporal_samples=t, item_names=list(columns.item_names), columns=cols)
+    keys = [columns.item_names[i] for i in columns.item_index.tolist()]
+    return particle_table(repo, np.asarray(columns.ids, dtype=np.uint64), keys, columns.positions.double().numpy(),
+                          angles, columns.half_sets.numpy(), columns.scores.numpy())
 
 
 def state_dict_record(tx: Repository, weights: NetworkWeights) -> StateDict:

@@ -37,6 +37,7 @@ from .records import (
 from .population import (find_item, item_key, item_refs, iter_items, population_summary, refinement_marks,
                          split_item_key, stable_particle_ids, with_item, with_items, with_marks, with_species,
                          without_marks)
+from .particles import particle_table
 from .repository import Head, Repository, software_version
 from .trajectory import MAX_TEMPORAL_SAMPLES, dose_times, trajectory_weights
 from .version import __version__
@@ -50,7 +51,7 @@ __all__ = [
     "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
     "item_key", "item_refs", "split_item_key", "iter_items", "find_item", "stable_particle_ids", "with_item",
     "with_items", "with_species", "population_summary",
-    "software_version",
+    "software_version", "particle_table",
     "refinement_marks", "with_marks", "without_marks", "MAX_TEMPORAL_SAMPLES", "dose_times", "trajectory_weights",
     "readable_at",
 ]

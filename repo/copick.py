@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 
 from .errors import FormatError, InvalidInputError, NotFoundError
+from .particles import particle_table
 from .population import export_names, find_item, iter_items, stable_particle_ids, with_species
 from .records import Metrics, Operation, ParticleTable, Population, Species, TiltSeries, validate_name
 from .repository import Repository, software_version
@@ -235,12 +236,8 @@ def import_copick(repo: Repository, config_path: str | Path, obj: str, species: 
                                 field="half_maps", hint="give --half1, --half2 and --diameter")
     refs = {k: find_item(repo, base, k)[1] for k in item_names}
     with repo.transaction() as tx:
-        columns = {"particle_id": tx.put_array(ids),
-                   "item_index": tx.put_array(np.array([item_names.index(k) for k in picks.item_keys], np.int32)),
-                   "position_angstrom": tx.put_array(picks.positions.reshape(n, 1, 3)),
-                   "orientation_deg": tx.put_array(picks.angles.reshape(n, 1, 3)),
-                   "half_set": tx.put_array(half), "score": tx.put_array(picks.scores)}
-        table = tx.put_record(ParticleTable(count=n, temporal_samples=1, item_names=item_names, columns=columns))
+        table = tx.put_record(particle_table(tx, ids, picks.item_keys, picks.positions, picks.angles, half,
+                                             picks.scores))
         provenance = {"copick": {"config": str(path), "object": obj, "files": len(picks.files)}}
         if existing is not None:
             record = replace(existing, particles=table, reconstructed_from=[refs[k] for k in item_names],

@@ -25,8 +25,9 @@ from .formats.tilts import (dose_symmetric_order, mdoc_number, parse_tilt_range,
                             xf_alignment)
 from .hashing import ObjectId
 from .physical import check, check_count, validate_symmetry
+from .particles import particle_table
 from .population import find_item, stable_particle_ids, with_item, with_species
-from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
+from .records import (DeformationModel, ImagingModel, Metrics, Operation, Population, Species,
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
 from .star_particles import read_star_particles, same_pixel
@@ -342,20 +343,12 @@ def import_species(
     parts = _read_particles(repo, base, paths["particles"])
     n = len(parts.item_keys)
     item_names = sorted(set(parts.item_keys))
-    item_index = np.array([item_names.index(k) for k in parts.item_keys], dtype=np.int32)
     ids = stable_particle_ids(name, parts.item_keys, parts.positions)
     files = {k: input_file(p) for k, p in paths.items()}
 
     with repo.transaction() as tx:
-        columns = {
-            "particle_id": tx.put_array(ids),
-            "item_index": tx.put_array(item_index),
-            "position_angstrom": tx.put_array(parts.positions.reshape(n, 1, 3)),
-            "orientation_deg": tx.put_array(parts.angles.reshape(n, 1, 3)),
-            "half_set": tx.put_array(parts.half_sets),
-            "score": tx.put_array(parts.scores),
-        }
-        table = tx.put_record(ParticleTable(count=n, temporal_samples=1, item_names=item_names, columns=columns))
+        table = tx.put_record(particle_table(tx, ids, parts.item_keys, parts.positions, parts.angles, parts.half_sets,
+                                             parts.scores))
         species = Species(
             name=name, symmetry=symmetry, diameter_angstrom=float(diameter_angstrom), pixel_size_angstrom=pixel,
             half_map_1=tx.put_array(maps["half_map_1"].data.astype(np.float32)),

@@ -37,6 +37,7 @@ from .fsutil import staged_folder
 from .hashing import ObjectId
 from .physical import check, check_count
 from .importers import default_tomogram_size, input_file, stable_particle_ids, validate_symmetry
+from .particles import particle_table
 from .population import export_names, item_key, iter_items, with_item, with_species
 from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
@@ -494,16 +495,9 @@ def import_relion(
         for name, diameter, sym, s, maps, maps_paths, mask_path, parts, trajectories in species_in:
             keys = [item_key(source, t) for t in parts.tomo_names]
             item_names = sorted(set(keys))
-            n = len(keys)
-            positions = parts.positions.reshape(n, 1, 3) if trajectories is None else trajectories
-            t = positions.shape[1]  # RELION has no orientation trajectories: one orientation at every sample
-            table = ParticleTable(count=n, temporal_samples=t, item_names=item_names, columns={
-                "particle_id": tx.put_array(stable_particle_ids(name, keys, parts.positions)),
-                "item_index": tx.put_array(np.array([item_names.index(k) for k in keys], dtype=np.int32)),
-                "position_angstrom": tx.put_array(np.ascontiguousarray(positions)),
-                "orientation_deg": tx.put_array(np.repeat(parts.angles.reshape(n, 1, 3), t, axis=1)),
-                "half_set": tx.put_array(parts.half_sets),
-                "score": tx.put_array(parts.scores)})
+            positions = parts.positions if trajectories is None else trajectories
+            table = particle_table(tx, stable_particle_ids(name, keys, parts.positions), keys, positions, parts.angles,
+                                   parts.half_sets, parts.scores)  # RELION: one orientation at every sample
             record = Species(
                 name=name, symmetry=sym, diameter_angstrom=diameter,
                 pixel_size_angstrom=float(maps[0].voxel_size_angstrom[0]),
