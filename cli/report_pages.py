@@ -87,12 +87,14 @@ def species_section(repo: Repository, rev: str, name: str, links: Links) -> dict
     return out
 
 
-def item_section(repo: Repository, rev: str, key: str, collisions: list[dict] | None = None) -> dict:
+def item_section(repo: Repository, rev: str, key: str, collisions: list[dict] | None = None,
+                 particles: dict[str, dict[str, dict]] | None = None) -> dict:
+    """One tilt series; ``collisions`` and ``particles`` (of the whole population) are computed if not given."""
     pop = repo.population(rev)
     data = item_data(repo, rev, key)
     info, _ = item_info(repo, key, find_item(repo, pop, key)[1])
     collisions = [c for c in (collisions_in(repo, pop) if collisions is None else collisions) if c["item"] == key]
-    species = particles_by_item(repo, pop).get(key, {})
+    species = (particles_by_item(repo, pop) if particles is None else particles).get(key, {})
     freq, weights = exposure_weights(data)
     figs = {"particles": figures.particles_figure(key, species, collisions, data.tomogram_size_angstrom),
             "tilts": figures.tilt_models_figure(data.tilt_angles_deg, data.defocus_u_angstrom,
@@ -135,6 +137,7 @@ def report_html(repo: Repository, rev: str, progress: Callable[[str], None] | No
     step("overview")
     overview = overview_section(repo, cid)
     collisions = collisions_in(repo, pop)
+    particles = particles_by_item(repo, pop)  # read once for every tilt series
     species = []
     for name in sorted(pop.species):
         step(f"species {name}")
@@ -142,7 +145,7 @@ def report_html(repo: Repository, rev: str, progress: Callable[[str], None] | No
     items = []
     for key in item_keys(repo, pop):
         step(f"item {key}")
-        items.append(item_section(repo, cid, key, collisions))
+        items.append(item_section(repo, cid, key, collisions, particles))
     step("history")
     svgs = {f"species-{s['name']}-{k}.svg": v for s in species for k, v in s["figures"].items()}
     svgs |= {f"species-{s['name']}-provenance.svg": s["provenance"] for s in species}
