@@ -116,7 +116,7 @@ def match(obj: Context, items, template, name, diameter, symmetry, angular_step,
         if scores_dir:
             write_mrc(scores_dir / f"{key.replace('/', '_')}_scores.mrc", scores.numpy(), voxel)
 
-    settings = MatchSettings(angular_step_deg=angular_step, lowpass_angstrom=lowpass)
+    settings = MatchSettings(angular_step_deg=angular_step, symmetry=symmetry, lowpass_angstrom=lowpass)
     if binning is None:
         pixel_items = {repo.get_record(ref).pixel_size_angstrom for _, ref, _ in iter_items(repo, repo.population())}
         binning = max(1, int(diameter / 16 / max(pixel_items or {pixel})))

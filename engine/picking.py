@@ -128,7 +128,8 @@ def _commit(repo, name, template, template_pixel, pixel, diameter, symmetry, row
     reference = fourier_resample(template.to(torch.float64), box).to(torch.float32)
     record = Species(name=name, symmetry=symmetry.upper(), diameter_angstrom=diameter, pixel_size_angstrom=pixel,
                      half_map_1=None, half_map_2=None, particles=None, metadata={"picked_by": "template matching"})
-    params = {"angular_step_deg": settings.angular_step_deg, "lowpass_angstrom": settings.lowpass_angstrom,
+    params = {"angular_step_deg": settings.angular_step_deg, "search_symmetry": settings.symmetry,
+              "lowpass_angstrom": settings.lowpass_angstrom,
               "mask_radius_angstrom": settings.mask_radius_angstrom, "false_peaks": settings.false_peaks,
               "factor": settings.factor, "binning": binning, "threshold_sigma": threshold_sigma,
               "max_picks": max_picks, "template_pixel_angstrom": template_pixel, "diameter_angstrom": diameter,

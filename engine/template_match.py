@@ -19,6 +19,7 @@ of a standard normal).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +40,7 @@ __all__ = ["MatchSettings", "MatchResult", "so3_grid", "tomogram_transfer", "mat
 @dataclass(frozen=True)
 class MatchSettings:
     angular_step_deg: float = 20.0
+    symmetry: str = "C1"  # Cn and Dn shrink the orientation search
     lowpass_angstrom: float | None = None  # default: 2.5 voxels
     mask_radius_angstrom: float | None = None  # default: half the species' diameter
     false_peaks: float = 1.0  # expected false peaks in the whole search at the threshold
@@ -54,14 +56,24 @@ class MatchResult:
     voxel_angstrom: float
 
 
-def so3_grid(step_deg: float) -> torch.Tensor:
+def so3_grid(step_deg: float, symmetry: str = "C1") -> torch.Tensor:
     """Rotation matrices ``(n, 3, 3)`` covering SO(3) about every ``step_deg``: directions of the particle's z
-    axis on a Fibonacci sphere at that spacing, each with in-plane angles every ``step_deg``."""
+    axis on a Fibonacci lattice at that spacing, each with in-plane angles every ``step_deg``.
+
+    A Cn or Dn particle looks the same turned about its n-fold axis (RELION's rot) by 360°/n, and a Dn particle
+    also flipped about a two-fold (tilt → 180° − tilt): the lattice then covers only rot < 360°/n (and tilt ≤
+    90° for Dn), with 25 % more directions than that area needs (its seams are joined by the symmetry, not by the
+    lattice): about n/1.25 (2n/1.25) times fewer orientations. T, O and I are searched in full.
+    """
     step = math.radians(step_deg)
-    n_dirs = max(2, math.ceil(4 * math.pi / step**2))
+    group = re.fullmatch(r"([CD])([1-9][0-9]*)", symmetry.upper())
+    fold = int(group.group(2)) if group else 1
+    dihedral = bool(group) and group.group(1) == "D"
+    parts = fold * (2 if dihedral else 1)
+    n_dirs = max(2, math.ceil(4 * math.pi / step**2 * (1.25 if parts > 1 else 1.0) / parts))
     i = torch.arange(n_dirs, dtype=torch.float64) + 0.5
-    tilt = torch.rad2deg(torch.arccos(1 - 2 * i / n_dirs))
-    rot = torch.rad2deg((i * math.pi * (3 - math.sqrt(5))) % (2 * math.pi))
+    tilt = torch.rad2deg(torch.arccos(1 - (1 if dihedral else 2) * i / n_dirs))
+    rot = 360.0 / fold * ((i * (3 - math.sqrt(5)) / 2) % 1.0)
     psi = torch.arange(0.0, 360.0 - 1e-9, step_deg, dtype=torch.float64)
     angles = torch.stack([rot[:, None].expand(-1, len(psi)), tilt[:, None].expand(-1, len(psi)),
                           psi[None].expand(n_dirs, -1)], dim=-1).reshape(-1, 3)
@@ -145,7 +157,7 @@ def match_template(tomogram: torch.Tensor, voxel: float, template: torch.Tensor,
     mean = torch.fft.irfftn(fv * fm.conj(), s=shape) / n_mask
     sq = torch.fft.irfftn(torch.fft.rfftn(vol**2) * fm.conj(), s=shape) / n_mask
     local_std = torch.sqrt((sq - mean**2).clamp(min=1e-12))
-    rotations = so3_grid(settings.angular_step_deg)
+    rotations = so3_grid(settings.angular_step_deg, settings.symmetry)
     best = torch.full(shape, -torch.inf, dtype=dtype, device=device)
     best_index = torch.zeros(shape, dtype=torch.long, device=device)
     total = total_sq = 0.0

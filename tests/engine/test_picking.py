@@ -17,6 +17,7 @@ from cryopool.engine.geometry import degrees_between
 from cryopool.engine.picking import occupied_in
 from cryopool.engine.records_io import load_item, load_map, load_particles
 from cryopool.engine.simulate import SpeciesSpec, simulate, write_simulation
+from cryopool.engine.symmetry import symmetry_operators
 from cryopool.engine.template_match import MatchSettings, match_template, pick_peaks, so3_grid
 from cryopool.engine.tomogram import TomogramSettings, reconstruct_tomogram, voxel_centres
 from cryopool.repo import Population, Repository, Species, iter_items
@@ -60,6 +61,19 @@ def test_the_so3_grid_leaves_no_orientation_far_from_a_grid_point():
     nearest = degrees_between(probe[:, None], grid[None]).min(dim=1).values
     assert float(nearest.max()) < STEP
     assert len(grid) == math.ceil(4 * math.pi / math.radians(STEP) ** 2) * round(360 / STEP)
+
+
+@pytest.mark.parametrize("symmetry", ["C7", "D2", "D7"])
+def test_a_symmetric_particle_needs_only_part_of_the_grid(symmetry):
+    """Every orientation is within one step of the reduced grid once the particle's symmetry is applied."""
+    full, reduced = so3_grid(STEP), so3_grid(STEP, symmetry)
+    n = int(symmetry[1:]) * (2 if symmetry[0] == "D" else 1)
+    assert len(full) / n <= len(reduced) <= 1.25 * len(full) / n + 360 / STEP  # ceil: one more direction at most
+    ops = symmetry_operators(symmetry, dtype=torch.float64)
+    equivalents = (reduced[:, None] @ ops[None]).reshape(-1, 3, 3)  # A·S: the same particle, turned
+    probe = so3_grid(7.0)[:: 37]
+    nearest = degrees_between(probe[:, None], equivalents[None]).min(dim=1).values
+    assert float(nearest.max()) < STEP
 
 
 def _blob_tomogram(shape, voxel, positions, radius):
