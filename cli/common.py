@@ -128,6 +128,11 @@ class progress_bar:
         self._draw(force=True)
         self._done += 1
 
+    def show(self, done: int, total: int, what: str) -> None:
+        """``done`` of ``total`` finished, now working on ``what``."""
+        self._done, self.total, self._what = done, total, what
+        self._draw(force=True)
+
     def line(self) -> str:
         elapsed = max(time.monotonic() - self._start, 1e-9)
         rate = self._done / elapsed
@@ -157,6 +162,9 @@ class progress_bar:
         self.stream.write("\r" + text.ljust(self._width))
         self.stream.flush()
         self._width = len(text)
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
 
     def __exit__(self, *exc):
         if self.enabled and self._width:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import click
@@ -11,7 +12,7 @@ from cryopool.engine.refine import RefineOptions, refine_population, resume_poin
 from cryopool.engine.refine_item import GROUPS
 from cryopool.engine.regularisers import REGULARISERS
 
-from .common import Context, emit_json, handle_errors, json_option, short, table
+from .common import Context, emit_json, handle_errors, json_option, progress_bar, short, table
 
 __all__ = ["COMMANDS"]
 
@@ -104,13 +105,21 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
     if resume and resume_point(repo, branch) is None:
         raise click.UsageError("nothing to resume: the branch tip is not an unfinished refine run")
     started = time.perf_counter()
-    state = {"iteration": 0, "since": started}
+    state = {"iteration": 0, "since": started, "bar": None}
 
     def progress(message: str, done: int, total: int) -> None:
         now = time.perf_counter()
         if done == 0:
             state["since"] = now
         if as_json:
+            return
+        if sys.stderr.isatty():  # a redrawn line with rate and ETA per iteration; plain lines elsewhere (logs)
+            if state["bar"] is None:
+                state["bar"] = progress_bar(total, f"iteration {state['iteration'] + 1}")
+            state["bar"].show(done, total, message)
+            if done >= total:
+                state["bar"].close()
+                state["bar"] = None
             return
         eta = ""
         if 0 < done < total:  # items take similar times: the rest at this iteration's pace so far

@@ -275,3 +275,9 @@ def test_progress_shows_rate_and_eta_on_a_terminal_and_nothing_elsewhere(monkeyp
     with common.progress_bar(None, "receiving", stream=out) as bar:
         bar.tick(3 * 1024 * 1024)
     assert "3.0 MiB done" in out.getvalue() and "/s" in out.getvalue()
+    out = _Terminal()  # refine's form: which part is running, of how many
+    bar = common.progress_bar(None, "iteration 1", stream=out)
+    now[0] += 10
+    bar.show(1, 4, "item lab_a/TS_02")
+    bar.close()
+    assert "1/4" in out.getvalue() and "· item lab_a/TS_02" in out.getvalue() and "ETA 0:30" in out.getvalue()
