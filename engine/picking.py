@@ -58,10 +58,10 @@ def pick_species(repo: Repository, name: str, template: torch.Tensor, template_p
                  progress: Callable[[str, int, int], None] | None = None,
                  scores: Callable[[str, torch.Tensor, float], None] | None = None) -> PickingReport:
     """Match ``template`` in every item (or ``items``) and commit the picks as species ``name`` on ``branch``."""
-    if branch and not repo.branch_exists(branch):
-        repo.create_branch(branch, "HEAD")  # a new branch from HEAD, as checkout -b would make it
-    rev = repo.branch_ref(branch)
-    population = repo.population(repo.resolve(rev))
+    new_branch = bool(branch) and not repo.branch_exists(branch)
+    rev = "HEAD" if new_branch else repo.branch_ref(branch)
+    start = repo.resolve(rev)
+    population = repo.population(start)
     if name in population.species:
         raise InvalidInputError(f"species {name} already exists on {rev}", field="species",
                                 hint="matching adds a new species: choose another name, or rm it first")
@@ -103,6 +103,8 @@ def pick_species(repo: Repository, name: str, template: torch.Tensor, template_p
         raise InvalidInputError(f"no place in {', '.join(keys)} scored above the threshold", field="threshold",
                                 hint="lower --threshold (in σ of the search's noise), or check the template's "
                                      "pixel size and hand")
+    if new_branch:  # made only now, so a failed search leaves no branch behind (from HEAD, as checkout -b would)
+        repo.create_branch(branch, start)
     report.commit = _commit(repo, name, template, template_pixel, pixel, diameter_angstrom, symmetry, rows,
                             refs, branch, settings, binning, threshold_sigma, max_picks,
                             report, message, template_attributes)

@@ -179,3 +179,16 @@ def test_lab_b_matches_a_new_species_refines_it_and_merges_without_collisions(re
     stored = next(c for _, c in repo.log() if c.operation.kind == "tomogram")
     array = repo.get_array(stored.attachments["tomogram lab_a/TS_01"])
     assert array.attributes["voxel_angstrom"] == pytest.approx(40.0) and array.read().ndim == 3
+
+
+def test_a_search_that_finds_nothing_says_so_and_leaves_no_branch(repo, tmp_path):
+    tsp = repo.get_record(_truth(repo).species["prot"], Species)
+    template = tmp_path / "prot.mrc"
+    write_mrc(template, repo.get_array(tsp.half_map_1).read(), tsp.pixel_size_angstrom)
+    key = next(iter_items(repo, repo.population()))[0]
+    before = repo.refs.list("refs/heads/")
+    result = CliRunner().invoke(cli, ["-C", str(repo.work_dir), "match", key, "--template", str(template),
+                                      "--species", "prot", "--diameter", "120", "--angular-step", "90",
+                                      "--threshold", "1000", "-b", "lab-b/none"])
+    assert result.exit_code == 1 and "scored above the threshold" in result.output
+    assert repo.refs.list("refs/heads/") == before
