@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
 
-__all__ = ["fsc_figure", "plot_fsc_vs_truth", "resolution_history_figure", "map_sections_figure",
+__all__ = ["fsc_figure", "plot_fsc_vs_truth", "tomogram_figure", "resolution_history_figure", "map_sections_figure",
            "particles_figure", "tilt_models_figure", "warp_figure", "exposure_figure"]
 
 COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -125,6 +125,22 @@ def map_sections_figure(half1: np.ndarray, half2: np.ndarray, pixel_size_angstro
     axes[1, 3].text(0.0, 0.5, f"box {n} px\n{pixel_size_angstrom:g} Å/px\n({n * pixel_size_angstrom:g} Å)",
                     fontsize=9, va="center")
     fig.tight_layout()
+    return _svg(fig)
+
+
+def tomogram_figure(xy: np.ndarray, xz: np.ndarray, voxel: float, title: str) -> str:
+    """Central xy and xz sections of a tomogram, contrast clipped to the 1st–99th percentile."""
+    lo, hi = np.percentile(np.concatenate([xy.ravel(), xz.ravel()]), [1, 99])
+    ny, nx = xy.shape
+    nz = xz.shape[0]
+    fig, (top, side) = plt.subplots(2, 1, figsize=(5.0, 5.0 * (ny + nz) / nx + 0.6),
+                                    gridspec_kw={"height_ratios": [ny, nz]}, layout="constrained")
+    for ax, img, h, label in ((top, xy, ny, "y"), (side, xz, nz, "z")):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest",
+                  extent=[-nx // 2 * voxel, (nx - nx // 2) * voxel, -h // 2 * voxel, (h - h // 2) * voxel])
+        ax.set_ylabel(f"{label} (Å)")
+    side.set_xlabel("x (Å)")
+    top.set_title(title, fontsize=9)
     return _svg(fig)
 
 

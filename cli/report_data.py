@@ -20,7 +20,7 @@ from cryopool.repo.records import DeformationModel, ImagingModel, ParticleTable,
 
 __all__ = ["SpeciesData", "ItemData", "species_data", "item_data", "species_history", "collisions_in",
            "merge_collisions", "provenance_graph", "particles_by_item", "ProvenanceGraph", "item_keys",
-           "exposure_weights"]
+           "exposure_weights", "stored_tomograms"]
 
 
 @dataclass
@@ -138,6 +138,24 @@ def collisions_in(repo: Repository, population: Population, factor: float = 0.8)
              "b": {"species": b.species, "particle_id": b.pid}, "distance_angstrom": d, "threshold_angstrom": limit,
              "positions": [a.pos.tolist(), b.pos.tolist()]}
             for item, a, b, d, limit in find_collisions(repo, population, empty_population(), factor=factor)]
+
+
+def stored_tomograms(repo: Repository, rev: str, key: str) -> list[dict]:
+    """Tomograms of item ``key`` stored in the history of ``rev`` (``tomogram --store``), newest first, with the
+    central xy and xz sections of each read from the stored array (only the chunks they touch)."""
+    out = []
+    for cid, commit in repo.log(rev):
+        ref = commit.attachments.get(f"tomogram {key}") if commit.operation.kind == "tomogram" else None
+        if ref is None:
+            continue
+        array = repo.get_array(ref)
+        nz, ny, _ = array.shape
+        out.append({"commit": cid, "time_utc": commit.time_utc, "id": ref.id, "shape_zyx": list(array.shape),
+                    "voxel_angstrom": array.attributes.get("voxel_angstrom"),
+                    "binning": commit.operation.parameters.get("binning"),
+                    "xy": array.read((nz // 2, slice(None), slice(None))),
+                    "xz": array.read((slice(None), ny // 2, slice(None)))})
+    return out
 
 
 def merge_collisions(repo: Repository, rev: str) -> list[dict]:

@@ -23,7 +23,7 @@ from . import figures
 from .common import human_bytes
 from .history import item_info, log_graph_lines, species_info
 from .report_data import (collisions_in, exposure_weights, item_data, item_keys, merge_collisions,
-                          particles_by_item, provenance_graph, species_data)
+                          particles_by_item, provenance_graph, species_data, stored_tomograms)
 from .svg_graph import dag_svg
 
 __all__ = ["Links", "render", "overview_section", "species_section", "item_section", "report_html",
@@ -107,7 +107,14 @@ def item_section(repo: Repository, rev: str, key: str, collisions: list[dict] | 
                                data.tomogram_size_angstrom)
     if warp:
         figs["warp"] = warp
-    return {"key": key, "info": info, "collisions": collisions, "figures": figs,
+    tomograms = stored_tomograms(repo, rev, key)
+    if tomograms:
+        t = tomograms[0]
+        figs["tomogram"] = figures.tomogram_figure(
+            t["xy"], t["xz"], t["voxel_angstrom"],
+            f"tomogram {t['id'][:8]} (bin {t['binning']}): central xy, xz")
+    tomograms = [{k: v for k, v in t.items() if k not in ("xy", "xz")} for t in tomograms]
+    return {"key": key, "info": info, "collisions": collisions, "figures": figs, "tomograms": tomograms,
             "particles": {name: len(s["ids"]) for name, s in species.items()}}
 
 

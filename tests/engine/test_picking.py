@@ -179,6 +179,11 @@ def test_lab_b_matches_a_new_species_refines_it_and_merges_without_collisions(re
     stored = next(c for _, c in repo.log() if c.operation.kind == "tomogram")
     array = repo.get_array(stored.attachments["tomogram lab_a/TS_01"])
     assert array.attributes["voxel_angstrom"] == pytest.approx(40.0) and array.read().ndim == 3
+    result = run.invoke(cli, ["-C", pop, "report", "-o", str(tmp_path / "report")])  # the report shows it
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert stored.attachments["tomogram lab_a/TS_01"].id[:16] in html and "fig-tomogram" in html
+    assert (tmp_path / "report" / "figures" / "item-lab_a-TS_01-tomogram.svg").exists()
 
 
 def test_a_search_that_finds_nothing_says_so_and_leaves_no_branch(repo, tmp_path):
