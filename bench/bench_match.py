@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cryopool.engine.geometry import degrees_between
-from cryopool.engine.picking import occupied_in
+from cryopool.engine.picking import occupied
 from cryopool.engine.records_io import load_item, load_map, load_particles
 from cryopool.engine.simulate import PRESETS, SpeciesSpec, simulate, write_simulation
 from cryopool.engine.template_match import MatchSettings, false_alarm_threshold, match_template, pick_peaks
@@ -33,11 +33,11 @@ from cryopool.repo import Population, Repository, Species, iter_items
 RESULTS = Path(__file__).parent / "results" / "match.json"
 
 
-def _chance(rng, extent: tuple[float, float, float], occupied, truth: np.ndarray, radius: float) -> float:
+def _chance(rng, extent: tuple[float, float, float], taken, truth: np.ndarray, radius: float) -> float:
     """The precision of picks placed uniformly at random in the free space (20,000 draws)."""
     p = (rng.random((20_000, 3)) - 0.5) * np.array(extent)
-    centres = np.array([q for q, _ in occupied]).reshape(-1, 3)
-    reach = np.array([0.8 * (radius + r) for _, r in occupied])
+    centres = np.array([q for q, _ in taken]).reshape(-1, 3)
+    reach = np.array([0.8 * (radius + r) for _, r in taken])
     free = np.all(np.linalg.norm(p[:, None] - centres[None], axis=-1) >= reach, axis=1) if len(centres) else \
         np.ones(len(p), bool)
     near = np.linalg.norm(p[free][:, None] - truth[None], axis=-1).min(axis=1) < radius
@@ -65,6 +65,7 @@ def run(snr: float, step: float, seed: int) -> dict:
     totals = {"true": 0, "picks": 0, "hits": 0, "chance_hits": 0, "best_hits": 0, "best_picks": 0, "angles": [],
               "tomogram_s": [], "match_s": []}
     population = repo.population()
+    taken_by_item = occupied(repo, population)
     for key, _, ts in iter_items(repo, population):
         item = load_item(repo, ts)
         t0 = time.perf_counter()
@@ -75,19 +76,19 @@ def run(snr: float, step: float, seed: int) -> dict:
         t2 = time.perf_counter()
         sel = cols.select(key)
         true_pos, true_rot = cols.positions[sel, 0].numpy(), cols.orientations[sel, 0]
-        occupied = occupied_in(repo, population, key)
+        taken = taken_by_item.get(key, [])
         threshold = false_alarm_threshold(result.score_std, result.scores.numel() * len(result.rotations))
-        picks = pick_peaks(result, sp.diameter_angstrom, occupied, threshold=threshold)
+        picks = pick_peaks(result, sp.diameter_angstrom, taken, threshold=threshold)
         radius = sp.diameter_angstrom / 2
         hits, which = _score([p for p, _, _ in picks], true_pos, radius)
         totals["angles"] += [float(degrees_between(rot, true_rot[j])) for (_, rot, _), j in zip(picks, which) if j >= 0]
-        ranked = pick_peaks(result, sp.diameter_angstrom, occupied, threshold=0.0)  # every free peak, best first
+        ranked = pick_peaks(result, sp.diameter_angstrom, taken, threshold=0.0)  # every free peak, best first
         best = max(range(len(ranked) + 1), key=lambda k: 2 * _score([p for p, _, _ in ranked[:k]], true_pos, radius)[0]
                    / max(k + len(true_pos), 1))  # the F1-best cut, in hindsight
         totals["best_hits"] += _score([p for p, _, _ in ranked[:best]], true_pos, radius)[0]
         totals["best_picks"] += best
         extent = tuple(s * ts.pixel_size_angstrom for s in ts.tomogram_size_px)
-        totals["chance_hits"] += len(picks) * _chance(rng, extent, occupied, true_pos, radius)
+        totals["chance_hits"] += len(picks) * _chance(rng, extent, taken, true_pos, radius)
         totals["true"] += len(true_pos)
         totals["picks"] += len(picks)
         totals["hits"] += hits

@@ -13,6 +13,7 @@ Pages of a commit id never change (content addressing), so they are cached.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from collections import OrderedDict
 from typing import Callable
@@ -24,11 +25,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from cryopool.repo import CryopoolError, Repository
 from cryopool.repo.diff import diff_populations
 from cryopool.repo.population import find_item
+from cryopool.repo.server import bearer_token
 from cryopool.repo.verify import verify
 
 from .history import commit_info, render_diff
-from .report_pages import (Links, json_text, log_rows, overview_section, render, report_html, item_section,
-                           species_section)
+from .report_pages import (LOG_ROWS, Links, history_of, item_section, json_text, log_rows, overview_section,
+                           render, report_html, species_section)
 
 __all__ = ["web_pages", "COOKIE"]
 
@@ -37,10 +39,7 @@ CACHE_PAGES = 64
 
 
 def _token(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.startswith("Bearer "):
-        return auth.removeprefix("Bearer ").strip()
-    return request.cookies.get(COOKIE)
+    return bearer_token(request.headers.get("authorization")) or request.cookies.get(COOKIE)
 
 
 def _safe_next(target: str | None) -> str:
@@ -120,7 +119,8 @@ def web_pages(repo: Repository, check: Callable[[str | None, str], None]) -> API
     @page
     def log(request: Request, rev: str = "HEAD") -> str:
         cid = repo.resolve(rev)
-        return render("web_log.html", rev=rev, commit_id=cid, rows=log_rows(repo, cid), links=Links(cid, web=True))
+        rows = log_rows(list(itertools.islice(repo.log(cid), LOG_ROWS)))
+        return render("web_log.html", rev=rev, commit_id=cid, rows=rows, links=Links(cid, web=True))
 
     @router.get("/web/commit")
     @page
@@ -140,9 +140,10 @@ def web_pages(repo: Repository, check: Callable[[str | None, str], None]) -> API
         cid = repo.resolve(rev)
         if name not in repo.population(cid).species:
             raise KeyError(f"no species {name!r} at {rev}")
+        links = Links(cid, web=True)
         return cached(("species", cid, name, rev), lambda: render(
-            "web_species.html", rev=rev, commit_id=cid, s=species_section(repo, cid, name, Links(cid, web=True)),
-            links=Links(cid, web=True)))
+            "web_species.html", rev=rev, commit_id=cid, links=links,
+            s=species_section(repo, history_of(repo, cid), name, links)))
 
     @router.get("/web/item")
     @page
@@ -150,7 +151,8 @@ def web_pages(repo: Repository, check: Callable[[str | None, str], None]) -> API
         cid = repo.resolve(rev)
         find_item(repo, repo.population(cid), key)  # a clear error for an unknown item
         return cached(("item", cid, key, rev), lambda: render(
-            "web_item.html", rev=rev, commit_id=cid, i=item_section(repo, cid, key), links=Links(cid, web=True)))
+            "web_item.html", rev=rev, commit_id=cid, i=item_section(repo, history_of(repo, cid), key),
+            links=Links(cid, web=True)))
 
     @router.get("/web/diff")
     @page

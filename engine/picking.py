@@ -10,7 +10,7 @@ half from its own picks. Scores are in units of the search's noise (σ).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -26,7 +26,7 @@ from .template_match import MatchSettings, false_alarm_threshold, match_template
 from .tomogram import TomogramSettings, reconstruct_tomogram
 from .writer import species_version
 
-__all__ = ["PickingReport", "pick_species", "occupied_in"]
+__all__ = ["PickingReport", "pick_species", "occupied"]
 
 
 @dataclass
@@ -40,13 +40,15 @@ class PickingReport:
         return sum(v["picks"] for v in self.items.values())
 
 
-def occupied_in(repo: Repository, population, key: str) -> list[tuple[np.ndarray, float]]:
-    """(position Å, radius Å) of every particle of every species in item ``key`` (first temporal sample)."""
-    out = []
+def occupied(repo: Repository, population) -> dict[str, list[tuple[np.ndarray, float]]]:
+    """Per item, (position Å, radius Å) of every particle of every species there (first temporal sample)."""
+    out: dict[str, list] = {}
     for name in sorted(population.species):
         sp = repo.get_record(population.species[name], Species)
         cols = load_particles(repo, sp.particles)
-        out += [(p.numpy(), sp.diameter_angstrom / 2) for p in cols.positions[cols.select(key), 0]]
+        for i, key in enumerate(cols.item_names):
+            out.setdefault(key, []).extend((p.numpy(), sp.diameter_angstrom / 2)
+                                           for p in cols.positions[cols.item_index == i, 0])
     return out
 
 
@@ -69,6 +71,7 @@ def pick_species(repo: Repository, name: str, template: torch.Tensor, template_p
         {k: ref for k, ref, _ in iter_items(repo, population)}
     keys = list(refs)
     report = PickingReport(name)
+    taken = occupied(repo, population)
     rows = []  # (key, position, rotation, score σ)
     pixel = None
     for n, key in enumerate(keys):
@@ -88,7 +91,7 @@ def pick_species(repo: Repository, name: str, template: torch.Tensor, template_p
         trials = result.scores.numel() * len(result.rotations)
         threshold = (threshold_sigma * result.score_std if threshold_sigma is not None else
                      false_alarm_threshold(result.score_std, trials, settings.false_peaks))
-        found = pick_peaks(result, diameter_angstrom, occupied_in(repo, population, key), threshold=threshold,
+        found = pick_peaks(result, diameter_angstrom, taken.get(key, []), threshold=threshold,
                            factor=settings.factor, max_picks=max_picks)
         rows += [(key, pos, rot, score / result.score_std) for pos, rot, score in found]
         if scores:
@@ -105,43 +108,41 @@ def pick_species(repo: Repository, name: str, template: torch.Tensor, template_p
                                      "pixel size and hand")
     if new_branch:  # made only now, so a failed search leaves no branch behind (from HEAD, as checkout -b would)
         repo.create_branch(branch, start)
-    report.commit = _commit(repo, name, template, template_pixel, pixel, diameter_angstrom, symmetry, rows,
-                            refs, branch, settings, binning, threshold_sigma, max_picks,
-                            report, message, template_attributes)
+    box = int(round(template.shape[-1] * template_pixel / pixel))
+    box += box % 2
+    reference = fourier_resample(template.to(torch.float64), box).to(torch.float32)
+    record = Species(name=name, symmetry=symmetry.upper(), diameter_angstrom=diameter_angstrom,
+                     pixel_size_angstrom=pixel, half_map_1=None, half_map_2=None, particles=None,
+                     metadata={"picked_by": "template matching"})
+    params = {**asdict(settings), "binning": binning, "threshold_sigma": threshold_sigma, "max_picks": max_picks,
+              "template_pixel_angstrom": template_pixel, "diameter_angstrom": diameter_angstrom,
+              "items": report.items}
+    columns = _columns(name, rows)
+    with repo.transaction() as tx:
+        ref = species_version(tx, record, (reference, reference), columns, metrics=Metrics(),
+                              reconstructed_from=[refs[k] for k in columns.item_names],
+                              mask=circular_mask(box, 0.55 * diameter_angstrom / pixel, edge_px=3.0, dims=3))
+        inputs = {} if template_attributes is None else {
+            "template": tx.put_array(template.numpy(), attributes=template_attributes)}  # provenance: the map used
+        report.commit = tx.commit(
+            lambda pop: with_species(tx, pop, ref), branch=branch, retries=0,
+            operation=Operation(kind="match", parameters=params, software=software_version(), inputs=inputs),
+            message=message or f"Template matching: {len(rows)} {name} picked in {len(columns.item_names)} item(s)")
     return report
 
 
-def _commit(repo, name, template, template_pixel, pixel, diameter, symmetry, rows, item_refs, branch, settings,
-            binning, threshold_sigma, max_picks, report, message, template_attributes) -> str:
+def _columns(name: str, rows: list[tuple]) -> ParticleColumns:
+    """Picks ``(item, position, rotation, score)`` as particle columns; half-sets alternate within each item in
+    descending score."""
     keys = sorted({r[0] for r in rows})
     rank = {}
     half = []
-    for key, *_ in rows:  # alternate half-sets within each item, in descending score
+    for key, *_ in rows:
         rank[key] = rank.get(key, 0) + 1
         half.append(1 + (rank[key] + 1) % 2)
     positions = np.stack([r[1] for r in rows])
-    columns = ParticleColumns(
+    return ParticleColumns(
         ids=stable_particle_ids(name, [r[0] for r in rows], positions), item_names=keys,
         item_index=torch.tensor([keys.index(r[0]) for r in rows]),
         positions=torch.from_numpy(positions)[:, None], orientations=torch.stack([r[2] for r in rows])[:, None],
         half_sets=torch.tensor(half), scores=torch.tensor([r[3] for r in rows], dtype=torch.float64))
-    box = int(round(template.shape[-1] * template_pixel / pixel))
-    box += box % 2
-    reference = fourier_resample(template.to(torch.float64), box).to(torch.float32)
-    record = Species(name=name, symmetry=symmetry.upper(), diameter_angstrom=diameter, pixel_size_angstrom=pixel,
-                     half_map_1=None, half_map_2=None, particles=None, metadata={"picked_by": "template matching"})
-    params = {"angular_step_deg": settings.angular_step_deg, "search_symmetry": settings.symmetry,
-              "lowpass_angstrom": settings.lowpass_angstrom,
-              "mask_radius_angstrom": settings.mask_radius_angstrom, "false_peaks": settings.false_peaks,
-              "factor": settings.factor, "binning": binning, "threshold_sigma": threshold_sigma,
-              "max_picks": max_picks, "template_pixel_angstrom": template_pixel, "diameter_angstrom": diameter,
-              "symmetry": symmetry, "items": report.items}
-    with repo.transaction() as tx:
-        ref = species_version(tx, record, (reference, reference), columns, metrics=Metrics(),
-                              reconstructed_from=[item_refs[k] for k in keys],
-                              mask=circular_mask(box, 0.55 * diameter / pixel, edge_px=3.0, dims=3))
-        inputs = {} if template_attributes is None else {
-            "template": tx.put_array(template.numpy(), attributes=template_attributes)}  # provenance: the map used
-        operation = Operation(kind="match", parameters=params, software=software_version(), inputs=inputs)
-        return tx.commit(lambda pop: with_species(tx, pop, ref), branch=branch, operation=operation, retries=0,
-                         message=message or f"Template matching: {len(rows)} {name} picked in {len(keys)} item(s)")

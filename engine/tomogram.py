@@ -40,15 +40,15 @@ class TomogramSettings:
     dtype: torch.dtype = torch.float32
 
 
-def _tilt_axis_normals(geometry) -> torch.Tensor:
-    """Per tilt, the unit image direction in which height moves a point: perpendicular to the tilt axis."""
+def _tilt_axis_normal(geometry) -> torch.Tensor:
+    """The unit image direction ``(2,)`` in which height moves a point: perpendicular to the tilt axis, read off
+    the most tilted image (low tilts barely move a point)."""
     pts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1000.0]], dtype=geometry.shifts_angstrom.dtype,
                        device=geometry.shifts_angstrom.device)
     xy, _ = particle_positions_in_tilts(geometry, pts)
     d = (xy[1] - xy[0]).to(torch.float64)  # (t, 2)
     big = int(torch.argmax(d.norm(dim=-1)))
-    ref = d[big] / d[big].norm().clamp(min=1e-12)  # low tilts barely move: use the most tilted image's direction
-    return ref.expand_as(d)
+    return d[big] / d[big].norm().clamp(min=1e-12)
 
 
 def filtered_tilts(item: ItemModel, settings: TomogramSettings = TomogramSettings()) -> tuple[torch.Tensor, float]:
@@ -66,7 +66,8 @@ def filtered_tilts(item: ItemModel, settings: TomogramSettings = TomogramSetting
     nyquist = 0.5 / pixel
     k = torch.hypot(kx, ky) / nyquist  # cosine roll-off from 0.9 Nyquist: no ringing from the cut
     taper = torch.where(k < 0.9, 1.0, 0.5 + 0.5 * torch.cos(math.pi * ((k - 0.9) / 0.1).clamp(0, 1)))
-    normal = _tilt_axis_normals(item.geometry)
+    normal = _tilt_axis_normal(item.geometry)
+    ramp_taper = ((kx * normal[0] + ky * normal[1]).abs() / nyquist + 1.0 / t) * taper  # the same for every tilt
     im = item.imaging
     out = torch.empty((t, binned, binned), dtype=settings.dtype, device=device)
     for i in range(t):
@@ -74,8 +75,7 @@ def filtered_tilts(item: ItemModel, settings: TomogramSettings = TomogramSetting
         spectrum = torch.fft.rfft2(pad_center(image - image.mean(), size))
         rows = torch.fft.fftshift(spectrum, dim=-2).narrow(-2, size // 2 - binned // 2, binned)
         spectrum = torch.fft.ifftshift(rows, dim=-2)[..., :binned // 2 + 1]  # binned: the central frequencies
-        ramp = (kx * normal[i, 0] + ky * normal[i, 1]).abs() / nyquist + 1.0 / t
-        weight = ramp * taper
+        weight = ramp_taper
         if settings.ctf == "phase-flip":
             weight = weight * torch.sign(ctf_2d(im.defocus_u_angstrom[i], im.defocus_v_angstrom[i],
                                                 im.defocus_angle_deg[i], voltage_kv=im.voltage_kv,
@@ -90,7 +90,7 @@ def filtered_tilts(item: ItemModel, settings: TomogramSettings = TomogramSetting
     return out, pixel
 
 
-def tomogram_shape(item: ItemModel, tomogram_size_px: list[int], binning: int) -> tuple[int, int, int]:
+def tomogram_shape(tomogram_size_px: list[int], binning: int) -> tuple[int, int, int]:
     """(z, y, x) voxels of the binned tomogram."""
     x, y, z = (max(1, math.ceil(n / binning)) for n in tomogram_size_px)
     return z, y, x
@@ -106,7 +106,7 @@ def reconstruct_tomogram(item: ItemModel, tomogram_size_px: list[int], settings:
     """The tomogram ``(z, y, x)`` and its voxel size (Å), in slabs of z, on the item's device."""
     images, pixel = filtered_tilts(item, settings)
     t, s, _ = images.shape
-    nz, ny, nx = tomogram_shape(item, tomogram_size_px, settings.binning)
+    nz, ny, nx = tomogram_shape(tomogram_size_px, settings.binning)
     voxel = item.geometry.pixel_size_angstrom * settings.binning
     device = images.device
     xs, ys, zs = (voxel_centres(n, voxel, device=device) for n in (nx, ny, nz))

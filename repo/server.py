@@ -51,7 +51,7 @@ from .store import decode_object_file, encode_object_file
 from .transport import FRAME_HEADER, children_of, encode_frames, iter_frames
 from .verify import verify
 
-__all__ = ["create_app", "serve_in_thread", "token_checker", "MAX_OBJECT_BYTES", "MAX_REQUEST_BYTES"]
+__all__ = ["create_app", "serve_in_thread", "token_checker", "bearer_token", "MAX_OBJECT_BYTES", "MAX_REQUEST_BYTES"]
 
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
 MAX_REQUEST_BYTES = 512 * 1024 * 1024
@@ -128,6 +128,13 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
 Pages = Callable[[Repository, Callable[[str | None, str], None]], APIRouter]
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer …`` header (None for none or another scheme)."""
+    if authorization is None or not authorization.startswith("Bearer "):
+        return None
+    return authorization.removeprefix("Bearer ").strip()
+
+
 def token_checker(tokens: dict[str, list[str]], anonymous_read: bool) -> Callable[[str | None, str], None]:
     """``check(token, scope)``: returns if ``token`` (None: none given) may do ``scope``, else raises 401/403."""
     def check(token: str | None, needed: str) -> None:
@@ -161,8 +168,7 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
 
     def scope(needed: str):
         def check(authorization: str | None = Header(default=None)) -> None:
-            bearer = authorization is not None and authorization.startswith("Bearer ")
-            check_token(authorization.removeprefix("Bearer ").strip() if bearer else None, needed)
+            check_token(bearer_token(authorization), needed)
         return check
 
     read, write = Depends(scope("read")), Depends(scope("write"))

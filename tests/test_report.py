@@ -97,21 +97,22 @@ def test_collisions_left_in_the_population_are_found_by_the_merge_rule(merged_po
 
 
 def test_exposure_weights_are_the_engines_dose_and_tilt_weighting(merged_population):
-    from cryopool.cli.report_data import exposure_weights, item_data
+    from cryopool.cli.report_data import exposure_weights
+    from cryopool.engine.records_io import load_item
     repo, _ = merged_population
-    key = next(iter_items(repo, repo.population()))[0]
-    item = item_data(repo, "HEAD", key)
-    freq, w = exposure_weights(item, size=64)
-    # Grant & Grigorieff-style B-factor of 4 Å² per e⁻/Å² at the middle of each tilt's exposure, times cos(tilt)
-    dose = item.pre_exposure + item.exposure / 2
-    expected = np.exp(-4 * dose[:, None] * freq[None, :] ** 2 / 4) * np.cos(np.radians(item.tilt_angles_deg))[:, None]
+    _, _, ts = next(iter_items(repo, repo.population()))
+    freq, w = exposure_weights(load_item(repo, ts, with_stack=False), size=64)
+    # Grant & Grigorieff-style B-factor of 4 Å² per e⁻/Å² at the middle of each tilt's exposure, times cos(tilt),
+    # from the record's own numbers
+    dose = np.asarray(ts.pre_exposure_e_per_angstrom2) + np.asarray(ts.exposure_e_per_angstrom2) / 2
+    expected = np.exp(-4 * dose[:, None] * freq[None, :] ** 2 / 4) * np.cos(np.radians(ts.tilt_angles_deg))[:, None]
     np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_provenance_reaches_the_raw_tilt_series(merged_population):
-    from cryopool.cli.report_data import provenance_graph, species_history
+    from cryopool.cli.report_data import history_of, provenance_graph, species_history
     repo, _ = merged_population
-    history = species_history(repo, "HEAD", "a")
+    history = species_history(repo, history_of(repo, "HEAD"), "a")
     assert [v["operation"] for v in history] == ["simulate", "refine"]
     g = provenance_graph(repo, history)
     sp = _records(repo)["a"]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import small_config
 from cryopool.cli.main import cli
 from cryopool.engine.geometry import degrees_between
-from cryopool.engine.picking import occupied_in
+from cryopool.engine.picking import occupied
 from cryopool.engine.records_io import load_item, load_map, load_particles
 from cryopool.engine.simulate import SpeciesSpec, simulate, write_simulation
 from cryopool.engine.symmetry import symmetry_operators
@@ -120,7 +120,7 @@ def matched(sim):
 
 def test_matching_finds_the_withheld_species_where_and_as_it_is(matched):
     repo, key, sp, true_pos, true_rot, result = matched
-    picks = pick_peaks(result, sp.diameter_angstrom, occupied_in(repo, repo.population(), key),
+    picks = pick_peaks(result, sp.diameter_angstrom, occupied(repo, repo.population()).get(key, []),
                        threshold=8 * result.score_std, max_picks=len(true_pos))
     hits, angles = 0, []
     for pos, rot, _ in picks:
@@ -135,11 +135,11 @@ def test_matching_finds_the_withheld_species_where_and_as_it_is(matched):
 
 def test_picks_avoid_the_particles_already_there_and_each_other(matched):
     repo, key, sp, true_pos, _, result = matched
-    occupied = occupied_in(repo, repo.population(), key) + [(true_pos[0], 60.0)]  # one as if already picked
-    picks = pick_peaks(result, sp.diameter_angstrom, occupied, threshold=3 * result.score_std)
+    taken = occupied(repo, repo.population()).get(key, []) + [(true_pos[0], 60.0)]  # one as if already picked
+    picks = pick_peaks(result, sp.diameter_angstrom, taken, threshold=3 * result.score_std)
     assert len(picks) > len(true_pos)  # a low threshold: every place that is free gets a pick
     for pos, _, _ in picks:
-        for other, radius in occupied:
+        for other, radius in taken:
             assert np.linalg.norm(pos - other) >= 0.8 * (radius + 60.0)
     p = np.stack([pos for pos, _, _ in picks])
     d = np.linalg.norm(p[:, None] - p[None], axis=-1) + np.eye(len(p)) * 1e9
