@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cryopool.repo import (dose_times, DataSource, InvalidInputError, Metrics, Operation, Population, Ref, Repository,
-                           Species, TiltSeries, software_version, with_items)
+                           Species, TiltSeriesDraft, put_stack, put_tilt_series, software_version, with_items)
 
 from .ctf import aliasing_free_box, reconstruction_box
 from .ctf_fit import circular_mask
@@ -38,7 +38,7 @@ from .projection import prepare_volume
 from .records_io import ParticleColumns
 from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
-from .writer import item_version, species_version
+from .writer import item_model, species_version
 
 __all__ = ["SpeciesSpec", "SimulationConfig", "PRESETS", "simulate", "write_simulation", "SimulatedItem",
            "Simulation", "soft_sphere_mask", "WithheldSpecies", "withheld_species"]
@@ -339,15 +339,15 @@ def _population(tx: Repository, sim: Simulation, stacks: dict[str, Ref], *, trut
     for it in sim.items:
         geom, im = (it.true_geometry, it.true_imaging) if truth else (it.initial_geometry, it.initial_imaging)
         h, w = cfg.image_size_px
-        record = TiltSeries(
+        items[it.key] = put_tilt_series(tx, TiltSeriesDraft(
             name=it.name, stack=stacks[it.key], pixel_size_angstrom=cfg.pixel_size_angstrom,
             voltage_kv=cfg.voltage_kv, spherical_aberration_mm=cfg.spherical_aberration_mm,
             amplitude_contrast=cfg.amplitude_contrast, tilt_axis_angle_deg=cfg.tilt_axis_angle_deg,
-            tilt_angles_deg=[float(a) for a in cfg.tilt_angles],
-            exposure_e_per_angstrom2=it.exposure.tolist(), pre_exposure_e_per_angstrom2=it.pre_exposure.tolist(),
+            tilt_angles_deg=cfg.tilt_angles, exposure_e_per_angstrom2=it.exposure,
+            pre_exposure_e_per_angstrom2=it.pre_exposure,
             tomogram_size_px=[w, h, int(round(geom.tomogram_size_angstrom[2] / cfg.pixel_size_angstrom))],
-            deformation=None, imaging=None, metadata={"simulated": True, "truth": truth})
-        items[it.key] = item_version(tx, record, (geom, im))
+            handedness=1, model=item_model(geom, im), metadata={"simulated": True, "truth": truth},
+            origin=f"simulated tilt series {it.key}"))
     species = {}
     for spec in cfg.species:
         if spec.name in withhold:
@@ -380,7 +380,7 @@ def write_simulation(repo: Repository, sim: Simulation, *, branch: str | None = 
     if set(withhold) >= set(sim.maps):
         raise InvalidInputError("at least one species must stay in the population", field="withhold")
     with repo.transaction() as tx:
-        stacks = {it.key: tx.put_array(it.stack.numpy(), chunks=(1, *it.stack.shape[1:])) for it in sim.items}
+        stacks = {it.key: put_stack(tx, it.stack.numpy(), f"simulated tilt series {it.key}") for it in sim.items}
         initial = _population(tx, sim, stacks, truth=False, withhold=tuple(withhold))
         truth_ref = tx.put_record(_population(tx, sim, stacks, truth=True))
         params = asdict(sim.config) | ({"withheld": sorted(withhold)} if withhold else {})

@@ -13,33 +13,30 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cryopool.repo import (DeformationModel, Grid, HalfSetModel, ImagingModel, Metrics, ParticleTable, Ref, Repository,
-                           Species, StateDict, TiltSeries, particle_table)
+from cryopool.repo import (DeformationModel, HalfSetModel, ImagingModel, ItemModel, Metrics, ParticleTable, Ref,
+                           Repository, Species, StateDict, TiltSeries, particle_table)
 
 from .geometry import matrix_to_euler_zyz
 from .records_io import ParticleColumns
 from .regularise import NetworkWeights
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["item_records", "item_version", "particle_table_record", "state_dict_record", "species_version"]
+__all__ = ["item_model", "item_records", "item_version", "particle_table_record", "state_dict_record", "species_version"]
+
+
+def item_model(geometry: TiltGeometry, imaging: Imaging) -> ItemModel:
+    """A geometry and imaging model as the arrays records store (float64, on the CPU)."""
+    def arr(x: torch.Tensor | None) -> np.ndarray | None:
+        return None if x is None else x.detach().cpu().double().numpy()
+    return ItemModel(arr(geometry.shifts_angstrom), arr(geometry.angle_corrections_deg),
+                     arr(imaging.defocus_u_angstrom), arr(imaging.defocus_v_angstrom), arr(imaging.defocus_angle_deg),
+                     image_warp=arr(geometry.image_warp), volume_warp=arr(geometry.volume_warp),
+                     orientation_corrections_deg=arr(geometry.orientation_corrections_deg))
 
 
 def item_records(repo: Repository, geometry: TiltGeometry, imaging: Imaging) -> tuple[DeformationModel, ImagingModel]:
     """Records (with their arrays written to ``repo``) for a geometry and imaging model."""
-    def arr(x: torch.Tensor):
-        return repo.put_array(x.detach().cpu().double().numpy())
-
-    def grid(x: torch.Tensor | None) -> Grid | None:
-        return None if x is None else Grid(dimensions=list(x.shape[1:]), values=arr(x))
-    deformation = DeformationModel(tilt_shifts_angstrom=arr(geometry.shifts_angstrom),
-                                   tilt_angle_corrections_deg=arr(geometry.angle_corrections_deg),
-                                   image_warp=grid(geometry.image_warp), volume_warp=grid(geometry.volume_warp),
-                                   orientation_corrections_deg=None if geometry.orientation_corrections_deg is None
-                                   else arr(geometry.orientation_corrections_deg))
-    model = ImagingModel(defocus_u_angstrom=arr(imaging.defocus_u_angstrom),
-                         defocus_v_angstrom=arr(imaging.defocus_v_angstrom),
-                         defocus_angle_deg=arr(imaging.defocus_angle_deg))
-    return deformation, model
+    return item_model(geometry, imaging).records(repo)
 
 
 def item_version(tx: Repository, item: TiltSeries, published: tuple[TiltGeometry, Imaging],

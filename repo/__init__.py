@@ -38,6 +38,7 @@ from .population import (find_item, item_key, item_refs, iter_items, population_
                          split_item_key, stable_particle_ids, with_item, with_items, with_marks, with_species,
                          without_marks)
 from .particles import particle_table
+from .ingest import ItemModel, TiltSeriesDraft, put_stack, put_tilt_series
 from .repository import Head, Repository, software_version
 from .trajectory import MAX_TEMPORAL_SAMPLES, dose_times, trajectory_weights
 from .version import __version__
@@ -51,7 +52,7 @@ __all__ = [
     "ParticleTable", "Population", "Species", "StateDict", "TiltSeries",
     "item_key", "item_refs", "split_item_key", "iter_items", "find_item", "stable_particle_ids", "with_item",
     "with_items", "with_species", "population_summary",
-    "software_version", "particle_table",
+    "software_version", "particle_table", "ItemModel", "TiltSeriesDraft", "put_stack", "put_tilt_series",
     "refinement_marks", "with_marks", "without_marks", "MAX_TEMPORAL_SAMPLES", "dose_times", "trajectory_weights",
     "readable_at",
 ]

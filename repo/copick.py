@@ -33,9 +33,10 @@ import numpy as np
 import zarr
 
 from .errors import FormatError, InvalidInputError, NotFoundError
+from .ingest import SpeciesDraft, SpeciesMaps, put_species
 from .particles import particle_table
 from .population import export_names, find_item, iter_items, stable_particle_ids, with_species
-from .records import Metrics, Operation, ParticleTable, Population, Species, TiltSeries, validate_name
+from .records import Operation, ParticleTable, Population, Species, TiltSeries, validate_name
 from .repository import Repository, software_version
 from .star_particles import euler_matrix, matrix_euler
 
@@ -236,20 +237,18 @@ def import_copick(repo: Repository, config_path: str | Path, obj: str, species: 
                                 field="half_maps", hint="give --half1, --half2 and --diameter")
     refs = {k: find_item(repo, base, k)[1] for k in item_names}
     with repo.transaction() as tx:
-        table = tx.put_record(particle_table(tx, ids, picks.item_keys, picks.positions, picks.angles, half,
-                                             picks.scores))
         provenance = {"copick": {"config": str(path), "object": obj, "files": len(picks.files)}}
         if existing is not None:
-            record = replace(existing, particles=table, reconstructed_from=[refs[k] for k in item_names],
-                             quarter_maps=None, metadata={**existing.metadata, **provenance})  # new particles
+            table = tx.put_record(particle_table(tx, ids, picks.item_keys, picks.positions, picks.angles, half,
+                                                 picks.scores))
+            ref = tx.put_record(replace(existing, particles=table, reconstructed_from=[refs[k] for k in item_names],
+                                        quarter_maps=None, metadata={**existing.metadata, **provenance}))
         else:
-            record = Species(name=name, symmetry=symmetry, diameter_angstrom=float(diameter_angstrom),
-                             pixel_size_angstrom=float(pixel_size_angstrom), particles=table, metrics=Metrics(),
-                             half_map_1=tx.put_array(half_maps[0].astype(np.float32)),
-                             half_map_2=tx.put_array(half_maps[1].astype(np.float32)),
-                             mask=None if mask is None else tx.put_array(mask.astype(np.float32)),
-                             reconstructed_from=[refs[k] for k in item_names], metadata=provenance)
-        ref = tx.put_record(record)
+            maps = SpeciesMaps(half_maps[0].astype(np.float32), half_maps[1].astype(np.float32),
+                               None if mask is None else mask.astype(np.float32), float(pixel_size_angstrom))
+            ref = put_species(tx, SpeciesDraft(name, symmetry, float(diameter_angstrom), maps, ids, picks.item_keys,
+                                               picks.positions, picks.angles, half, picks.scores,
+                                               [refs[k] for k in item_names], provenance))
         operation = Operation(kind="import", software=software_version(),
                               inputs={f"picks {i}": tx.put_blob(Path(f).read_bytes()) for i, f in enumerate(picks.files)},
                               parameters={"what": "copick", "object": obj, "species": name, "particles": n,

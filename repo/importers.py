@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import blake3
@@ -20,17 +20,17 @@ import numpy as np
 
 from .canonical import Ref
 from .errors import InvalidInputError, NotFoundError
-from .formats.mrc import finite_check, read_mrc, read_mrc_header
+from .formats.mrc import read_mrc, read_mrc_header
 from .formats.tilts import (dose_symmetric_order, mdoc_number, parse_tilt_range, pre_exposure, read_mdoc, read_tlt, read_xf,
                             xf_alignment)
 from .hashing import ObjectId
-from .physical import check, check_count, validate_symmetry
-from .particles import particle_table
+from .ingest import (ItemModel, SpeciesDraft, TiltSeriesDraft, put_species, put_stack, put_tilt_series,
+                     read_species_maps)
+from .physical import check, check_count, same_pixel, validate_symmetry
 from .population import find_item, stable_particle_ids, with_item, with_species
-from .records import (DeformationModel, ImagingModel, Metrics, Operation, Population, Species,
-                      TiltSeries, validate_name)
+from .records import (Operation, Population, TiltSeries, validate_name)
 from .repository import Repository, software_version
-from .star_particles import read_star_particles, same_pixel
+from .star_particles import read_star_particles
 
 __all__ = ["import_tilt_series", "import_species", "file_blake3", "input_file", "stable_particle_ids", "validate_symmetry",
            "default_tomogram_size"]
@@ -198,37 +198,28 @@ def import_tilt_series(
     if meta.defocus_um is None:
         raise InvalidInputError("the nominal defocus is unknown", field="defocus_um",
                                 hint="pass --defocus-um (positive = underfocus)")
-    for quantity, value in (("voltage_kv", volt), ("amplitude_contrast", amplitude_contrast),
-                            ("spherical_aberration_mm", spherical_aberration_mm), ("angle_deg", axis),
-                            ("defocus_angstrom", meta.defocus_um * 1e4)):
-        check(quantity, value, field=quantity if quantity != "angle_deg" else "tilt_axis_deg")
     size = tuple(check_count("tomogram_size_px", v, field="tomogram_size_px")
                  for v in (tomogram_size_px or default_tomogram_size(width, height)))
     mrc = read_mrc(stack, mmap=True, check_finite=False)  # truncation is checked here
-    data = mrc.data
-    defocus_a = float(meta.defocus_um) * 1e4
+    file_hashes: dict = {}
+    draft = TiltSeriesDraft(
+        name=name, stack=mrc.data, pixel_size_angstrom=pixel, voltage_kv=volt,
+        spherical_aberration_mm=spherical_aberration_mm, amplitude_contrast=amplitude_contrast,
+        tilt_axis_angle_deg=axis, tilt_angles_deg=meta.angles, exposure_e_per_angstrom2=meta.exposure,
+        pre_exposure_e_per_angstrom2=pre_exposure(meta.order, meta.exposure), tomogram_size_px=size,
+        handedness=handedness, model=replace(ItemModel.flat(n, float(meta.defocus_um) * 1e4), shifts_angstrom=shifts,
+                                             angle_corrections_deg=corrections),
+        metadata={"source_files": file_hashes, "acquisition_order": meta.order}, origin=str(stack),
+        fields={"tilt_angles_deg": "tilt angles", "tilt_axis_angle_deg": "tilt_axis_deg", "defocus_u_angstrom": "defocus_um",
+                "defocus_v_angstrom": "defocus_um", "shifts_angstrom": str(xf or "shifts")})
+    draft.check((height, width))
 
     with repo.transaction() as tx, ThreadPoolExecutor(1) as side:  # a NaN found while storing aborts it
         # the file's own fingerprint is computed beside the chunk pass, not after it
         stack_hash = side.submit(lambda: blake3.blake3(mrc.file_bytes).hexdigest())
-        chunks = (1, height, width) if height * width * data.itemsize <= 1 << 24 else None
-        stack_ref = tx.put_array(data, chunks=chunks, progress=progress, check=finite_check(stack))
-        file_hashes = {"stack": {"name": stack.name, "blake3": stack_hash.result(), "bytes": len(mrc.file_bytes)}}
-        deformation = DeformationModel(tilt_shifts_angstrom=tx.put_array(shifts),
-                                       tilt_angle_corrections_deg=tx.put_array(corrections))
-        imaging = ImagingModel(
-            defocus_u_angstrom=tx.put_array(np.full(n, defocus_a)),
-            defocus_v_angstrom=tx.put_array(np.full(n, defocus_a)),
-            defocus_angle_deg=tx.put_array(np.zeros(n)))
-        item = TiltSeries(
-            name=name, stack=stack_ref, pixel_size_angstrom=pixel, voltage_kv=volt,
-            spherical_aberration_mm=spherical_aberration_mm, amplitude_contrast=amplitude_contrast,
-            tilt_axis_angle_deg=axis, tilt_angles_deg=meta.angles, handedness=handedness,
-            exposure_e_per_angstrom2=[float(e) for e in meta.exposure],
-            pre_exposure_e_per_angstrom2=pre_exposure(meta.order, meta.exposure),
-            tomogram_size_px=list(size), deformation=tx.put_record(deformation), imaging=tx.put_record(imaging),
-            metadata={"source_files": file_hashes, "acquisition_order": meta.order})
-        item_ref = tx.put_record(item)
+        stack_ref = put_stack(tx, mrc.data, stack, progress)
+        file_hashes["stack"] = {"name": stack.name, "blake3": stack_hash.result(), "bytes": len(mrc.file_bytes)}
+        item_ref = put_tilt_series(tx, replace(draft, stack=stack_ref))
         inputs: dict[str, Ref] = {}
         for label, path in meta.sources.items():
             inputs[label] = tx.put_blob(path.read_bytes())
@@ -294,14 +285,6 @@ def _read_particles(repo: Repository, population: Population, path: Path) -> _Pa
     return _Particles(keys, refs, parts.positions, parts.angles, parts.half_sets, parts.scores)
 
 
-def _read_map(path: Path, what: str):
-    m = read_mrc(path)
-    if m.data.ndim != 3 or len(set(m.data.shape)) != 1:
-        raise InvalidInputError(f"{what} must be a cubic 3-D map", path=str(path), field="shape",
-                                expected="(d, d, d)", found=m.data.shape)
-    return m
-
-
 def import_species(
     repo: Repository,
     name: str,
@@ -323,19 +306,9 @@ def import_species(
     paths = {"half_map_1": Path(half_map_1), "half_map_2": Path(half_map_2), "particles": Path(particles)}
     if mask is not None:
         paths["mask"] = Path(mask)
-    maps = {k: _read_map(paths[k], k.replace("_", "-")) for k in ("half_map_1", "half_map_2", "mask") if k in paths}
-    ref_shape, ref_px = maps["half_map_1"].data.shape, maps["half_map_1"].voxel_size_angstrom[0]
-    for key, m in maps.items():
-        if m.data.shape != ref_shape:
-            raise InvalidInputError("map shapes differ", path=str(paths[key]), field="shape",
-                                    expected=f"{ref_shape} (as {paths['half_map_1'].name})", found=m.data.shape)
-        if m.voxel_size_angstrom[0] > 0 and not same_pixel(m.voxel_size_angstrom[0], ref_px):
-            raise InvalidInputError("map pixel sizes differ", path=str(paths[key]), field="voxel size",
-                                    expected=f"{ref_px} Å (as {paths['half_map_1'].name})", found=m.voxel_size_angstrom[0])
-    pixel = _choose_pixel_size(paths["half_map_1"], ref_px, pixel_size_angstrom, None)
-    if "mask" in maps and (maps["mask"].data.min() < -1e-6 or maps["mask"].data.max() > 1 + 1e-6):
-        raise InvalidInputError("mask values must lie in [0, 1]", path=str(paths["mask"]), field="data",
-                                found=f"[{maps['mask'].data.min():.3g}, {maps['mask'].data.max():.3g}]")
+    maps = read_species_maps(paths["half_map_1"], paths["half_map_2"], paths.get("mask"),
+                             pixel_size_angstrom=pixel_size_angstrom)
+    pixel = maps.pixel_size_angstrom
     tip = repo.refs.read(repo.branch_ref(branch))
     if tip is None:
         raise NotFoundError("the branch has no data sources yet", hint="import tilt series before species")
@@ -347,17 +320,9 @@ def import_species(
     files = {k: input_file(p) for k, p in paths.items()}
 
     with repo.transaction() as tx:
-        table = tx.put_record(particle_table(tx, ids, parts.item_keys, parts.positions, parts.angles, parts.half_sets,
-                                             parts.scores))
-        species = Species(
-            name=name, symmetry=symmetry, diameter_angstrom=float(diameter_angstrom), pixel_size_angstrom=pixel,
-            half_map_1=tx.put_array(maps["half_map_1"].data.astype(np.float32)),
-            half_map_2=tx.put_array(maps["half_map_2"].data.astype(np.float32)),
-            mask=tx.put_array(maps["mask"].data.astype(np.float32)) if "mask" in maps else None,
-            particles=table, metrics=Metrics(),
-            reconstructed_from=[parts.item_refs[k] for k in item_names],
-            metadata={"source_files": files})
-        species_ref = tx.put_record(species)
+        species_ref = put_species(tx, SpeciesDraft(
+            name, symmetry, float(diameter_angstrom), maps, ids, parts.item_keys, parts.positions, parts.angles,
+            parts.half_sets, parts.scores, [parts.item_refs[k] for k in item_names], {"source_files": files}))
         operation = Operation(kind="import", software=software_version(),
                               inputs={"particles.star": tx.put_blob(paths["particles"].read_bytes())},
                               parameters={"what": "species", "species": name, "files": files, "symmetry": symmetry,

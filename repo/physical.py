@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["LIMITS", "COUNTS", "check", "check_count", "check_item_model", "validate_symmetry"]
+__all__ = ["LIMITS", "COUNTS", "check", "check_count", "check_item_model", "validate_symmetry", "same_pixel"]
 
 # name → (low, high, whether low itself is allowed, unit): every bound is finite.
 LIMITS: dict[str, tuple[float, float, bool, str]] = {
@@ -92,6 +92,11 @@ def check_count(quantity: str, value: float, *, path: str | None = None, field: 
         raise InvalidInputError("count out of range", path=path, field=field or quantity,
                                 expected=f"an integer {lo}..{hi}", found=_show(value))
     return int(value)
+
+
+def same_pixel(a: float, b: float) -> bool:
+    """Two pixel sizes that differ by at most 0.1 % (headers round them): the same pixel."""
+    return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
 
 
 def _show(v) -> str:

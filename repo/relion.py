@@ -28,21 +28,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .canonical import Ref
 from .errors import FormatError, InvalidInputError, NotFoundError
-from .formats.mrc import finite_check, read_mrc, read_mrc_header, write_mrc
+from .formats.mrc import read_mrc, read_mrc_header, write_mrc
 from .formats.star import numeric_column, read_star_blocks, require_table, string_column, write_star
 from .formats.tilts import exposure_from_pre_exposure
 from .fsutil import staged_folder
 from .hashing import ObjectId
-from .physical import check, check_count
+from .physical import check, check_count, same_pixel
 from .importers import default_tomogram_size, input_file, stable_particle_ids, validate_symmetry
-from .particles import particle_table
-from .population import export_names, item_key, iter_items, with_item, with_species
-from .records import (DeformationModel, ImagingModel, Metrics, Operation, ParticleTable, Population, Species,
+from .ingest import (ItemModel, SpeciesDraft, SpeciesMaps, TiltSeriesDraft, add_items, items_in_source, put_species,
+                     put_tilt_series, read_species_maps)
+from .population import export_names, item_key, iter_items, with_species
+from .records import (DeformationModel, ImagingModel, Operation, ParticleTable, Population, Species,
                       TiltSeries, validate_name)
 from .repository import Repository, software_version
-from .star_particles import StarParticles, read_star_particles, same_pixel
+from .star_particles import StarParticles, read_star_particles
 from .trajectory import MAX_TEMPORAL_SAMPLES, dose_times, trajectory_weights
 
 __all__ = ["import_relion", "export_relion"]
@@ -240,11 +240,39 @@ def _stack(ts: _TiltSeriesIn) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
+_STAR_FIELDS = {"tilt_angles_deg": "rlnTomoNominalStageTiltAngle", "tilt_axis_angle_deg": "rlnTomoNominalTiltAxisAngle",
+                "angle_corrections_deg": "rlnTomoXTilt/YTilt/ZRot", "shifts_angstrom": "rlnTomoX/YShiftAngst",
+                "defocus_u_angstrom": "rlnDefocusU", "defocus_v_angstrom": "rlnDefocusV",
+                "defocus_angle_deg": "rlnDefocusAngle", "pre_exposure": "rlnMicrographPreExposure",
+                "exposure": "rlnTomoImportFractionalDose", "tomogram_size_px": "rlnTomoSizeX/Y/Z"}
+
+
+def _draft(ts: _TiltSeriesIn, stack: np.ndarray, size_px: list[int]) -> TiltSeriesDraft:
+    return TiltSeriesDraft(
+        name=ts.name, stack=stack, pixel_size_angstrom=ts.pixel, voltage_kv=ts.voltage, spherical_aberration_mm=ts.cs,
+        amplitude_contrast=ts.amplitude_contrast, tilt_axis_angle_deg=ts.axis, tilt_angles_deg=ts.nominal_tilt,
+        exposure_e_per_angstrom2=ts.exposure, pre_exposure_e_per_angstrom2=ts.pre_exposure, tomogram_size_px=size_px,
+        handedness=ts.hand, model=ItemModel(ts.shifts, ts.corrections, ts.defocus_u, ts.defocus_v, ts.defocus_angle),
+        metadata={"acquisition_order": [int(i) for i in np.argsort(ts.pre_exposure, kind="stable")]},
+        origin=str(ts.star), fields=_STAR_FIELDS, stack_origin=str(ts.images[0][0]))
+
+
 def _check_stack_pixel(ts: _TiltSeriesIn, path: Path, header: float) -> None:
     if header > 0 and not np.isclose(header, 1.0) and not same_pixel(header, ts.pixel):
         raise InvalidInputError("pixel sizes disagree", path=str(path), field="header voxel size",
                                 expected=f"{ts.pixel} Å (rlnTomoTiltSeriesPixelSize of {ts.name})",
                                 found=f"{header} Å")
+
+
+@dataclass(frozen=True)
+class _SpeciesIn:
+    name: str
+    diameter: float
+    symmetry: str
+    maps: SpeciesMaps
+    map_paths: tuple[Path, ...]
+    particles: StarParticles
+    trajectories: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -342,6 +370,36 @@ def _read_trajectories(path: Path, parts: StarParticles, particles_path: Path, d
 # --------------------------------------------------------------------------- import
 
 
+def _read_species(s: _OptimisationSet, name: str | None, diameter: float | None, half_maps, mask, symmetry,
+                  known: dict, doses: dict, temporal_samples: int) -> _SpeciesIn:
+    """One optimisation set's species: name, maps, diameter (given, or from the mask), particles, trajectories."""
+    name = name or s.species
+    if name is None:
+        raise InvalidInputError("the species needs a name", path=str(s.path),
+                                hint="pass --species NAME (once per optimisation set, in order)")
+    validate_name(name, "species")
+    diameter = diameter if diameter is not None else s.diameter
+    maps_paths = tuple(map(Path, half_maps)) if half_maps else s.half_maps
+    if maps_paths is None:
+        raise InvalidInputError("the optimisation set names no half-maps", path=str(s.path),
+                                field="_rlnTomoReferenceMap1File/_rlnTomoReferenceMap2File",
+                                hint="pass --half1 and --half2")
+    mask_path = Path(mask) if mask else s.mask
+    maps = read_species_maps(*maps_paths, mask_path)
+    if diameter is None and mask_path:
+        diameter = _mask_diameter(maps.mask, maps.pixel_size_angstrom)
+    if diameter is None:
+        raise InvalidInputError("the particle diameter is unknown", path=str(s.path), field="diameter",
+                                hint="pass --diameter (Å), once per optimisation set, or give the set a mask")
+    check("diameter_angstrom", diameter, field="diameter")
+    parts = read_star_particles(s.particles, known.get)
+    trajectories = None
+    if s.trajectories is not None:
+        trajectories = _read_trajectories(s.trajectories, parts, s.particles, doses, temporal_samples)
+    return _SpeciesIn(name, float(diameter), validate_symmetry(symmetry or s.symmetry or "C1"), maps,
+                      (*maps_paths, *([mask_path] if mask_path else [])), parts, trajectories)
+
+
 def import_relion(
     repo: Repository,
     paths: list[str | Path],
@@ -400,59 +458,21 @@ def import_relion(
                                         field="rlnTomoName", found=ts.name)
             tilt_series[ts.name] = ts
     stacks = {name: _stack(ts) for name, ts in tilt_series.items()}
-    tip = repo.refs.read(repo.branch_ref(branch))
-    base = repo.population(tip) if tip is not None else None
-    existing = {key.split("/", 1)[1]: (ref, item) for key, ref, item in (iter_items(repo, base) if base else [])
-                if key.startswith(source + "/")}
+    existing = items_in_source(repo, branch, source)
     known = {name: {"pixel": ts.pixel,
                     "size_px": ts.size_px or default_tomogram_size(stacks[name].shape[2], stacks[name].shape[1])}
              for name, ts in tilt_series.items()}
     for name, (_, item) in existing.items():
         known.setdefault(name, {"pixel": item.pixel_size_angstrom, "size_px": item.tomogram_size_px})
-    species_in = []
+    doses = {n: (ts.pre_exposure, ts.exposure) for n, ts in tilt_series.items()}
+    for n, (_, item) in existing.items():
+        doses.setdefault(n, (item.pre_exposure_e_per_angstrom2, item.exposure_e_per_angstrom2))
+    species_in: list[_SpeciesIn] = []
     for s, given_name, given_diameter in zip(with_species_sets, names, diameters):
-        name = given_name or s.species
-        if name is None:
-            raise InvalidInputError("the species needs a name", path=str(s.path),
-                                    hint="pass --species NAME (once per optimisation set, in order)")
-        validate_name(name, "species")
-        if any(other[0] == name for other in species_in):
-            raise InvalidInputError("two optimisation sets name the same species", path=str(s.path), found=name)
-        diameter = given_diameter if given_diameter is not None else s.diameter
-        maps_paths = tuple(map(Path, half_maps)) if half_maps else s.half_maps
-        if maps_paths is None:
-            raise InvalidInputError("the optimisation set names no half-maps", path=str(s.path),
-                                    field="_rlnTomoReferenceMap1File/_rlnTomoReferenceMap2File",
-                                    hint="pass --half1 and --half2")
-        mask_path = Path(mask) if mask else s.mask
-        maps = [read_mrc(p) for p in (*maps_paths, *([mask_path] if mask_path else []))]
-        for p, m in zip((*maps_paths, mask_path), maps):
-            if m.data.ndim != 3 or len(set(m.data.shape)) != 1 or m.data.shape != maps[0].data.shape:
-                raise InvalidInputError("maps must be cubic and of one size", path=str(p), field="shape",
-                                        expected=f"{maps[0].data.shape}", found=m.data.shape)
-            if not same_pixel(m.voxel_size_angstrom[0], maps[0].voxel_size_angstrom[0]):
-                raise InvalidInputError("map pixel sizes differ", path=str(p), field="voxel size",
-                                        expected=maps[0].voxel_size_angstrom[0], found=m.voxel_size_angstrom[0])
-        if mask_path and (maps[2].data.min() < -1e-6 or maps[2].data.max() > 1 + 1e-6):
-            raise InvalidInputError("mask values must lie in [0, 1]", path=str(mask_path), field="data")
-        if not maps[0].voxel_size_angstrom[0] > 0:
-            raise InvalidInputError("the half-map has no pixel size", path=str(maps_paths[0]), field="voxel size")
-        if diameter is None and mask_path:
-            diameter = _mask_diameter(maps[2].data, maps[0].voxel_size_angstrom[0])
-        if diameter is None:
-            raise InvalidInputError("the particle diameter is unknown", path=str(s.path), field="diameter",
-                                    hint="pass --diameter (Å), once per optimisation set, or give the set a mask")
-        check("diameter_angstrom", diameter, field="diameter")
-        parts = read_star_particles(s.particles, known.get)
-        trajectories = None
-        if s.trajectories is not None:
-            doses = {n: (ts.pre_exposure, ts.exposure) for n, ts in tilt_series.items()}
-            for n, (_, item) in existing.items():
-                doses.setdefault(n, (item.pre_exposure_e_per_angstrom2, item.exposure_e_per_angstrom2))
-            trajectories = _read_trajectories(s.trajectories, parts, s.particles, doses, temporal_samples)
-        species_in.append((name, float(diameter), validate_symmetry(symmetry or s.symmetry or "C1"), s, maps,
-                           maps_paths, mask_path, parts, trajectories))
-
+        sp = _read_species(s, given_name, given_diameter, half_maps, mask, symmetry, known, doses, temporal_samples)
+        if any(other.name == sp.name for other in species_in):
+            raise InvalidInputError("two optimisation sets name the same species", path=str(s.path), found=sp.name)
+        species_in.append(sp)
     files = {}
     for s in sets:
         for label, p in (("optimisation_set", s.path), ("tomograms", s.tomograms), ("particles", s.particles)):
@@ -462,70 +482,36 @@ def import_relion(
             p = s.trajectories
             files[str(p)] = input_file(p, role="trajectories")
     with repo.transaction() as tx:
-        item_refs: dict[str, Ref] = {}
-        for name, ts in tilt_series.items():
-            data = stacks[name]
-            n, h, w = data.shape
-            chunks = (1, h, w) if h * w * data.itemsize <= 1 << 24 else None
-            deformation = DeformationModel(tilt_shifts_angstrom=tx.put_array(ts.shifts),
-                                           tilt_angle_corrections_deg=tx.put_array(ts.corrections))
-            imaging = ImagingModel(defocus_u_angstrom=tx.put_array(ts.defocus_u),
-                                   defocus_v_angstrom=tx.put_array(ts.defocus_v),
-                                   defocus_angle_deg=tx.put_array(ts.defocus_angle))
-            item = TiltSeries(
-                name=name, stack=tx.put_array(data, chunks=chunks, progress=progress,
-                                              check=finite_check(ts.images[0][0])),
-                pixel_size_angstrom=ts.pixel, voltage_kv=ts.voltage, spherical_aberration_mm=ts.cs,
-                amplitude_contrast=ts.amplitude_contrast, tilt_axis_angle_deg=ts.axis,
-                tilt_angles_deg=[float(a) for a in ts.nominal_tilt],
-                exposure_e_per_angstrom2=[float(e) for e in ts.exposure],
-                pre_exposure_e_per_angstrom2=[float(e) for e in ts.pre_exposure],
-                tomogram_size_px=list(known[name]["size_px"]), deformation=tx.put_record(deformation),
-                imaging=tx.put_record(imaging), handedness=ts.hand,
-                metadata={"acquisition_order": [int(i) for i in np.argsort(ts.pre_exposure, kind="stable")]})
-            ref = tx.put_record(item)
-            if name in existing and existing[name][0] != ref:
-                raise InvalidInputError("the data source already has a different tilt series of this name",
-                                        path=str(ts.star), field="rlnTomoName", found=f"{source}/{name}",
-                                        hint="import into another --source")
-            item_refs[name] = ref
-        for name, (ref, _) in existing.items():
-            item_refs.setdefault(name, ref)
+        item_refs = {name: put_tilt_series(tx, _draft(ts, stacks[name], known[name]["size_px"]), progress)
+                     for name, ts in tilt_series.items()}
+        origins = {name: str(ts.star) for name, ts in tilt_series.items()}
+        population_items = {name: ref for name, (ref, _) in existing.items()} | item_refs
         species_refs = []
-        for name, diameter, sym, s, maps, maps_paths, mask_path, parts, trajectories in species_in:
+        for sp in species_in:
+            parts = sp.particles
             keys = [item_key(source, t) for t in parts.tomo_names]
-            item_names = sorted(set(keys))
-            positions = parts.positions if trajectories is None else trajectories
-            table = particle_table(tx, stable_particle_ids(name, keys, parts.positions), keys, positions, parts.angles,
-                                   parts.half_sets, parts.scores)  # RELION: one orientation at every sample
-            record = Species(
-                name=name, symmetry=sym, diameter_angstrom=diameter,
-                pixel_size_angstrom=float(maps[0].voxel_size_angstrom[0]),
-                half_map_1=tx.put_array(maps[0].data.astype(np.float32)),
-                half_map_2=tx.put_array(maps[1].data.astype(np.float32)),
-                mask=tx.put_array(maps[2].data.astype(np.float32)) if mask_path else None,
-                particles=tx.put_record(table), metrics=Metrics(),
-                reconstructed_from=[item_refs[k.split("/", 1)[1]] for k in item_names])
-            species_refs.append(tx.put_record(record))
-            for p in (*maps_paths, *([mask_path] if mask_path else [])):
-                files[str(p)] = input_file(p, role=f"map of {name}")
+            positions = parts.positions if sp.trajectories is None else sp.trajectories
+            species_refs.append(put_species(tx, SpeciesDraft(  # RELION: one orientation at every sample
+                sp.name, sp.symmetry, sp.diameter, sp.maps, stable_particle_ids(sp.name, keys, parts.positions), keys,
+                positions, parts.angles, parts.half_sets, parts.scores,
+                [population_items[k.split("/", 1)[1]] for k in sorted(set(keys))])))
+            for p in sp.map_paths:
+                files[str(p)] = input_file(p, role=f"map of {sp.name}")
         inputs = {f"star:{Path(k).name}": tx.put_blob(Path(k).read_bytes()) for k, v in files.items()
                   if not v["role"].startswith("map")}
         operation = Operation(kind="import", software=software_version(), inputs=inputs, parameters={
             "what": "relion5", "source": source, "files": files, "tilt_series": sorted(tilt_series),
-            "species": [x[0] for x in species_in]})
+            "species": [sp.name for sp in species_in]})
 
         def update(pop: Population | None) -> Population:
-            pop = pop or Population(name="population")
-            for name in tilt_series:
-                if name not in existing:  # an identical one already there is reused
-                    pop = with_item(tx, pop, source, name, item_refs[name])
+            pop = add_items(tx, pop, source, item_refs, existing, origins)  # an identical one already there is reused
             for ref in species_refs:
                 pop = with_species(tx, pop, ref)
             return pop
 
         what = ", ".join(filter(None, [f"{len(tilt_series)} tilt series" if tilt_series else "",
-                                       *[f"species {x[0]} ({len(x[7].tomo_names)} particles)" for x in species_in]]))
+                                       *[f"species {sp.name} ({len(sp.particles.tomo_names)} particles)"
+                                         for sp in species_in]]))
         return tx.commit(update, message=message or f"Import RELION 5 project into {source}: {what}",
                          operation=operation, branch=branch)
 

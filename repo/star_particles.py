@@ -21,16 +21,11 @@ import numpy as np
 import pandas as pd
 
 from .errors import FormatError, InvalidInputError
-from .physical import check
+from .physical import check, same_pixel
 from .formats.star import numeric_column, read_star_blocks, require_table, string_column
 
-__all__ = ["StarParticles", "read_star_particles", "euler_matrix", "matrix_euler", "same_pixel"]
+__all__ = ["StarParticles", "read_star_particles", "euler_matrix", "matrix_euler"]
 
-_PIXEL_TOLERANCE = 1e-3
-
-
-def same_pixel(a: float, b: float) -> bool:
-    return abs(a - b) <= _PIXEL_TOLERANCE * max(abs(a), abs(b))
 
 
 def euler_matrix(angles_deg: np.ndarray) -> np.ndarray:

@@ -24,17 +24,18 @@ import numpy as np
 
 from .canonical import Ref
 from .errors import InvalidInputError, NotFoundError
-from .formats.mrc import finite_check, read_mrc, read_mrc_header, write_mrc
+from .formats.mrc import read_mrc, read_mrc_header, write_mrc
 from .formats.star import write_star
 from .formats.tilts import exposure_from_pre_exposure
 from .fsutil import staged_folder
 from .hashing import ObjectId
+from .ingest import ItemModel, TiltSeriesDraft, add_items, items_in_source, put_tilt_series
 from .physical import check_item_model
 from .importers import default_tomogram_size, input_file
-from .population import export_names, item_key, iter_items, with_item
-from .records import DeformationModel, Grid, ImagingModel, Operation, Population, TiltSeries, validate_name
+from .population import export_names, iter_items
+from .records import DeformationModel, ImagingModel, Operation, Population, TiltSeries, validate_name
 from .repository import Repository, software_version
-from .warp import (Tomostar, WarpTiltSeries, centre_shift, parse_warp_xml, read_tomostar, read_warp_xml,
+from .warp import (XML_FIELDS, Tomostar, WarpTiltSeries, centre_shift, parse_warp_xml, read_tomostar, read_warp_xml,
                    rebuilt_warp_xml, tomostar_table, warp_model, warp_xml_text)
 
 __all__ = ["import_warp", "export_warp"]
@@ -92,6 +93,10 @@ def _tomostar_model(t: Tomostar, size_px: tuple[int, int], pixel: float, options
         "amplitude_contrast": float(options.get("amplitude_contrast") or 0.07)}
 
 
+_TOMOSTAR_FIELDS = {"defocus_u_angstrom": "--defocus-um", "defocus_v_angstrom": "--defocus-um",
+                    "pre_exposure": "_wrpDose", "exposure": "_wrpDose"}
+
+
 def _read_one(path: Path, stack: Path | None, pixel_size: float | None, tomogram_size: list[int] | None,
               options: dict) -> _WarpIn:
     if path.suffix == ".xml":
@@ -139,9 +144,7 @@ def _read_one(path: Path, stack: Path | None, pixel_size: float | None, tomogram
     else:
         model = _tomostar_model(tomostar, (h, w), pixel, options)
         model["tomogram_size_px"], model["image_size_px"] = list(tomogram_size), (h, w)
-        check_item_model(model, path=str(tomostar.path), fields={"defocus_u_angstrom": "--defocus-um",
-                                                                  "defocus_v_angstrom": "--defocus-um",
-                                                                  "pre_exposure": "_wrpDose", "exposure": "_wrpDose"})
+        check_item_model(model, path=str(tomostar.path), fields=_TOMOSTAR_FIELDS)
     keep = model["tilts"]
     if shape[0] not in (n_all, len(keep)):
         raise InvalidInputError("tilt count differs between Warp metadata and image stack", path=str(stack),
@@ -151,6 +154,29 @@ def _read_one(path: Path, stack: Path | None, pixel_size: float | None, tomogram
     if shape[0] != len(keep):
         data = data[keep]
     return _WarpIn(name, xml, tomostar, stack, data, pixel, model)
+
+
+def _draft(tx: Repository, s: _WarpIn) -> TiltSeriesDraft:
+    m = s.model
+    warp_meta: dict = {"tilts": m["tilts"]}
+    if s.xml is not None:
+        warp_meta["xml"] = tx.put_blob(s.xml.raw)
+    else:
+        warp_meta["tomostar"] = tx.put_blob(s.tomostar.path.read_bytes())
+    return TiltSeriesDraft(
+        name=s.name, stack=s.data, pixel_size_angstrom=s.pixel, voltage_kv=m["voltage_kv"],
+        spherical_aberration_mm=m["spherical_aberration_mm"], amplitude_contrast=m["amplitude_contrast"],
+        tilt_axis_angle_deg=m["tilt_axis_angle_deg"], tilt_angles_deg=m["tilt_angles_deg"],
+        exposure_e_per_angstrom2=m["exposure"], pre_exposure_e_per_angstrom2=m["pre_exposure"],
+        tomogram_size_px=m["tomogram_size_px"], handedness=m["handedness"],
+        model=ItemModel(m["shifts_angstrom"], m["angle_corrections_deg"], m["defocus_u_angstrom"],
+                        m["defocus_v_angstrom"], m["defocus_angle_deg"], m["image_warp"], m["volume_warp"],
+                        m.get("orientation_corrections_deg"), m.get("phase_shift_deg"),
+                        m.get("magnification_anisotropy")),
+        metadata={"acquisition_order": [int(i) for i in np.argsort(m["pre_exposure"], kind="stable")],
+                  "warp": warp_meta},
+        origin=str(s.xml.path if s.xml else s.tomostar.path), fields=XML_FIELDS if s.xml else _TOMOSTAR_FIELDS,
+        stack_origin=str(s.stack))
 
 
 def import_warp(
@@ -188,54 +214,12 @@ def import_warp(
     names = [s.name for s in series]
     if len(set(names)) != len(names):
         raise InvalidInputError("two Warp files name the same tilt series", field="paths", found=sorted(names))
-    tip = repo.refs.read(repo.branch_ref(branch))
-    base = repo.population(tip) if tip is not None else None
-    existing = {key.split("/", 1)[1]: ref for key, ref, _ in (iter_items(repo, base) if base else [])
-                if key.startswith(source + "/")}
+    existing = items_in_source(repo, branch, source)
     files = {}
     with repo.transaction() as tx:
-        refs: dict[str, Ref] = {}
+        refs = {s.name: put_tilt_series(tx, _draft(tx, s), progress) for s in series}
+        origins = {s.name: str(s.xml.path if s.xml else s.tomostar.path) for s in series}
         for s in series:
-            m = s.model
-            h, w = s.data.shape[1:]
-            grid = {k: Grid(dimensions=list(np.shape(m[k])[1:]), values=tx.put_array(np.asarray(m[k], np.float64)))
-                    for k in ("image_warp", "volume_warp") if m[k] is not None}
-            corrections = m.get("orientation_corrections_deg")
-            deformation = DeformationModel(
-                tilt_shifts_angstrom=tx.put_array(np.asarray(m["shifts_angstrom"])),
-                tilt_angle_corrections_deg=tx.put_array(m["angle_corrections_deg"]),
-                image_warp=grid.get("image_warp"), volume_warp=grid.get("volume_warp"),
-                orientation_corrections_deg=None if corrections is None else tx.put_array(corrections))
-            phase = m.get("phase_shift_deg")
-            imaging = ImagingModel(defocus_u_angstrom=tx.put_array(m["defocus_u_angstrom"]),
-                                   defocus_v_angstrom=tx.put_array(m["defocus_v_angstrom"]),
-                                   defocus_angle_deg=tx.put_array(m["defocus_angle_deg"]),
-                                   phase_shift_deg=None if phase is None else tx.put_array(phase),
-                                   magnification_anisotropy=m.get("magnification_anisotropy"))
-            warp_meta: dict = {"tilts": m["tilts"]}
-            if s.xml is not None:
-                warp_meta["xml"] = tx.put_blob(s.xml.raw)
-            else:
-                warp_meta["tomostar"] = tx.put_blob(s.tomostar.path.read_bytes())
-            chunks = (1, h, w) if h * w * s.data.itemsize <= 1 << 24 else None
-            item = TiltSeries(
-                name=s.name, stack=tx.put_array(s.data, chunks=chunks, progress=progress, check=finite_check(s.stack)),
-                pixel_size_angstrom=s.pixel, voltage_kv=m["voltage_kv"],
-                spherical_aberration_mm=m["spherical_aberration_mm"], amplitude_contrast=m["amplitude_contrast"],
-                tilt_axis_angle_deg=m["tilt_axis_angle_deg"],
-                tilt_angles_deg=[float(a) for a in m["tilt_angles_deg"]],
-                exposure_e_per_angstrom2=[float(e) for e in m["exposure"]],
-                pre_exposure_e_per_angstrom2=[float(e) for e in m["pre_exposure"]],
-                tomogram_size_px=[int(v) for v in m["tomogram_size_px"]], deformation=tx.put_record(deformation),
-                imaging=tx.put_record(imaging), handedness=m["handedness"],
-                metadata={"acquisition_order": [int(i) for i in np.argsort(m["pre_exposure"], kind="stable")],
-                          "warp": warp_meta})
-            ref = tx.put_record(item)
-            if s.name in existing and existing[s.name] != ref:
-                raise InvalidInputError("the data source already has a different tilt series of this name",
-                                        path=str(s.xml.path if s.xml else s.tomostar.path), field="name",
-                                        found=item_key(source, s.name), hint="import into another --source")
-            refs[s.name] = ref
             for role, p in (("xml", s.xml.path if s.xml else None), ("tomostar", s.tomostar.path if s.tomostar
                                                                       else None), ("stack", s.stack)):
                 if p is not None:
@@ -247,11 +231,7 @@ def import_warp(
             "pixel_size_angstrom": {s.name: s.pixel for s in series}})
 
         def update(pop: Population | None) -> Population:
-            pop = pop or Population(name="population")
-            for s in series:
-                if s.name not in existing:
-                    pop = with_item(tx, pop, source, s.name, refs[s.name])
-            return pop
+            return add_items(tx, pop, source, refs, existing, origins)
 
         return tx.commit(update, message=message or f"Import {len(series)} Warp tilt series into {source}",
                          operation=operation, branch=branch)
