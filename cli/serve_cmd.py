@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import uvicorn
 
-from cryopool.repo.server import create_app
+from cryopool.repo.server import create_app, server_config
 
 from .common import Context, handle_errors
 from .web import web_pages
@@ -36,9 +36,9 @@ def serve(obj: Context, host: str, port: int, tokens: tuple[str, ...], anonymous
                 raise click.BadParameter(f"unknown scope(s) {unknown}: read, write, force", param_hint="--token")
     app = create_app(str(obj.repo().work_dir), tokens=parsed, anonymous_read=anonymous_read, pages=web_pages)
     click.echo(f"Serving {obj.repo().work_dir} on http://{host}:{port} (pages: /web/, API: /docs)", err=True)
-    # idle connections are closed after 5 s and at most 64 are served at once (503 beyond): a slow client
-    # cannot hold the server; on an open network put a TLS proxy with header timeouts in front
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=64)
+    # idle connections close after 5 s, request heads are due within 10 s and at most 64 connections are served at
+    # once (503 beyond): a slow client cannot hold the server. On an open network put a TLS proxy in front
+    uvicorn.Server(server_config(app, host=host, port=port)).run()
 
 
 COMMANDS = [serve]

@@ -32,8 +32,11 @@ import socket
 import threading
 import time
 
+import h11
 import uvicorn
 from typing import Callable
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -295,8 +298,59 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
     return app
 
 
+HEADER_TIMEOUT_S = 10.0  # a request line and its headers must arrive within this time
+KEEP_ALIVE_S = 5  # an idle connection is closed after this time
+MAX_CONNECTIONS = 64  # served at once; more are answered 503
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers.
+
+    uvicorn has none: a client that opens a connection and trickles its headers
+    a byte at a time (slowloris) holds it for ever, and 64 such clients hold the
+    server. Here the connection is closed when a request's head is still
+    incomplete ``header_timeout`` seconds after the connection opened or the
+    previous response ended; a slow body is bounded by the endpoints' size limits.
+    """
+
+    header_timeout: float = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001 — asyncio's signature
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the request's head is complete
+            self._deadline.cancel()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _head_too_slow(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def server_config(app: FastAPI, *, host: str, port: int, header_timeout: float = HEADER_TIMEOUT_S,
+                  log_level: str = "warning") -> uvicorn.Config:
+    """How the server runs, for ``cryopool serve`` and :func:`serve_in_thread` alike: idle connections closed
+    after 5 s, request heads due within ``header_timeout``, at most 64 connections at once."""
+    protocol = type("HeaderDeadline", (HeaderDeadline,), {"header_timeout": float(header_timeout)})
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                          timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
+
+
 @contextlib.contextmanager
-def serve_in_thread(repo_path: str, *, host: str = "127.0.0.1", port: int = 0, **options):
+def serve_in_thread(repo_path: str, *, host: str = "127.0.0.1", port: int = 0,
+                    header_timeout: float = HEADER_TIMEOUT_S, **options):
     """Serve a repository from a background thread (tests, benchmarks, embedding); yields the base URL.
 
     ``port=0`` picks a free port. The server stops when the block ends.
@@ -305,8 +359,8 @@ def serve_in_thread(repo_path: str, *, host: str = "127.0.0.1", port: int = 0, *
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(str(repo_path), **options), host=host, port=port,
-                                           log_level="error"))
+    server = uvicorn.Server(server_config(create_app(str(repo_path), **options), host=host, port=port,
+                                          header_timeout=header_timeout, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -171,3 +173,32 @@ def test_read_endpoints_are_bounded(served):
     huge = b'{"ids": ["' + b"a" * (9 << 20) + b'"]}'
     r = httpx.post(f"{api}/objects/missing", content=huge, headers={**reader, "content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_a_client_that_trickles_its_headers_is_cut_off(tmp_path):
+    """Slowloris: uvicorn alone keeps such a connection open for ever; the server closes it at the deadline,
+    while a client that sends its request in time, or several on one connection, is served."""
+    Repository.init(tmp_path / "pop")
+    with running_server(str(tmp_path / "pop"), header_timeout=1.0, anonymous_read=True) as url:
+        host, port = url.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"GET /api/v1/info HTTP/1.1\r\nHost: x\r\n")
+        slow.settimeout(0.25)
+        t0, closed = time.monotonic(), False
+        while time.monotonic() - t0 < 4:
+            try:
+                slow.sendall(b"X")  # one byte of a header, never finished
+                if slow.recv(1024) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+        assert closed and 0.8 < time.monotonic() - t0 < 3
+        with httpx.Client(base_url=url) as client:  # keep-alive: the deadline restarts after each response
+            for _ in range(3):
+                assert client.get("/api/v1/info").status_code == 200
+                time.sleep(0.6)
+            assert client.get("/api/v1/refs").status_code == 200
