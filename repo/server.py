@@ -41,7 +41,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from starlette.routing import Match, Route
 
 from . import canonical
 from .errors import ConflictError, CryopoolError, InvalidInputError
@@ -61,15 +62,60 @@ MAX_REQUEST_BYTES = 512 * 1024 * 1024
 MAX_IDS = 100_000
 MAX_JSON_BYTES = 8 * 1024 * 1024  # request bodies other than packs and objects: MAX_IDS ids fit
 API = "/api/v1"
+PACK = "application/x-cryopool-pack"  # wire.md: frames of object files
+OBJECT = "application/octet-stream"  # format.md §5: one object file
+
+
+ID_PATTERN = "^[0-9a-f]{64}$"
 
 
 class Missing(BaseModel):
-    ids: list[str]
+    # declared for clients; checked by hand, so a bad id is a 400 naming it (wire.md)
+    ids: list[str] = Field(json_schema_extra={"items": {"type": "string", "pattern": ID_PATTERN},
+                                              "maxItems": MAX_IDS, "uniqueItems": True})
+
+
+class Problem(BaseModel):
+    """Every 4xx/5xx answer: what was wrong, in one sentence."""
+
+    detail: str | list
+
+
+_WHY = {400: "malformed or refused: a bad id or ref name, an object that does not hash to its id, a record "
+             "referring to what is not stored, a commit whose closure is incomplete",
+        401: "no token, or an unknown one", 403: "the token lacks the scope this needs",
+        404: "no such object", 409: "the ref is not at `old` (fetch, merge, push again)",
+        411: "a JSON body needs a Content-Length",
+        413: "the body, an object or the id list is over the limit (`/info`)",
+        415: "the body's Content-Type is not the one declared",
+        422: "the JSON body does not match the schema",
+        500: "the stored object is damaged (the server never serves it; run `cryopool verify` there)"}
+
+
+def _responses(*codes: int, ok: int = 200, content: str | None = None) -> dict:
+    """The answers an endpoint gives, for its OpenAPI description (clients are generated from it)."""
+    out: dict = {code: {"model": Problem, "description": _WHY[code]} for code in codes}
+    if content is not None:
+        out[ok] = {"content": {content: {"schema": {"type": "string", "format": "binary"}}},
+                   "description": "the body is " + content}
+    return out
+
+
+def _binary_body(content: str) -> dict:
+    return {"requestBody": {"required": True,
+                            "content": {content: {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+_ID_PARAMETER = {"parameters": [{"name": "object_id", "in": "path", "required": True,
+                                 "schema": {"type": "string", "pattern": ID_PATTERN},
+                                 "description": "an object id: 64 lower-case hex digits of BLAKE3"}]}
+_READ, _WRITE, _JSON = (401, 403), (401, 403), (411, 413, 422)
 
 
 class RefUpdate(BaseModel):
-    old: str | None = None
-    new: str
+    old: str | None = Field(default=None, json_schema_extra={"anyOf": [{"type": "string", "pattern": ID_PATTERN},
+                                                                       {"type": "null"}]})
+    new: str = Field(json_schema_extra={"pattern": ID_PATTERN})
 
 
 def _check_id(object_id: str) -> str:
@@ -116,7 +162,10 @@ def _checked(object_id: str, raw: bytes, pending: set[str], has) -> tuple[Kind, 
     return kind, bytes(data)
 
 
-async def _body(request: Request, limit: int, what: str) -> bytes:
+async def _body(request: Request, limit: int, what: str, content_type: str) -> bytes:
+    given = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if given != content_type:
+        raise HTTPException(415, f"a {what} is sent as {content_type}, not {given or 'no Content-Type'}")
     length = int(request.headers.get("content-length") or 0)
     if length > limit:
         raise HTTPException(413, f"{what} larger than {limit} bytes")
@@ -175,16 +224,25 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
         return check
 
     read, write = Depends(scope("read")), Depends(scope("write"))
+
+    @app.exception_handler(405)
+    async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        """Allow lists every method the path takes (Starlette names only the first route's: GET, not PUT)."""
+        routes = [r for r in app.router.routes if isinstance(r, Route) and r.matches(request.scope)[0] is not Match.NONE]
+        literal = [r for r in routes if "{" not in r.path]  # /objects/missing is not /objects/{object_id}
+        allowed = sorted({m for r in literal or routes for m in (r.methods or ())})
+        return JSONResponse({"detail": f"{request.method} is not allowed here; use {', '.join(allowed)}"},
+                            status_code=405, headers={"Allow": ", ".join(allowed)})
     if pages is not None:
         app.include_router(pages(repo, check_token))
 
-    @app.get(f"{API}/info", dependencies=[read])
+    @app.get(f"{API}/info", dependencies=[read], responses=_responses(*_READ))
     def info() -> dict:
         return {"api": 1, "max_object_bytes": max_object_bytes,
                 "max_request_bytes": max(max_request_bytes, max_object_bytes + FRAME_HEADER.size + 16),
                 "max_ids": MAX_IDS}
 
-    @app.get(f"{API}/refs", dependencies=[read])
+    @app.get(f"{API}/refs", dependencies=[read], responses=_responses(*_READ))
     def refs() -> dict:
         return {"refs": repo.refs.list("refs/heads/") | repo.refs.list("refs/tags/"), "head": repo.head().branch}
 
@@ -207,11 +265,12 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
             raise HTTPException(400, "the same id more than once in one request")
         return [_check_id(i) for i in body.ids]
 
-    @app.post(f"{API}/objects/missing", dependencies=[read])
+    @app.post(f"{API}/objects/missing", dependencies=[read], responses=_responses(400, *_READ, *_JSON))
     def missing(body: Missing) -> dict:
         return {"missing": [i for i in _ids(body) if not repo.store.has(i)]}
 
-    @app.post(f"{API}/objects/get", dependencies=[read])
+    @app.post(f"{API}/objects/get", dependencies=[read], response_class=StreamingResponse,
+              responses=_responses(400, *_READ, 404, *_JSON, content=PACK))
     def get_objects(body: Missing) -> StreamingResponse:
         _ids(body)
         absent = [i for i in body.ids if not repo.store.has(_check_id(i))]
@@ -222,11 +281,12 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
             for oid in body.ids:
                 kind, data = repo.store.get(oid, verify=True)  # never serve a damaged object
                 yield from encode_frames([(oid, kind, data)])
-        return StreamingResponse(frames(), media_type="application/x-cryopool-pack")
+        return StreamingResponse(frames(), media_type=PACK)
 
-    @app.post(f"{API}/objects", status_code=201, dependencies=[write])
+    @app.post(f"{API}/objects", status_code=201, dependencies=[write], responses=_responses(400, *_WRITE, 413, 415),
+              openapi_extra=_binary_body(PACK))
     async def put_pack(request: Request) -> dict:
-        body = await _body(request, max(max_request_bytes, max_object_bytes + FRAME_HEADER.size + 16), "pack")
+        body = await _body(request, max(max_request_bytes, max_object_bytes + FRAME_HEADER.size + 16), "pack", PACK)
         checked, pending = [], set()
         try:
             for oid, raw in iter_frames([body], "uploaded pack", max_object_bytes):
@@ -240,7 +300,9 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
         repo.store.sync()
         return {"stored": len(checked)}
 
-    @app.get(f"{API}/objects/{{object_id}}", dependencies=[read])
+    @app.get(f"{API}/objects/{{object_id}}", dependencies=[read], response_class=Response,
+             responses=_responses(400, *_READ, 404, 500, content="application/octet-stream"),
+             openapi_extra=_ID_PARAMETER)
     def get_object(object_id: str) -> Response:
         _check_id(object_id)
         try:
@@ -249,15 +311,16 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
             raise HTTPException(404 if "not found" in exc.message else 500, exc.message) from None
         return Response(encode_object_file(kind, data, None), media_type="application/octet-stream")
 
-    @app.put(f"{API}/objects/{{object_id}}", status_code=201, dependencies=[write])
+    @app.put(f"{API}/objects/{{object_id}}", status_code=201, dependencies=[write],
+             responses=_responses(400, *_WRITE, 413, 415), openapi_extra=_ID_PARAMETER | _binary_body(OBJECT))
     async def put_object(object_id: str, request: Request) -> dict:
         _check_id(object_id)
-        body = await _body(request, max_object_bytes + 16, "object")
+        body = await _body(request, max_object_bytes + 16, "object", OBJECT)
         kind, data = _checked(object_id, body, set(), repo.store.has)
         repo.store.put(kind, data)
         return {"id": object_id}
 
-    @app.post(f"{API}/refs/{{name:path}}")
+    @app.post(f"{API}/refs/{{name:path}}", responses=_responses(400, *_WRITE, 409, *_JSON))
     def update_ref(name: str, body: RefUpdate, request: Request,
                    authorization: str | None = Header(default=None)) -> dict:
         scope("write")(authorization)

@@ -62,19 +62,21 @@ def test_refusals(served, tmp_path):
     data = b"a new blob"
     oid = hash_bytes(Kind.BLOB, data)
     body = encode_object_file(Kind.BLOB, data, None)
+    obj = {"Content-Type": "application/octet-stream"}
     reader = {"Authorization": "Bearer reader"}
     writer = {"Authorization": "Bearer writer"}
-    assert httpx.put(f"{api}/objects/{oid}", content=body, headers=reader).status_code == 403
-    assert httpx.put(f"{api}/objects/{oid}", content=body).status_code == 401
+    assert httpx.put(f"{api}/objects/{oid}", content=body, headers=reader | obj).status_code == 403
+    assert httpx.put(f"{api}/objects/{oid}", content=body, headers=obj).status_code == 401
+    assert httpx.put(f"{api}/objects/{oid}", content=body, headers=writer).status_code == 415  # the declared type
     wrong = hash_bytes(Kind.BLOB, b"something else")
-    assert httpx.put(f"{api}/objects/{wrong}", content=body, headers=writer).status_code == 400  # re-hashed
-    assert httpx.put(f"{api}/objects/not-an-id", content=body, headers=writer).status_code == 400
+    assert httpx.put(f"{api}/objects/{wrong}", content=body, headers=writer | obj).status_code == 400  # re-hashed
+    assert httpx.put(f"{api}/objects/not-an-id", content=body, headers=writer | obj).status_code == 400
     tip = central.resolve("main")
     evil = httpx.post(f"{api}/refs/refs/heads/../../evil", json={"old": tip, "new": tip}, headers=writer)
     assert evil.status_code in (400, 404)
     dangling = httpx.post(f"{api}/refs/refs/heads/x", json={"old": None, "new": "ab" * 32}, headers=writer)
     assert dangling.status_code == 400 and "missing" in dangling.text
-    big = httpx.put(f"{api}/objects/{oid}", content=b"x" * (2 << 20), headers=writer)
+    big = httpx.put(f"{api}/objects/{oid}", content=b"x" * (2 << 20), headers=writer | obj)
     assert big.status_code == 413
     assert sorted(central.store.ids()) == state  # nothing written by any refused request
     assert httpx.get(url + "/openapi.json").status_code == 200
@@ -122,7 +124,7 @@ def test_concurrent_pushes_through_the_server_lose_nothing(served, tmp_path):
 
 def _put(api: str, kind: Kind, data: bytes, token: str = "writer") -> httpx.Response:
     return httpx.put(f"{api}/objects/{hash_bytes(kind, data)}", content=encode_object_file(kind, data, None),
-                     headers={"Authorization": f"Bearer {token}"})
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
 
 
 def test_a_write_token_cannot_rewrite_history_or_store_junk(served, tmp_path):

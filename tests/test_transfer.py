@@ -127,14 +127,15 @@ def served(tmp_path, source):
 
 def test_packs_are_checked_whole_and_records_need_their_children(served, source):
     central, url = served
-    api, writer = url + "/api/v1", {"Authorization": "Bearer w"}
+    api, writer = url + "/api/v1", {"Authorization": "Bearer w", "Content-Type": "application/x-cryopool-pack"}
     state = repo_state(central)
     commit = source.resolve("main")
     kind, data = source.store.get(commit)
     body = b"".join(encode_frames([(commit, kind, bytes(data))]))
     r = httpx.post(f"{api}/objects", content=body, headers=writer)  # a record before what it refers to
     assert r.status_code == 400 and "send the objects a record refers to first" in r.text
-    r = httpx.put(f"{api}/objects/{commit}", content=body[72:], headers=writer)
+    r = httpx.put(f"{api}/objects/{commit}", content=body[72:],
+                  headers={**writer, "Content-Type": "application/octet-stream"})
     assert r.status_code == 400
     good = b"".join(encode_frames([(hash_bytes(Kind.BLOB, b"ok"), Kind.BLOB, b"ok")]))
     bad = bytearray(b"".join(encode_frames([(hash_bytes(Kind.BLOB, b"xy"), Kind.BLOB, b"xy")])))
@@ -144,6 +145,7 @@ def test_packs_are_checked_whole_and_records_need_their_children(served, source)
     assert httpx.post(f"{api}/objects", content=good[:-1], headers=writer).status_code == 400
     assert httpx.post(f"{api}/objects", content=good * 6000, headers=writer).status_code == 413  # > 256 KiB
     assert httpx.post(f"{api}/objects", content=good).status_code == 401
+    assert httpx.post(f"{api}/objects", content=good, headers={"Authorization": "Bearer w"}).status_code == 415
     assert repo_state(central) == state  # nothing written by any refused pack
     assert httpx.post(f"{api}/objects", content=good, headers=writer).status_code == 201
     got = httpx.post(f"{api}/objects/get", json={"ids": [hash_bytes(Kind.BLOB, b"ok")]})
