@@ -38,8 +38,9 @@ def _as_error(exc: BaseException) -> CryopoolError | None:
     if isinstance(exc, OSError) and type(exc).__module__ == "builtins":
         if exc.errno == errno.ENOSPC:
             return CryopoolError("no space left on the device", path=exc.filename,
-                                 hint="free some space and run the command again: nothing was committed, and "
-                                      "'cryopool gc' clears what the attempt left in .cryopool/tmp")
+                                 hint="free some space and run the command again: no ref moved, so nothing is "
+                                      "half-done; a push, fetch or clone resumes where it stopped, and 'cryopool gc' "
+                                      "removes what an interrupted command left in .cryopool/tmp")
         what = exc.strerror or type(exc).__name__
         return CryopoolError(f"{what} (nothing was committed)", path=exc.filename)
     if type(exc).__module__.split(".")[0] in ("httpx", "httpcore"):  # checked by name: httpx is imported lazily

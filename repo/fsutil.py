@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import InvalidInputError
 
-__all__ = ["fsync_dir", "touch", "write_atomic", "staged_folder"]
+__all__ = ["fsync_dir", "touch", "write_atomic", "staged_folder", "removed_on_failure"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,17 +35,28 @@ def touch(path: Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    """A temporary file that a failed write (a full disk, an I/O error) leaves behind is removed at once."""
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, fsync: bool = True, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so readers see the old or the new file, never a mix (``mode``: its permissions)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"w-{uuid.uuid4().hex}"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
-        fh.write(data)
-        if fsync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with removed_on_failure(tmp):
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
 

@@ -242,6 +242,7 @@ class DiskRefStore(RefStore):
         if any(p.is_symlink() for p in path.parents if self.root in p.parents):
             raise IntegrityError("a reflog directory is a symbolic link: refusing to write through it",
                                  path=str(path.parent))
+        existed = path.exists()
         try:  # never through a symbolic link: a shared directory remote must not write outside itself
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
@@ -249,11 +250,21 @@ class DiskRefStore(RefStore):
                 raise IntegrityError("the reflog is a symbolic link: refusing to write through it",
                                      path=str(path)) from None
             raise
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(line)
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                data, written = line.encode("utf-8"), 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:  # a full disk: no half line (the next entry would be glued to it), no empty log
+                os.ftruncate(fd, start)
+                if not existed:
+                    path.unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(fd)
 
     def update(self, name: str, new: str | None, *, expected, author: str, message: str) -> None:
         if new is not None:

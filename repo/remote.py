@@ -291,6 +291,16 @@ def clone(url: str, directory: str, progress=None, token: str | None = None, *, 
     url = str(url)
     target = Path(directory)
     existed = target.exists()
+    try:
+        return _clone_into(url, target, progress, token, options, partial)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # wherever it happens: init, config, objects, refs
+            shutil.rmtree(target / REPO_DIR if existed else target, ignore_errors=True)
+        raise
+
+
+def _clone_into(url: str, target: Path, progress, token: str | None, options: dict | None,
+                partial: bool) -> Repository:
     if (target / REPO_DIR).exists():
         repo = Repository.open(target, search_parents=False)
         if repo.config.get("cloning") != url:
@@ -302,19 +312,14 @@ def clone(url: str, directory: str, progress=None, token: str | None = None, *, 
             _, head_branch = transport.heads()
         finally:
             transport.close()
-        repo = Repository.init(directory, initial_branch=head_branch or "main")
+        repo = Repository.init(target, initial_branch=head_branch or "main")
         add_remote(repo, "origin", url, token, options)
         repo.config["cloning"] = url  # until the branches are set: a re-run resumes instead of refusing
         if partial:
             repo.config["partial"] = {"remote": "origin", "deferred": "tilt-series stack chunks"}
         repo.save_config()
         repo = Repository.open(repo.work_dir, search_parents=False)
-    try:
-        fetch(repo, "origin", progress)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            shutil.rmtree(repo.root if existed else target, ignore_errors=True)
-        raise
+    fetch(repo, "origin", progress)
     for ref, cid in repo.refs.list("refs/remotes/origin/").items():  # all of them: a resumed clone too
         short = ref.removeprefix("refs/remotes/origin/")
         local = f"refs/heads/{short}"

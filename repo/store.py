@@ -30,7 +30,7 @@ import zstandard
 
 from . import canonical
 from .errors import IntegrityError, NotFoundError
-from .fsutil import fsync_dir as _fsync_dir, touch as _touch
+from .fsutil import fsync_dir as _fsync_dir, removed_on_failure, touch as _touch
 from .hashing import Kind, ObjectId, hash_bytes
 
 __all__ = [
@@ -260,13 +260,14 @@ class DiskObjectStore(ObjectStore):
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"obj-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as fh:
-            for part in parts:
-                fh.write(part)
-            if self.fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        with removed_on_failure(tmp):
+            with open(tmp, "wb") as fh:
+                for part in parts:
+                    fh.write(part)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
         with self._lock:
             self._dirty_dirs.add(final.parent)
         return True
