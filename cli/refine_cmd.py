@@ -49,6 +49,11 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
               help="GiB for particle batches; half of it bounds the reconstruction accumulators.")
 @click.option("--warp-regularisation", default=DEFAULTS.warp_regularisation, show_default=True,
               help="L2 weight per Å² of warp grids.")
+@click.option("--tilt-angle-prior", default=DEFAULTS.tilt_angle_prior_deg, show_default=True, type=click.FloatRange(0),
+              help="σ (°) of a Gaussian prior on each iteration's move of every tilt's stage angles (0: none): "
+                   "what the data barely constrain stays put.")
+@click.option("--shift-prior", default=DEFAULTS.shift_prior_angstrom, show_default=True, type=click.FloatRange(0),
+              help="σ (Å) of a Gaussian prior on each iteration's move of every tilt's shift (0: none).")
 @click.option("--temporal-samples", type=click.IntRange(1, 3), default=DEFAULTS.temporal_samples, show_default=True,
               help="Control points of each particle's pose trajectory over the exposure (M: 1–3).")
 @click.option("--allow-unmodelled", is_flag=True,
@@ -79,7 +84,8 @@ def _grid(text: str, n: int) -> tuple[int, ...]:
 @click.pass_obj
 @handle_errors
 def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_resolution, lbfgs_iterations, rounds,
-           device, memory_gb, warp_regularisation, temporal_samples, allow_unmodelled, accept_all, regulariser,
+           device, memory_gb, warp_regularisation, tilt_angle_prior, shift_prior, temporal_samples, allow_unmodelled,
+           accept_all, regulariser,
            denoiser_steps, scheduler, workers, worker_repository, resume, branch, as_json) -> None:
     """Refine all species jointly in every tilt series and commit each iteration.
 
@@ -99,7 +105,8 @@ def refine(obj: Context, iterations, groups, image_warp, volume_warp, start_reso
     options = RefineOptions(iterations=iterations, groups=chosen, image_warp_grid=_grid(image_warp, 2),
                             volume_warp_grid=_grid(volume_warp, 4), start_resolution_angstrom=start_resolution,
                             lbfgs_iterations=lbfgs_iterations, rounds=rounds, device=device, memory_budget_gb=memory_gb,
-                            warp_regularisation=warp_regularisation, temporal_samples=temporal_samples,
+                            warp_regularisation=warp_regularisation, tilt_angle_prior_deg=tilt_angle_prior,
+                            shift_prior_angstrom=shift_prior, temporal_samples=temporal_samples,
                             allow_unmodelled=allow_unmodelled, require_significance=not accept_all,
                             regulariser=regulariser, denoiser_steps=denoiser_steps)
     if resume and resume_point(repo, branch) is None:

@@ -187,9 +187,14 @@ class AlignmentTarget:
 
     def __init__(self, params: ItemParameters, stack: torch.Tensor, pre: torch.Tensor, exposure: torch.Tensor, *,
                  resolutions: list[float], low_resolution_angstrom: float | None, defocus_search_angstrom: float,
-                 exposure_crop_weight: float | None, memory_budget_bytes: int, warp_regularisation: float):
+                 exposure_crop_weight: float | None, memory_budget_bytes: int, warp_regularisation: float,
+                 priors: dict[str, float] | None = None):
         self.params, self.stack = params, stack
         self.memory_budget_bytes, self.warp_regularisation = memory_budget_bytes, warp_regularisation
+        # Gaussian priors on the move of per-tilt groups (group → σ, in the group's units), in log-likelihood units;
+        # converted to units of M at each round's start (``value``), where dLL/dM = N·M / (1 − M²)
+        self.priors = {g: s for g, s in (priors or {}).items() if s}
+        self._prior_scale = 0.0
         species = params.species
         low = low_resolution_angstrom or max(sp.diameter_angstrom for sp in species)
         max_def = max_defocus(defocus_search_angstrom, params.base_geom, params.base_imaging)
@@ -279,13 +284,28 @@ class AlignmentTarget:
         """M at the current parameters, freshly extracted there (a round starts where it is measured)."""
         self.prepare()
         t = self._all_terms(grad=False)
-        return float(ncc(sum(x.num.sum() for x in t), sum(x.d1.sum() for x in t), sum(x.d2.sum() for x in t)))
+        m = float(ncc(sum(x.num.sum() for x in t), sum(x.d1.sum() for x in t), sum(x.d2.sum() for x in t)))
+        if self.priors:  # one log-likelihood unit in units of M, here (the round's linearisation)
+            self._prior_scale = (1 - min(m, 1 - 1e-9) ** 2) / (self.effective_samples() * max(m, 1e-6))
+        return m
+
+    def prior_cost(self, *, grad: bool = False) -> torch.Tensor:
+        """−log prior of the current moves of the groups with a prior: Σ ½ (move / σ)², log-likelihood units."""
+        cost = torch.zeros((), dtype=self.stack.dtype)
+        for name, sigma in self.priors.items():
+            p = self.params.p[name]
+            if grad and not p.requires_grad:
+                continue
+            cost = cost + 0.5 * ((p if grad else p.detach()) / sigma).pow(2).sum()
+        return cost
 
     def _regulariser(self) -> torch.Tensor:
         reg = torch.zeros((), dtype=self.stack.dtype)
         for name in ("image_warp", "volume_warp"):
             if self.params.p[name].requires_grad:
                 reg = reg + self.warp_regularisation * (self.params.p[name] ** 2).mean()
+        if self.priors:
+            reg = reg + self._prior_scale * self.prior_cost(grad=True)
         return reg
 
     def loss_and_backward(self) -> float:

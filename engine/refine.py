@@ -68,6 +68,8 @@ class RefineOptions:
     memory_budget_gb: float = RefineSettings.memory_budget_bytes / 1024**3
     wiener_constant: float = 1e-3
     warp_regularisation: float = RefineSettings.warp_regularisation  # so global parameters explain what they can
+    tilt_angle_prior_deg: float = RefineSettings.tilt_angle_prior_deg  # σ of a refinement's move (0: no prior)
+    shift_prior_angstrom: float = RefineSettings.shift_prior_angstrom
     temporal_samples: int = 1  # control points of each particle's pose trajectory over the exposure (1–3)
     allow_unmodelled: bool = False  # refine items whose records hold optics the engine does not model
     require_significance: bool = RefineSettings.require_significance  # keep only moves the data support (AIC)
@@ -89,6 +91,9 @@ class RefineOptions:
             raise InvalidInputError("memory budget and Wiener constant must be positive, warp regularisation not "
                                     "negative", field="options",
                                     found=(self.memory_budget_gb, self.wiener_constant, self.warp_regularisation))
+        if not self.tilt_angle_prior_deg >= 0 or not self.shift_prior_angstrom >= 0:
+            raise InvalidInputError("prior widths must not be negative (0: no prior)", field="priors",
+                                    found=(self.tilt_angle_prior_deg, self.shift_prior_angstrom))
         if not 1 <= self.temporal_samples <= MAX_TEMPORAL_SAMPLES:
             raise InvalidInputError("temporal samples out of range", field="temporal_samples",
                                     expected=f"1..{MAX_TEMPORAL_SAMPLES}", found=self.temporal_samples)
@@ -202,7 +207,9 @@ def _plan(repo: Repository, tip: str, species: dict[str, _SpeciesState], items: 
                               volume_warp_grid=tuple(opts.volume_warp_grid), lbfgs_iterations=opts.lbfgs_iterations,
                               rounds=opts.rounds, memory_budget_bytes=int(opts.memory_budget_gb * 1024**3),
                               require_significance=opts.require_significance,
-                              warp_regularisation=opts.warp_regularisation)
+                              warp_regularisation=opts.warp_regularisation,
+                              tilt_angle_prior_deg=opts.tilt_angle_prior_deg,
+                              shift_prior_angstrom=opts.shift_prior_angstrom)
     rec_box = _reconstruction_boxes(repo, items, species, opts, sets=4 if regulariser.needs_quarters else 2)
     samples = opts.temporal_samples  # stored trajectories are resampled to it (exactly, when adding samples)
     plans, work_res, regularised = {}, {}, {}

@@ -41,6 +41,11 @@ class RefineSettings:
     low_resolution_angstrom: float | None = None  # band's lower edge (default: the particle diameter)
     memory_budget_bytes: int = 2 * 1024**3
     warp_regularisation: float = 1e-4  # per Å² of warp, relative to the NCC
+    # Gaussian priors on each refinement's move of the per-tilt stage angles (°, each axis) and shifts (Å, each
+    # axis): a direction the data barely constrain (a tilt's y angle, nearly a shift for particles near the
+    # specimen's mid-plane) stays where it was instead of drifting with the noise (None or 0: no prior)
+    tilt_angle_prior_deg: float | None = 0.2
+    shift_prior_angstrom: float | None = 20.0
     exposure_crop_weight: float | None = 0.25  # a tilt's band ends where its exposure weight falls below this
     require_significance: bool = True  # keep a refinement only where the data support it (``refine_item_half``)
 
@@ -86,7 +91,9 @@ def alignment_target(params: ItemParameters, stack: torch.Tensor, pre: torch.Ten
                            defocus_search_angstrom=settings.defocus_search_angstrom,
                            exposure_crop_weight=settings.exposure_crop_weight,
                            memory_budget_bytes=settings.memory_budget_bytes,
-                           warp_regularisation=settings.warp_regularisation)
+                           warp_regularisation=settings.warp_regularisation,
+                           priors={"tilt_angles": settings.tilt_angle_prior_deg,
+                                   "shifts": settings.shift_prior_angstrom})
 
 
 def item_parameters(geometry: TiltGeometry, imaging: Imaging, species: list[SpeciesInput], settings: RefineSettings,
@@ -175,7 +182,8 @@ def _decide(fitted: int, target: AlignmentTarget, history: list[float], settings
     real but smaller than P (measured: a two-species system rejected its last two of five iterations, the rare
     species' orientations stayed 2.0° off instead of reaching 1.7°)."""
     samples = target.effective_samples()
-    gain = log_likelihood_gain(history[0], history[-1], samples) if len(history) > 1 else 0.0
+    prior = float(target.prior_cost())  # the moves' cost under their priors: the gain is the posterior's
+    gain = (log_likelihood_gain(history[0], history[-1], samples) if len(history) > 1 else 0.0) - prior
     penalty = 0 if fitted_before else fitted
     accepted = not settings.require_significance or fitted == 0 or gain > penalty
     if accepted:
@@ -185,5 +193,6 @@ def _decide(fitted: int, target: AlignmentTarget, history: list[float], settings
     else:
         reason = (f"log-likelihood gain {gain:.1f} <= {fitted} parameters (AIC): the data do not support the move; "
                   "kept as it was")
-    return {"accepted": accepted, "log_likelihood_gain": round(gain, 1), "parameters": fitted, "penalty": penalty,
+    return {"accepted": accepted, "log_likelihood_gain": round(gain, 1), "prior_cost": round(prior, 1),
+            "parameters": fitted, "penalty": penalty,
             "samples": round(samples), "fitted": fitted_before or (accepted and fitted > 0), "reason": reason}

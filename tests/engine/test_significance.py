@@ -29,8 +29,8 @@ def test_fitting_pure_noise_gains_half_a_unit_of_log_likelihood_per_parameter():
     assert sum(gain > p for gain in gains) / trials < 0.01  # AIC's bar: noise alone rarely clears it
 
 
-def _target(samples: float):
-    return SimpleNamespace(effective_samples=lambda: samples)
+def _target(samples: float, prior: float = 0.0):
+    return SimpleNamespace(effective_samples=lambda: samples, prior_cost=lambda: prior)
 
 
 def test_a_first_fit_must_clear_its_parameter_count_and_a_refit_must_not_get_worse():
@@ -44,3 +44,7 @@ def test_a_first_fit_must_clear_its_parameter_count_and_a_refit_must_not_get_wor
     assert not worse["accepted"] and worse["fitted"] and "worse" in worse["reason"]  # the kept start stays fitted
     large = _decide(50, _target(n), [0.10, 0.20], settings, fitted_before=False)
     assert large["accepted"] and large["fitted"]
+    # the moves' cost under their priors is paid from the gain (the posterior decides): 153.9 − cost vs 50
+    costly = _decide(50, _target(n, prior=110.0), [0.10, 0.20], settings, fitted_before=False)
+    assert not costly["accepted"] and costly["prior_cost"] == 110.0
+    assert _decide(50, _target(n, prior=100.0), [0.10, 0.20], settings, fitted_before=False)["accepted"]
