@@ -64,6 +64,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "refine": ("refine_cmd", "refine", "Refine all species jointly in every tilt series and commit each iteration."),
     "regularise": ("regularise_cmd", "regularise",
         "Regularise HALF_MAP_1 and HALF_MAP_2 (MRC) and write both, their average and the FSC to --output."),
+    "train-denoiser": ("regularise_cmd", "train_denoiser",
+        "Train each SPECIES' denoiser (default: every species) on its half-maps and store its weights, one commit."),
     "tomogram": ("picking_cmds", "tomogram",
         "Reconstruct ITEM's tomogram (weighted back-projection) with its current deformation and imaging models."),
     "match": ("picking_cmds", "match",

@@ -47,7 +47,7 @@ from .tilt_model import Imaging, TiltGeometry
 from .trajectories import MAX_TEMPORAL_SAMPLES, resample_orientations, resample_positions
 from .writer import item_version, species_version
 
-__all__ = ["RefineOptions", "refine_population", "IterationReport", "resume_point", "pick_device"]
+__all__ = ["RefineOptions", "refine_population", "IterationReport", "resume_point", "pick_device", "species_fsc"]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -146,6 +146,16 @@ class _SpeciesState:
     weights: object  # regularise.NetworkWeights | None: the species' stored network
 
 
+def species_fsc(repo: Repository, species: Species, h1: torch.Tensor, h2: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """The species' FSC curve: as its last refinement recorded it, else measured from its half-maps (masked, with
+    the phase-randomisation correction, where it has a mask)."""
+    if species.metrics.fsc is not None:
+        return torch.from_numpy(np.asarray(repo.get_array(species.metrics.fsc).read())[:, 1]).to(h1.device)
+    return (masked_fsc(h1, h2, mask)["corrected"] if mask is not None else
+            masked_fsc(h1, h2, torch.ones_like(h1))["unmasked"])
+
+
 def _load_species(repo: Repository, pop: Population, device) -> dict[str, _SpeciesState]:
     out = {}
     for name in sorted(pop.species):
@@ -153,11 +163,7 @@ def _load_species(repo: Repository, pop: Population, device) -> dict[str, _Speci
         sp = repo.get_record(ref, Species)
         h1, h2 = load_map(repo, sp, "half_map_1").to(device), load_map(repo, sp, "half_map_2").to(device)
         mask = load_map(repo, sp, "mask").to(device) if sp.mask is not None else None
-        if sp.metrics.fsc is not None:
-            curve = torch.from_numpy(np.asarray(repo.get_array(sp.metrics.fsc).read())[:, 1]).to(device)
-        else:
-            curve = (masked_fsc(h1, h2, mask)["corrected"] if mask is not None else
-                     masked_fsc(h1, h2, torch.ones_like(h1))["unmasked"])
+        curve = species_fsc(repo, sp, h1, h2, mask)
         res = sp.metrics.resolution_angstrom or resolution_at(curve, sp.pixel_size_angstrom, 0.143)
         quarters = load_quarter_maps(repo, sp)
         if quarters is not None:

@@ -21,7 +21,8 @@ from .records_io import ParticleColumns
 from .regularise import NetworkWeights
 from .tilt_model import Imaging, TiltGeometry
 
-__all__ = ["item_model", "item_records", "item_version", "particle_table_record", "state_dict_record", "species_version"]
+__all__ = ["item_model", "item_records", "species_with_denoiser", "item_version", "particle_table_record",
+           "state_dict_record", "species_version"]
 
 
 def item_model(geometry: TiltGeometry, imaging: Imaging) -> ItemModel:
@@ -87,3 +88,8 @@ def species_version(tx: Repository, record: Species, half_maps: tuple[torch.Tens
     if mask is not None:
         changes["mask"] = tx.put_array(mask.cpu().numpy())
     return tx.put_record(replace(record, metrics=metrics, **changes))
+
+
+def species_with_denoiser(tx: Repository, record: Species, weights: NetworkWeights) -> Ref:
+    """A new version of a species that differs only in its network weights."""
+    return tx.put_record(replace(record, denoiser=tx.put_record(state_dict_record(tx, weights))))

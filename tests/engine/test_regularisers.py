@@ -279,6 +279,31 @@ def test_denoiser_weights_are_versioned_and_another_lab_continues_from_them(tmp_
     assert verify(lab_b).ok
 
 
+def test_a_species_denoiser_is_trained_at_creation_and_refinement_continues_from_it(tmp_path, small_sim):
+    """As M: trained on the new species' half-maps (``train-denoiser`` after an import), then continued."""
+    repo = Repository.init(tmp_path / "pop")
+    write_simulation(repo, small_sim)
+    before = repo.population()
+    runner = CliRunner()
+    out = runner.invoke(cli, ["-C", str(tmp_path / "pop"), "train-denoiser", "a", "--steps", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    trained = json.loads(out.output)["species"]["a"]
+    assert trained["started_from"] == "no stored weights" and trained["total_steps"] == 4
+    old, new = (repo.get_record(p.species["a"], Species) for p in (before, repo.population()))
+    assert new.denoiser is not None and old.denoiser is None
+    assert (new.half_map_1, new.half_map_2, new.particles) == (old.half_map_1, old.half_map_2, old.particles)
+    assert repo.population().species["b"] == before.species["b"]  # only the species named
+    assert repo.get_commit("HEAD").operation.parameters["what"] == "train-denoiser"
+    (report,) = refine_population(repo, RefineOptions(iterations=1, regulariser="denoiser", denoiser_steps=2, **FAST))
+    rec = repo.get_commit(report.commit).operation.parameters["regulariser"]["species"]
+    assert rec["a"]["started_from"] == "stored" and rec["b"]["started_from"] == "no stored weights"
+    final = repo.get_record(repo.population().species["a"], Species)
+    assert repo.get_record(final.denoiser, StateDict).metadata["steps"] == 6
+    missing = runner.invoke(cli, ["-C", str(tmp_path / "pop"), "train-denoiser", "nope"])
+    assert missing.exit_code == 1 and "nope" in missing.output
+    assert verify(repo).ok
+
+
 def test_refine_with_the_prior_records_its_hash(tmp_path, small_sim):
     repo = Repository.init(tmp_path / "pop")
     write_simulation(repo, small_sim)
