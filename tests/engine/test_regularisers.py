@@ -19,10 +19,10 @@ from cryopool.engine.nonuniform import (NonUniformSettings, apply_local_filter, 
                                         local_filter_levels, quarter_set)
 from cryopool.engine.phantoms import detergent_belt, noisy_quarter_maps, pseudo_atomic_model, render_map
 from cryopool.engine.fourier import fourier_resample
-from cryopool.engine.prior import load_prior, weights_digest
+from cryopool.engine.prior import hallucination, load_prior, weights_digest
 from cryopool.engine.prior_training import RECIPE, train_prior, write_prior
 from cryopool.engine.refine import RefineOptions, refine_population
-from cryopool.engine.regularise import HalfMaps, low_pass, working_resolution
+from cryopool.engine.regularise import HalfMaps, Regularised, low_pass, working_resolution
 from cryopool.engine.regularisers import REGULARISERS, BlushStylePrior, NonUniform, Noise2NoiseDenoiser, make_regulariser
 from cryopool.engine.simulate import write_simulation
 from cryopool.engine.unet import UNet3D, denoise_in_windows, network_from_arrays, weights_to_arrays
@@ -214,23 +214,17 @@ def test_prior_training_is_reproducible_and_verified_on_load(tmp_path):
 def test_prior_does_not_make_noise_protein_like():
     """Hallucination check: from pure-noise half-maps the prior's output must not correlate with protein-like
     maps (three phantoms and a centred blob) beyond chance: the mean signed correlation over 20 noise draws
-    (a network that put a particle into noise gave 0.09-0.18; the shipped one 0.010-0.020 ± 0.005-0.009 over 30)."""
-    prior = load_prior()
-    g = torch.Generator().manual_seed(10)
-    z, y, x = torch.meshgrid(*[torch.arange(48.0) - 24] * 3, indexing="ij")
-    proteins = [_phantom(48, s, diameter=d) for s, d in ((11, 120.0), (12, 180.0), (13, 220.0))]
-    proteins.append(torch.exp(-(x**2 + y**2 + z**2) / (2 * 8.0**2)))
+    (a network that put a particle into noise gave 0.09-0.18; the shipped one 0.010-0.020 ± 0.005-0.009 over 30).
+    The benchmark reports the same measure."""
+    mean, std = hallucination(BlushStylePrior(load_prior()))
+    assert np.all(np.abs(mean) < 0.03), (mean, std)
+    blob = hallucination(lambda maps: Regularised(tuple(m * 0 + _blob(48) for m in maps.halves)), draws=2)[0]
+    assert blob[-1] > 0.99  # the measure sees a particle where one is put
 
-    def corr(a, p):
-        a, b = a - a.mean(), p - p.mean()
-        return float((a * b).sum() / (a.norm() * b.norm()))
-    signed = []
-    for _ in range(20):
-        noise = (torch.randn(48, 48, 48, generator=g), torch.randn(48, 48, 48, generator=g))
-        out = BlushStylePrior(prior)(HalfMaps(noise, torch.zeros(25), PX, 20.0))
-        signed.append([corr(out.references[0], p) for p in proteins])
-    mean = np.mean(signed, axis=0)
-    assert np.all(np.abs(mean) < 0.03), mean
+
+def _blob(box: int) -> torch.Tensor:
+    z, y, x = torch.meshgrid(*[torch.arange(float(box)) - box // 2] * 3, indexing="ij")
+    return torch.exp(-(x**2 + y**2 + z**2) / (2 * 8.0**2))
 
 
 # -- inside refinement and in the repository ---------------------------------------------------------------------
