@@ -128,8 +128,11 @@ def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
 
     Co-refinement constrains the shared per-tilt geometry with the abundant species' signal, and the rare
     species' poses and map follow. Measured (seed 0, 5 iterations), alone → co-refined: stage-angle RMS error
-    0.56° → 0.23°, per-tilt shifts 3.0 → 1.5 Å, the rare species' orientations 3.2° → 1.7° and positions
-    7.8 → 6.5 Å, its map's mean FSC against the true map from 55 Å to Nyquist 0.43 → 0.47 (0.17 at the start).
+    0.28° → 0.21°, the rare species' orientations 2.90° → 1.71° and positions 7.7 → 6.7 Å, its map's mean FSC
+    against the true map from 55 Å to Nyquist 0.440 → 0.462 (0.17 at the start). Before each move of the stage
+    angles had a prior (σ 0.2°), the rare species alone walked them from ~0.3° to 0.56° (and its map to 0.43):
+    the gains of co-refinement over that run were larger (0.56° → 0.23°, +0.04 in mean FSC), because "alone"
+    did harm that it no longer does.
 
     The map is judged by that mean, not by the FSC-0.5 resolution this test used to assert: the curves hover
     around 0.5 over four shells, so a 0.03 change moves the crossing by 7 Å. The engine before issue 21 passed
@@ -158,9 +161,10 @@ def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
         found[mode] = {"map": sum(curve) / len(curve), "tilt": rare["tilt_angle_rms_deg"],
                        "orientation": rare["orientation_rms_deg"], "position": rare["position_rms_angstrom"]}
     alone, co = found["alone"], found["co-refined"]
-    assert co["tilt"] < 0.6 * alone["tilt"], found
+    print("measured:", found)  # seen with pytest -s
+    assert co["tilt"] < 0.85 * alone["tilt"], found
     assert co["orientation"] < 0.7 * alone["orientation"] and co["position"] < 0.95 * alone["position"], found
-    assert co["map"] > alone["map"] + 0.02, found
+    assert co["map"] > alone["map"] + 0.01, found
 
 
 def test_stage_angles_are_recovered_in_a_lamella_thick_enough_to_show_parallax(tmp_path):
