@@ -291,7 +291,7 @@ class AlignmentTarget:
 
     def prior_cost(self, *, grad: bool = False) -> torch.Tensor:
         """−log prior of the current moves of the groups with a prior: Σ ½ (move / σ)², log-likelihood units."""
-        cost = torch.zeros((), dtype=self.stack.dtype)
+        cost = torch.zeros((), dtype=self.stack.dtype, device=self.stack.device)
         for name, sigma in self.priors.items():
             p = self.params.p[name]
             if grad and not p.requires_grad:
@@ -300,7 +300,7 @@ class AlignmentTarget:
         return cost
 
     def _regulariser(self) -> torch.Tensor:
-        reg = torch.zeros((), dtype=self.stack.dtype)
+        reg = torch.zeros((), dtype=self.stack.dtype, device=self.stack.device)
         for name in ("image_warp", "volume_warp"):
             if self.params.p[name].requires_grad:
                 reg = reg + self.warp_regularisation * (self.params.p[name] ** 2).mean()
