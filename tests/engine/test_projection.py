@@ -11,7 +11,8 @@ from torch_fourier_slice import project_3d_to_2d
 
 from cryopool.engine.geometry import euler_zyz_to_matrix
 from cryopool.engine.grids import trilinear_sample
-from cryopool.engine.projection import FourierAccumulator, extract_slices, insert_slices, prepare_volume
+from cryopool.engine.projection import (FourierAccumulator, crop_transform, extract_points, extract_slices,
+                                       insert_slices, prepare_volume)
 
 D = 32
 
@@ -128,3 +129,21 @@ def test_trilinear_sampling_equals_grid_sample_with_both_gradients():
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_ours[0], grad_theirs[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_ours[1], grad_theirs[1], rtol=0, atol=1e-10)
+
+
+def test_a_band_cropped_transform_samples_like_the_whole_one_and_crops_to_itself():
+    """The refine plan keeps only the band of each reference's transform (``crop_transform``); the alignment
+    target crops it again to the same band. Inside the band the slices equal the whole transform's; cropping a
+    cropped transform to its own band changes nothing (so the plan's crop cannot change a refinement)."""
+    torch.manual_seed(3)
+    vt = prepare_volume(torch.randn(32, 32, 32, dtype=torch.float64))
+    radius = 32 * 6.0 / 20.0 + 1  # box · pixel / resolution + 1, as refine and the alignment target compute it
+    band = crop_transform(vt, radius)
+    assert band.values.shape[0] < vt.values.shape[0]
+    again = crop_transform(band, radius)
+    assert torch.equal(again.values, band.values)
+    k = torch.stack(torch.meshgrid(torch.arange(-9.0, 10.0), torch.arange(-9.0, 10.0), indexing="ij"), -1)
+    k = k[(k ** 2).sum(-1).sqrt() < radius - 1].reshape(-1, 2)
+    rot = torch.eye(3, dtype=torch.float64)[None, None]
+    k = k.to(torch.float64)
+    torch.testing.assert_close(extract_points(band, rot, k), extract_points(vt, rot, k))
