@@ -208,23 +208,52 @@ class FourierAccumulator:
 
     def finalise(self, wiener_constant: float = 1e-3, size: int | None = None) -> torch.Tensor:
         """The map, cropped to ``size`` (default: the box): Friedel-symmetrised data / (weights + c · mean
-        weight), gridding-corrected."""
-        data = self.data + _friedel(self.data).conj()
-        weights = self.weights + _friedel(self.weights)
-        nz = weights[weights > 0]
-        c = wiener_constant * (nz.mean() if nz.numel() else torch.tensor(1.0, device=weights.device))
-        ft = data / (weights + c)
+        weight), gridding-corrected.
+
+        The symmetrised grid is Hermitian, so only its half kx ≥ 0 is formed (``_friedel_half``) and inverted
+        with ``irfftn``: the temporaries are half-grids, not whole copies (a 200-px box's 400³ grids took
+        ~4 GB of transient memory the whole-grid way)."""
         D = self.box * self.pad
-        real = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
-                                  dim=(-3, -2, -1)).real
+        data = _friedel_half(self.data, conjugate=True)
+        weights = _friedel_half(self.weights, conjugate=False)
+        c = wiener_constant * _mean_positive_symmetrised(self.weights)
+        data /= weights.add_(c)
+        del weights
+        data = torch.fft.ifftshift(data, dim=(-3, -2))  # centred → FFT order along z and y; x is kx = 0..D/2
+        real = torch.fft.fftshift(torch.fft.irfftn(data, s=(D, D, D), dim=(-3, -2, -1)), dim=(-3, -2, -1))
+        del data
         size = size or self.box
         vol = crop_center(real, size, dims=3)
         return vol / gridding_correction(size, D, device=vol.device, dtype=vol.dtype)
 
 
-def _friedel(grid: torch.Tensor) -> torch.Tensor:
-    """grid(−k) on a centred even grid: index i ↦ D − i (index 0, the unpaired Nyquist plane, gets 0)."""
-    flipped = torch.flip(grid, dims=(-3, -2, -1))  # i ↦ D − 1 − i
-    out = torch.zeros_like(grid)
-    out[1:, 1:, 1:] = flipped[:-1, :-1, :-1]  # i ↦ D − i
+def _friedel_half(grid: torch.Tensor, *, conjugate: bool) -> torch.Tensor:
+    """``g(k) + g(−k)`` (conjugated for data) on the half kx ≥ 0 of a centred even grid, ``(D, D, D/2 + 1)`` in
+    rfft order along x (kx = 0 … D/2). On the periodic grid ``−k`` is index ``(D − i) mod D`` on each axis: the
+    Nyquist planes (index 0) pair with themselves, so the result is Hermitian and ``irfftn`` inverts it exactly."""
+    D = grid.shape[-1]
+    h = D // 2
+    neg = (-torch.arange(D, device=grid.device)) % D
+    out = torch.empty((D, D, h + 1), dtype=grid.dtype, device=grid.device)
+    out[..., :h] = grid[..., h:]
+    out[..., h] = grid[..., 0]
+    mirror = grid[..., :h + 1].index_select(0, neg).index_select(1, neg)  # g(−kz, −ky, ·) for the columns 0 … h
+    mirror = torch.cat([mirror[..., 1:].flip(-1), mirror[..., :1]], dim=-1)  # columns h … 1, then 0: g(−k)
+    out += mirror.conj() if conjugate else mirror
     return out
+
+
+def _mean_positive_symmetrised(weights: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """The mean of the positive values of ``w(k) + w(−k)`` over the whole periodic grid, a slab at a time."""
+    D = weights.shape[-1]
+    neg = (-torch.arange(D, device=weights.device)) % D
+    total = torch.zeros((), dtype=torch.float64, device=weights.device)
+    count = torch.zeros((), dtype=torch.int64, device=weights.device)
+    for start in range(0, D, slab):
+        rows = torch.arange(start, min(start + slab, D), device=weights.device)
+        w = weights[rows] + weights[neg[rows]].index_select(1, neg).index_select(2, neg)
+        positive = w[w > 0]
+        total += positive.double().sum()
+        count += positive.numel()
+    return (total / count).to(weights.dtype) if int(count) else torch.ones((), dtype=weights.dtype,
+                                                                            device=weights.device)

@@ -12,7 +12,7 @@ from torch_fourier_slice import project_3d_to_2d
 from cryopool.engine.geometry import euler_zyz_to_matrix
 from cryopool.engine.grids import trilinear_sample
 from cryopool.engine.projection import (FourierAccumulator, crop_transform, extract_points, extract_slices,
-                                       insert_slices, prepare_volume)
+                                       gridding_correction, insert_slices, prepare_volume)
 
 D = 32
 
@@ -147,3 +147,27 @@ def test_a_band_cropped_transform_samples_like_the_whole_one_and_crops_to_itself
     rot = torch.eye(3, dtype=torch.float64)[None, None]
     k = k.to(torch.float64)
     torch.testing.assert_close(extract_points(band, rot, k), extract_points(vt, rot, k))
+
+
+def test_finalising_on_the_half_grid_equals_the_whole_grid_formula():
+    """``finalise`` forms only the Hermitian half of the symmetrised grid and inverts it with irfftn (half-grid
+    temporaries); written out here on the whole grid: g(k) + g(−k) with g(−k) at index (D − i) mod D on each
+    axis, Wiener constant from the mean positive weight, ifftn, real part, centred crop."""
+    torch.manual_seed(5)
+    vol = torch.randn(D, D, D, dtype=torch.float64)
+    rotations = _random_rotations(400, seed=6, dtype=torch.float64)
+    slices = extract_slices(prepare_volume(vol), rotations)
+    acc = FourierAccumulator(D, dtype=torch.float64)
+    acc.insert(slices, torch.rand(slices.shape, dtype=torch.float64), rotations)
+
+    def mirrored(g):
+        neg = (-torch.arange(g.shape[0])) % g.shape[0]
+        return g[neg][:, neg][:, :, neg]
+    data = acc.data + mirrored(acc.data).conj()
+    weights = acc.weights + mirrored(acc.weights)
+    c = 1e-3 * weights[weights > 0].mean()
+    full = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(data / (weights + c)))).real
+    n = 2 * D
+    expected = full[n // 2 - D // 2:n // 2 + D // 2, n // 2 - D // 2:n // 2 + D // 2, n // 2 - D // 2:n // 2 + D // 2]
+    expected = expected / gridding_correction(D, n, dtype=torch.float64)
+    torch.testing.assert_close(acc.finalise(1e-3), expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
