@@ -137,12 +137,14 @@ def _mask_radius_px(diameter_angstrom: float, pixel_size_angstrom: float) -> tup
     return radius, max(2.0, 0.1 * radius)
 
 
-def masked_reference(volume: torch.Tensor, diameter_angstrom: float, pixel_size_angstrom: float):
+def masked_reference(volume: torch.Tensor, diameter_angstrom: float, pixel_size_angstrom: float, *,
+                     band: float | None = None):
     """A half-map reference ready for the target: masked like the particle images (a soft sphere of the same
-    radius and edge), so its projections fit in the comparison box, then transformed (``prepare_volume``)."""
+    radius and edge), so its projections fit in the comparison box, then transformed (``prepare_volume``; with
+    ``band``, cycles per box, only what the target samples)."""
     radius, edge = _mask_radius_px(diameter_angstrom, pixel_size_angstrom)
     mask = circular_mask(volume.shape[-1], radius, edge_px=edge, device=volume.device, dtype=volume.dtype, dims=3)
-    return prepare_volume(volume * mask)
+    return prepare_volume(volume * mask, radius=band)
 
 
 def comparison_box(species: SpeciesInput, pixel_size_angstrom: float) -> int:

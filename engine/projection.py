@@ -64,8 +64,12 @@ class VolumeTransform:
         return torch.view_as_complex(self.values.contiguous()).clone()
 
 
-def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
-    """``(d, d, d)`` real map → its padded, corrected, centred transform (differentiable)."""
+def prepare_volume(volume: torch.Tensor, pad: int = 2, *, radius: float | None = None) -> VolumeTransform:
+    """``(d, d, d)`` real map → its padded, corrected, centred transform (differentiable).
+
+    With ``radius`` (cycles per box) and without gradients: only the part ``crop_transform`` would keep, computed
+    one axis at a time and cropped after each (``_band_transform``), so the whole padded transform (a 200-px
+    map's is 512 MB) never exists."""
     d = volume.shape[-1]
     if volume.shape[-3:] != (d, d, d):
         raise InvalidInputError("a map must be cubic", field="shape", expected="(d, d, d)", found=tuple(volume.shape))
@@ -75,21 +79,29 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2) -> VolumeTransform:
     if D % 2:
         ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded, dim=(-3, -2, -1)), dim=(-3, -2, -1)),
                                 dim=(-3, -2, -1))
-        return VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
+        vt = VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
+        return vt if radius is None else crop_transform(vt, radius)
     # for an even box both shifts are ±1 checkerboards (a shift by D/2 is a phase of (−1)^k), applied in place:
     # no rolled copies of the padded map and of its transform, half the transient memory of a large map
     s = 1.0 - 2.0 * (torch.arange(D, device=volume.device) % 2).to(volume.dtype)
     board = lambda x: x * s[:, None, None] * s[None, :, None] * s[None, None, :]  # noqa: E731
     inplace = not torch.is_grad_enabled() or not volume.requires_grad
     padded = padded.mul_(s[:, None, None]).mul_(s[None, :, None]).mul_(s[None, None, :]) if inplace else board(padded)
+    sign = -1.0 if (3 * D // 2) % 2 else 1.0  # (−1)^(3·D/2): the two shifts' phases meet at the box's half
+    if radius is not None and inplace:
+        size, start = _band_extent(D, pad, radius)
+        band = slice(start, start + size)
+        ft = _band_transform(padded, band)
+        ft.mul_(s[band, None, None] * sign).mul_(s[None, band, None]).mul_(s[None, None, band])
+        return VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
     ft = torch.fft.fftn(padded, dim=(-3, -2, -1))
     del padded
-    sign = -1.0 if (3 * D // 2) % 2 else 1.0  # (−1)^(3·D/2): the two shifts' phases meet at the box's half
     if inplace:
         ft.mul_(s[:, None, None] * sign).mul_(s[None, :, None]).mul_(s[None, None, :])
     else:
         ft = board(ft) * sign
-    return VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
+    vt = VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
+    return vt if radius is None else crop_transform(vt, radius)
 
 
 def crop_transform(vt: VolumeTransform, radius: float) -> VolumeTransform:
@@ -97,12 +109,29 @@ def crop_transform(vt: VolumeTransform, radius: float) -> VolumeTransform:
     neighbours: what slices limited to a band need. Sampling it gives the same values in the band; the smaller
     grid is what makes the sampling fast (the whole transform of a 128-px map is 256³ voxels, mostly beyond
     the band, and memory traffic dominates trilinear interpolation)."""
-    full = vt.values.shape[0]
-    size = min(full, 2 * math.ceil(radius * vt.pad + 2) + 2)
-    size += (full - size) % 2  # the centre voxel stays the centre
-    start = full // 2 - size // 2
+    size, start = _band_extent(vt.values.shape[0], vt.pad, radius)
     values = vt.values[start:start + size, start:start + size, start:start + size].contiguous()
     return replace(vt, values=values)
+
+
+def _band_extent(full: int, pad: int, radius: float) -> tuple[int, int]:
+    """The size and first index of the centred cube holding frequencies up to ``radius`` and their neighbours."""
+    size = min(full, 2 * math.ceil(radius * pad + 2) + 2)
+    size += (full - size) % 2  # the centre voxel stays the centre
+    return size, full // 2 - size // 2
+
+
+def _band_transform(x: torch.Tensor, band: slice, block: int = 32) -> torch.Tensor:
+    """``fftn(x)[band, band, band]`` one axis at a time, cropping after each: the first pass runs on blocks of
+    ``x``'s columns, so nothing larger than ``(band, D, D)`` complex is ever held."""
+    D = x.shape[-1]
+    n = band.stop - band.start
+    cdtype = torch.complex64 if x.dtype == torch.float32 else torch.complex128
+    out = torch.empty((n, D, D), dtype=cdtype, device=x.device)
+    for j in range(0, D, block):
+        out[:, j:j + block] = torch.fft.fft(x[:, j:j + block], dim=0)[band]
+    out = torch.fft.fft(out, dim=1)[:, band]
+    return torch.fft.fft(out, dim=2)[..., band].contiguous()
 
 
 def slice_coordinates(rotations: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:

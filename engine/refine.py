@@ -40,7 +40,7 @@ from .records_io import load_item, load_map, load_particles, load_quarter_maps, 
 from .refine_item import GROUPS, RefineSettings
 from .refine_job import IterationPlan, SpeciesPlan, new_accumulators, refine_item
 from .denoiser import DenoiserSettings
-from .projection import FourierAccumulator, crop_transform
+from .projection import FourierAccumulator
 from .regularise import HalfMaps, Regularised, Regulariser, working_resolution
 from .regularisers import REGULARISERS, make_regulariser
 from .tilt_model import Imaging, TiltGeometry
@@ -228,11 +228,12 @@ def _plan(repo: Repository, tip: str, species: dict[str, _SpeciesState], items: 
                                                  s.weights))
         columns = replace(s.columns, positions=resample_positions(s.columns.positions, samples).clone(),
                           orientations=resample_orientations(s.columns.orientations, samples).clone())
-        # only the band's part of each reference's transform is kept (the alignment target crops to it anyway): a
-        # 128-px map's whole 256³ transform is 134 MB per half, held through the iteration and sent to every worker
+        # only the band's part of each reference's transform is computed and kept (the alignment target crops to
+        # it anyway): a 128-px map's whole 256³ transform is 134 MB per half, held through the iteration and sent
+        # to every worker
         band = s.box * max(pixel.values(), default=s.record.pixel_size_angstrom) / res + 1
-        plans[name] = SpeciesPlan(name, tuple(crop_transform(masked_reference(f, s.record.diameter_angstrom,
-                                                                              s.record.pixel_size_angstrom), band)
+        plans[name] = SpeciesPlan(name, tuple(masked_reference(f, s.record.diameter_angstrom,
+                                                               s.record.pixel_size_angstrom, band=band)
                                               for f in regularised[name].references),
                                   s.halves, s.box, s.record.diameter_angstrom, res, rec_box[name],
                                   s.record.symmetry, columns)
