@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +35,6 @@ ROUNDS = 2
 
 
 def _regulariser_seconds(name: str, device: str, steps: int, box: int = 64) -> float:
-    import numpy as np
     atoms, weights = pseudo_atomic_model(150.0, np.random.default_rng(0))
     truth = render_map(atoms, weights, box, 5.0, bfactor=100.0)
     q = [x.to(device) for x in noisy_quarter_maps(truth, 2.0, 1)]

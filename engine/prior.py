@@ -28,8 +28,8 @@ from .phantoms import pseudo_atomic_model, render_map
 from .regularise import HalfMaps
 from .unet import UNet3D, denoise_in_windows, network_from_arrays
 
-__all__ = ["hallucination", "PriorWeights", "load_prior", "weights_digest", "to_prior_space", "from_prior_space",
-           "apply_prior", "PRIOR_FILE"]
+__all__ = ["hallucination", "protein_like_maps", "PriorWeights", "load_prior", "weights_digest", "to_prior_space",
+           "from_prior_space", "apply_prior", "PRIOR_FILE"]
 
 PRIOR_FILE = "blush_style_prior"  # engine/weights/<name>.npz and .json
 

@@ -38,8 +38,8 @@ def train_species_denoisers(repo: Repository, names: list[str] | None = None, *,
     names = sorted(population.species) if names is None else names
     unknown = sorted(set(names) - set(population.species))
     if unknown or not names:
-        raise NotFoundError(f"no species {unknown or names} in the population", field="species",
-                            expected=sorted(population.species))
+        raise NotFoundError(f"no species {unknown} in the population" if unknown else "the population has no species",
+                            field="species", expected=sorted(population.species))
     denoiser = Noise2NoiseDenoiser(DenoiserSettings(steps=steps))
     done: dict[str, dict] = {}
     with repo.transaction() as tx:

@@ -28,7 +28,7 @@ from .ingest import (ItemModel, SpeciesDraft, TiltSeriesDraft, put_species, put_
                      read_species_maps)
 from .physical import check, check_count, same_pixel, validate_symmetry
 from .population import find_item, stable_particle_ids, with_item, with_species
-from .records import (Operation, Population, TiltSeries, validate_name)
+from .records import Operation, Population, TiltSeries, validate_name
 from .repository import Repository, software_version
 from .star_particles import read_star_particles
 
@@ -201,7 +201,6 @@ def import_tilt_series(
     size = tuple(check_count("tomogram_size_px", v, field="tomogram_size_px")
                  for v in (tomogram_size_px or default_tomogram_size(width, height)))
     mrc = read_mrc(stack, mmap=True, check_finite=False)  # truncation is checked here
-    file_hashes: dict = {}
     draft = TiltSeriesDraft(
         name=name, stack=mrc.data, pixel_size_angstrom=pixel, voltage_kv=volt,
         spherical_aberration_mm=spherical_aberration_mm, amplitude_contrast=amplitude_contrast,
@@ -209,7 +208,7 @@ def import_tilt_series(
         pre_exposure_e_per_angstrom2=pre_exposure(meta.order, meta.exposure), tomogram_size_px=size,
         handedness=handedness, model=replace(ItemModel.flat(n, float(meta.defocus_um) * 1e4), shifts_angstrom=shifts,
                                              angle_corrections_deg=corrections),
-        metadata={"source_files": file_hashes, "acquisition_order": meta.order}, origin=str(stack),
+        metadata={"acquisition_order": meta.order}, origin=str(stack),
         fields={"tilt_angles_deg": "tilt angles", "tilt_axis_angle_deg": "tilt_axis_deg", "defocus_u_angstrom": "defocus_um",
                 "defocus_v_angstrom": "defocus_um", "shifts_angstrom": str(xf or "shifts")})
     draft.check((height, width))
@@ -218,8 +217,10 @@ def import_tilt_series(
         # the file's own fingerprint is computed beside the chunk pass, not after it
         stack_hash = side.submit(lambda: blake3.blake3(mrc.file_bytes).hexdigest())
         stack_ref = put_stack(tx, mrc.data, stack, progress)
-        file_hashes["stack"] = {"name": stack.name, "blake3": stack_hash.result(), "bytes": len(mrc.file_bytes)}
-        item_ref = put_tilt_series(tx, replace(draft, stack=stack_ref))
+        file_hashes = {"stack": {"name": stack.name, "blake3": stack_hash.result(), "bytes": len(mrc.file_bytes)}}
+        # the item records the stack's fingerprint; the operation, every input file's
+        item_ref = put_tilt_series(tx, replace(draft, stack=stack_ref, metadata={
+            **draft.metadata, "source_files": {"stack": file_hashes["stack"]}}))
         inputs: dict[str, Ref] = {}
         for label, path in meta.sources.items():
             inputs[label] = tx.put_blob(path.read_bytes())

@@ -3,8 +3,9 @@
 Every importer (tilt-series files, RELION 5, Warp, copick) and the simulator
 describe what they read as drafts: a :class:`TiltSeriesDraft` (stack,
 acquisition, and an :class:`ItemModel` of arrays) and a :class:`SpeciesDraft`
-(maps read and checked by :func:`read_species_maps`, particle columns). This module checks every number once for every
-path (``physical``'s limits, naming the file and field the draft came from),
+(maps read and checked by :func:`read_species_maps`, particle columns). This
+module checks every number once for every path (``physical``'s limits,
+naming the file and field the draft came from),
 stores the arrays and records, and places items in their data source, reusing
 an identical item and refusing a different one of the same name. A check
 added here protects every reader.
@@ -226,7 +227,8 @@ def read_species_maps(half_map_1: str | Path, half_map_2: str | Path, mask: str 
         header = maps[0].voxel_size_angstrom[0]
         if not header > 0:
             raise InvalidInputError("the half-map has no pixel size", path=str(paths[0]), field="voxel size",
-                                    hint="pass --pixel-size")
+                                    hint="set the voxel size in the MRC header (import species: or pass "
+                                         "--pixel-size)")
         check("pixel_size_angstrom", header, path=str(paths[0]), field="voxel size")
         pixel = float(header)
     if mask is not None:

@@ -32,17 +32,16 @@ import socket
 import threading
 import time
 
-import h11
-import uvicorn
 from typing import Callable
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
+import h11
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.routing import Match, Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import canonical
 from .errors import ConflictError, CryopoolError, InvalidInputError
@@ -64,8 +63,6 @@ MAX_JSON_BYTES = 8 * 1024 * 1024  # request bodies other than packs and objects:
 API = "/api/v1"
 PACK = "application/x-cryopool-pack"  # wire.md: frames of object files
 OBJECT = "application/octet-stream"  # format.md §5: one object file
-
-
 ID_PATTERN = "^[0-9a-f]{64}$"
 
 
@@ -109,7 +106,7 @@ def _binary_body(content: str) -> dict:
 _ID_PARAMETER = {"parameters": [{"name": "object_id", "in": "path", "required": True,
                                  "schema": {"type": "string", "pattern": ID_PATTERN},
                                  "description": "an object id: 64 lower-case hex digits of BLAKE3"}]}
-_READ, _WRITE, _JSON = (401, 403), (401, 403), (411, 413, 422)
+_AUTH, _JSON = (401, 403), (411, 413, 422)
 
 
 class RefUpdate(BaseModel):
@@ -236,13 +233,13 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
     if pages is not None:
         app.include_router(pages(repo, check_token))
 
-    @app.get(f"{API}/info", dependencies=[read], responses=_responses(*_READ))
+    @app.get(f"{API}/info", dependencies=[read], responses=_responses(*_AUTH))
     def info() -> dict:
         return {"api": 1, "max_object_bytes": max_object_bytes,
                 "max_request_bytes": max(max_request_bytes, max_object_bytes + FRAME_HEADER.size + 16),
                 "max_ids": MAX_IDS}
 
-    @app.get(f"{API}/refs", dependencies=[read], responses=_responses(*_READ))
+    @app.get(f"{API}/refs", dependencies=[read], responses=_responses(*_AUTH))
     def refs() -> dict:
         return {"refs": repo.refs.list("refs/heads/") | repo.refs.list("refs/tags/"), "head": repo.head().branch}
 
@@ -265,12 +262,12 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
             raise HTTPException(400, "the same id more than once in one request")
         return [_check_id(i) for i in body.ids]
 
-    @app.post(f"{API}/objects/missing", dependencies=[read], responses=_responses(400, *_READ, *_JSON))
+    @app.post(f"{API}/objects/missing", dependencies=[read], responses=_responses(400, *_AUTH, *_JSON))
     def missing(body: Missing) -> dict:
         return {"missing": [i for i in _ids(body) if not repo.store.has(i)]}
 
     @app.post(f"{API}/objects/get", dependencies=[read], response_class=StreamingResponse,
-              responses=_responses(400, *_READ, 404, *_JSON, content=PACK))
+              responses=_responses(400, *_AUTH, 404, *_JSON, content=PACK))
     def get_objects(body: Missing) -> StreamingResponse:
         _ids(body)
         absent = [i for i in body.ids if not repo.store.has(_check_id(i))]
@@ -283,7 +280,7 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
                 yield from encode_frames([(oid, kind, data)])
         return StreamingResponse(frames(), media_type=PACK)
 
-    @app.post(f"{API}/objects", status_code=201, dependencies=[write], responses=_responses(400, *_WRITE, 413, 415),
+    @app.post(f"{API}/objects", status_code=201, dependencies=[write], responses=_responses(400, *_AUTH, 413, 415),
               openapi_extra=_binary_body(PACK))
     async def put_pack(request: Request) -> dict:
         body = await _body(request, max(max_request_bytes, max_object_bytes + FRAME_HEADER.size + 16), "pack", PACK)
@@ -301,7 +298,7 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
         return {"stored": len(checked)}
 
     @app.get(f"{API}/objects/{{object_id}}", dependencies=[read], response_class=Response,
-             responses=_responses(400, *_READ, 404, 500, content="application/octet-stream"),
+             responses=_responses(400, *_AUTH, 404, 500, content=OBJECT),
              openapi_extra=_ID_PARAMETER)
     def get_object(object_id: str) -> Response:
         _check_id(object_id)
@@ -309,10 +306,10 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
             kind, data = repo.store.get(object_id, verify=True)
         except CryopoolError as exc:
             raise HTTPException(404 if "not found" in exc.message else 500, exc.message) from None
-        return Response(encode_object_file(kind, data, None), media_type="application/octet-stream")
+        return Response(encode_object_file(kind, data, None), media_type=OBJECT)
 
     @app.put(f"{API}/objects/{{object_id}}", status_code=201, dependencies=[write],
-             responses=_responses(400, *_WRITE, 413, 415), openapi_extra=_ID_PARAMETER | _binary_body(OBJECT))
+             responses=_responses(400, *_AUTH, 413, 415), openapi_extra=_ID_PARAMETER | _binary_body(OBJECT))
     async def put_object(object_id: str, request: Request) -> dict:
         _check_id(object_id)
         body = await _body(request, max_object_bytes + 16, "object", OBJECT)
@@ -320,7 +317,7 @@ def create_app(repo_path: str, *, tokens: dict[str, list[str]] | None = None,
         repo.store.put(kind, data)
         return {"id": object_id}
 
-    @app.post(f"{API}/refs/{{name:path}}", responses=_responses(400, *_WRITE, 409, *_JSON))
+    @app.post(f"{API}/refs/{{name:path}}", responses=_responses(400, *_AUTH, 409, *_JSON))
     def update_ref(name: str, body: RefUpdate, request: Request,
                    authorization: str | None = Header(default=None)) -> dict:
         scope("write")(authorization)
@@ -373,7 +370,7 @@ class HeaderDeadline(H11Protocol):
     a byte at a time (slowloris) holds it for ever, and 64 such clients hold the
     server. Here the connection is closed when a request's head is still
     incomplete ``header_timeout`` seconds after the connection opened or the
-    previous response ended; a slow body is bounded by the endpoints' size limits.
+    previous response ended. Bodies are not timed (each endpoint bounds their size).
     """
 
     header_timeout: float = HEADER_TIMEOUT_S

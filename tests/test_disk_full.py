@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -16,8 +17,6 @@ from conftest import repo_state, write_mrc
 from cryopool.cli.main import cli
 from cryopool.repo import Repository
 from cryopool.repo.verify import verify
-
-import numpy as np
 
 TS = ["--tilt-angles", "-60:60:3", "--dose-per-tilt", "3", "--defocus-um", "4"]
 

@@ -161,7 +161,6 @@ def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
         found[mode] = {"map": sum(curve) / len(curve), "tilt": rare["tilt_angle_rms_deg"],
                        "orientation": rare["orientation_rms_deg"], "position": rare["position_rms_angstrom"]}
     alone, co = found["alone"], found["co-refined"]
-    print("measured:", found)  # seen with pytest -s
     assert co["tilt"] < 0.85 * alone["tilt"], found
     assert co["orientation"] < 0.7 * alone["orientation"] and co["position"] < 0.95 * alone["position"], found
     assert co["map"] > alone["map"] + 0.01, found

@@ -19,7 +19,7 @@ from cryopool.engine.nonuniform import (NonUniformSettings, apply_local_filter, 
                                         local_filter_levels, quarter_set)
 from cryopool.engine.phantoms import detergent_belt, noisy_quarter_maps, pseudo_atomic_model, render_map
 from cryopool.engine.fourier import fourier_resample
-from cryopool.engine.prior import hallucination, load_prior, weights_digest
+from cryopool.engine.prior import hallucination, load_prior, protein_like_maps, weights_digest
 from cryopool.engine.prior_training import RECIPE, train_prior, write_prior
 from cryopool.engine.refine import RefineOptions, refine_population
 from cryopool.engine.regularise import HalfMaps, Regularised, low_pass, working_resolution
@@ -218,13 +218,9 @@ def test_prior_does_not_make_noise_protein_like():
     The benchmark reports the same measure."""
     mean, std = hallucination(BlushStylePrior(load_prior()))
     assert np.all(np.abs(mean) < 0.03), (mean, std)
-    blob = hallucination(lambda maps: Regularised(tuple(m * 0 + _blob(48) for m in maps.halves)), draws=2)[0]
-    assert blob[-1] > 0.99  # the measure sees a particle where one is put
-
-
-def _blob(box: int) -> torch.Tensor:
-    z, y, x = torch.meshgrid(*[torch.arange(float(box)) - box // 2] * 3, indexing="ij")
-    return torch.exp(-(x**2 + y**2 + z**2) / (2 * 8.0**2))
+    blob = protein_like_maps(48, PX)[-1]
+    seen = hallucination(lambda maps: Regularised((blob, blob)), draws=2)[0]
+    assert seen[-1] > 0.99  # the measure sees a particle where one is put
 
 
 # -- inside refinement and in the repository ---------------------------------------------------------------------
