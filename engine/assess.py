@@ -5,7 +5,10 @@ rotation or translation of the specimen traded against per-tilt angles and
 shifts): projected particle positions in every tilt (what the images
 constrain), per-tilt defocus, and tilt-angle corrections after removing
 their mean, with the in-plane rotation an image warp carries added to the
-correction about the beam axis (the data see only their sum).
+correction about the beam axis (the data see only their sum). Each species
+is compared in its own frame (a shift of its map against the opposite shift
+of its particles, ``register``): its map registered onto the true map, the
+true positions moved alike.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from cryopool.repo import Population, Repository, Species, TiltSeries, iter_item
 
 from .fsc import fsc, resolution_at
 from .records_io import load_item, load_map, load_particles
+from .register import register_shift, shift_map, shift_poses
 from .tilt_model import image_warp_rotation_deg, particle_positions_in_tilts, particle_rotations_in_tilts
 
 __all__ = ["compare_with_truth"]
@@ -73,15 +77,38 @@ def _centre_displacement_error(geometry, truth) -> torch.Tensor:
     return d - (rows @ fit).squeeze(-1)
 
 
+def _species_frames(repo: Repository, population: Population, truth: Population) -> dict[str, dict]:
+    """Per species: the shift (px) that registers its half-map average onto the true map, and the FSC of the two
+    in register (``register``: a species' frame is a gauge the data cannot fix, as one fits a map before comparing
+    it with a model)."""
+    out = {}
+    for name in population.species:
+        sp = repo.get_record(population.species[name], Species)
+        true_map = load_map(repo, repo.get_record(truth.species[name], Species), "half_map_1")
+        avg = 0.5 * (load_map(repo, sp, "half_map_1") + load_map(repo, sp, "half_map_2"))
+        # at the FSC-0.5 resolution of the map as it stands, where the comparison has signal to register with
+        res = max(resolution_at(fsc(avg, true_map), sp.pixel_size_angstrom, 0.5), 2 * sp.pixel_size_angstrom)
+        shift = register_shift(avg, true_map, pixel_size_angstrom=sp.pixel_size_angstrom, resolution_angstrom=res)
+        out[name] = {"shift_px": shift, "pixel": sp.pixel_size_angstrom,
+                     "curve": fsc(shift_map(avg, shift), true_map)}
+    return out
+
+
 def compare_with_truth(repo: Repository, population: Population, truth: Population) -> dict:
     """RMS projected-position error (Å), orientation error in the tilts (°), per-tilt defocus RMS error (Å),
     demeaned tilt-angle error (°), per-tilt shift error (Å, at the tomogram centre, less a specimen translation),
-    and per species the resolution at FSC 0.5 of the half-map average against the true map and the number of
-    particles with no true particle (false picks: not in the geometry measures).
+    and per species the resolution at FSC 0.5 of the half-map average against the true map, how far its frame
+    is from the truth's (Å) and the number of particles with no true particle (false picks: not in the geometry
+    measures).
 
-    Geometry and defocus are compared per half-set (each half-set is refined on its own); the
-    defocus of the published item model (the two half-sets' average) is reported as well.
+    Each species is compared in its own frame: its map after registration onto the true map, and the true
+    positions moved alike (``register.shift_poses``). The frame is a gauge (a shift of the map and the
+    opposite shift of every particle give the same images), set by the starting maps; refinement keeps it
+    (``refine``) but cannot find the truth's. Geometry and defocus are compared per half-set (each half-set
+    is refined on its own); the defocus of the published item model (the two half-sets' average) is reported
+    as well.
     """
+    frames = _species_frames(repo, population, truth)
     true_items = {k: ts for k, _, ts in iter_items(repo, truth)}
     sq_pos, sq_def, sq_ang, sq_pub, sq_rot, sq_shift = [], [], [], [], [], []
     unmatched: dict[str, int] = {}
@@ -99,7 +126,10 @@ def compare_with_truth(repo: Repository, population: Population, truth: Populati
                 if len(sel) == 0:
                     continue
                 xy, _ = particle_positions_in_tilts(models[half].geometry, cols.positions[sel])
-                txy, _ = particle_positions_in_tilts(truth_model.geometry, tcols.positions[tsel])
+                frame = frames[name]  # the true poses in the species' frame: x + A s, the map moved by −s
+                true_pos = shift_poses(tcols.positions[tsel], tcols.orientations[tsel], -frame["shift_px"],
+                                       frame["pixel"])
+                txy, _ = particle_positions_in_tilts(truth_model.geometry, true_pos)
                 sq_pos.append(((xy - txy) ** 2).sum(-1).flatten())
                 rot = particle_rotations_in_tilts(models[half].geometry, cols.orientations[sel])
                 trot = particle_rotations_in_tilts(truth_model.geometry, tcols.orientations[tsel])
@@ -121,11 +151,10 @@ def compare_with_truth(repo: Repository, population: Population, truth: Populati
            "tilt_angle_max_deg": float(torch.sqrt(torch.cat(sq_ang)).max()),
            "tilt_angle_y_rms_deg": float(torch.sqrt(torch.cat(sq_ang)[:, 1].mean())),
            "tilt_angle_y_max_deg": float(torch.sqrt(torch.cat(sq_ang)[:, 1]).max()), "species": {}}
-    for name in population.species:
-        sp = repo.get_record(population.species[name], Species)
-        tsp = repo.get_record(truth.species[name], Species)
-        avg = 0.5 * (load_map(repo, sp, "half_map_1") + load_map(repo, sp, "half_map_2"))
-        curve = fsc(avg, load_map(repo, tsp, "half_map_1"))
-        out["species"][name] = {"fsc_vs_truth_0.5_angstrom": resolution_at(curve, sp.pixel_size_angstrom, 0.5),
-                                "fsc_vs_truth": curve.tolist(), "false_picks": unmatched.get(name, 0)}
+    for name, frame in frames.items():
+        curve = frame["curve"]
+        out["species"][name] = {"fsc_vs_truth_0.5_angstrom": resolution_at(curve, frame["pixel"], 0.5),
+                                "fsc_vs_truth": curve.tolist(), "false_picks": unmatched.get(name, 0),
+                                "frame_offset_angstrom": float(torch.linalg.vector_norm(frame["shift_px"]))
+                                * frame["pixel"]}
     return out

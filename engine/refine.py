@@ -38,6 +38,7 @@ from .alignment import masked_reference
 from .fsc import masked_fsc, resolution_at
 from .records_io import load_item, load_map, load_particles, load_quarter_maps, load_weights, unmodelled_optics
 from .refine_item import GROUPS, RefineSettings
+from .register import register_shift, shift_map, shift_poses
 from .refine_job import IterationPlan, SpeciesPlan, new_accumulators, refine_item
 from .denoiser import DenoiserSettings
 from .projection import FourierAccumulator
@@ -314,6 +315,25 @@ def _half_maps(accs: tuple[FourierAccumulator, ...], opts: RefineOptions, box: i
     return halves, [a.finalise(opts.wiener_constant, size=box).cpu() for a in accs]
 
 
+def _in_register(s: _SpeciesState, halves: tuple[torch.Tensor, torch.Tensor], quarters: list | None,
+                 positions: torch.Tensor, orientations: torch.Tensor, resolution_angstrom: float):
+    """Each new half-map shifted onto the frame of the map the iteration started from (the average of the half-maps
+    it refined against), and that half's particles moved alike (``register``). Returns the half-maps, quarter-maps,
+    positions and each half's shift in Å (for the operation record)."""
+    frame = 0.5 * (s.halves[0] + s.halves[1]).cpu()
+    px = s.record.pixel_size_angstrom
+    halves, quarters, positions, shifts = list(halves), quarters and list(quarters), positions.clone(), {}
+    for half in (1, 2):
+        shift = register_shift(halves[half - 1], frame, pixel_size_angstrom=px, resolution_angstrom=resolution_angstrom)
+        halves[half - 1] = shift_map(halves[half - 1], shift)
+        for i in ((2 * half - 2, 2 * half - 1) if quarters else ()):  # half 1 → sets 1, 2; half 2 → sets 3, 4
+            quarters[i] = shift_map(quarters[i], shift)
+        rows = s.columns.half_sets == half
+        positions[rows] = shift_poses(positions[rows], orientations[rows], shift, px)
+        shifts[f"half{half}"] = [round(v * px, 3) for v in shift.tolist()]
+    return tuple(halves), quarters, positions, shifts
+
+
 def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, ncc_history, decisions, regulariser,
             regularised, ref_name):
     work_res = {name: s.resolution_angstrom for name, s in plan.species.items()}
@@ -325,8 +345,11 @@ def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, nc
             published = _average(halves[1][0], halves[2][0], halves[1][1], halves[2][1])
             refined[key] = item_version(tx, old, published, halves, refined_against=species_refs_used)
         new_species, before, after, counts = {}, {}, {}, {}
+        registered = {}
         for name, s in species.items():
-            (h1, h2), quarters = _half_maps(accs[name], opts, s.box)
+            halves, quarters = _half_maps(accs[name], opts, s.box)
+            (h1, h2), quarters, positions, registered[name] = _in_register(s, halves, quarters, *poses[name],
+                                                                           work_res[name])
             mask = s.mask.cpu() if s.mask is not None else torch.ones_like(h1)
             curve = masked_fsc(h1, h2, mask)["corrected"]
             res = resolution_at(curve, s.record.pixel_size_angstrom, 0.143)
@@ -336,7 +359,7 @@ def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, nc
                 "resolution_0.5_angstrom": float(resolution_at(curve, s.record.pixel_size_angstrom, 0.5)),
                 "working_resolution_angstrom": float(work_res[name])})
             new_species[name] = species_version(
-                tx, s.record, (h1, h2), replace(s.columns, positions=poses[name][0], orientations=poses[name][1]),
+                tx, s.record, (h1, h2), replace(s.columns, positions=positions, orientations=poses[name][1]),
                 metrics=metrics, fsc=(freq, curve.numpy()), reconstructed_from=[refined[k] for k in used if k in refined],
                 quarter_maps=quarters, denoiser=regularised[name].weights)
             before[name], after[name], counts[name] = s.resolution, float(res), len(s.columns.ids)
@@ -346,7 +369,7 @@ def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, nc
                   "resolution_after": after,
                   "regulariser": {**regulariser.parameters(),
                                   "species": {n: r.record for n, r in regularised.items()}},
-                  "ncc": ncc_history, "reconstruction_box": rec_box,
+                  "ncc": ncc_history, "reconstruction_box": rec_box, "registration_angstrom": registered,
                   "decisions": decisions}
         operation = Operation(kind="refine", parameters=params, software=software_version(),
                               inputs={"population": repo.get_commit(tip).population})
