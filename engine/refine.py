@@ -38,12 +38,13 @@ from .alignment import masked_reference
 from .fsc import masked_fsc, resolution_at
 from .records_io import load_item, load_map, load_particles, load_quarter_maps, load_weights, unmodelled_optics
 from .refine_item import GROUPS, RefineSettings
-from .register import register_shift, shift_map, shift_poses
+from .register import register_shift, shift_map, shift_poses, symmetric_part
 from .refine_job import IterationPlan, SpeciesPlan, new_accumulators, refine_item
 from .denoiser import DenoiserSettings
 from .projection import FourierAccumulator
 from .regularise import HalfMaps, Regularised, Regulariser, working_resolution
 from .regularisers import REGULARISERS, make_regulariser
+from .symmetry import symmetry_operators
 from .tilt_model import Imaging, TiltGeometry
 from .trajectories import MAX_TEMPORAL_SAMPLES, resample_orientations, resample_positions
 from .writer import item_version, species_version
@@ -317,14 +318,17 @@ def _half_maps(accs: tuple[FourierAccumulator, ...], opts: RefineOptions, box: i
 
 def _in_register(s: _SpeciesState, halves: tuple[torch.Tensor, torch.Tensor], quarters: list | None,
                  positions: torch.Tensor, orientations: torch.Tensor, resolution_angstrom: float):
-    """Each new half-map shifted onto the frame of the map the iteration started from (the average of the half-maps
-    it refined against), and that half's particles moved alike (``register``). Returns the half-maps, quarter-maps,
-    positions and each half's shift in Å (for the operation record)."""
+    """Each new half-map shifted onto the frame of the map the iteration started from (the average of the
+    half-maps it refined against; along its symmetry axes only), and that half's particles moved alike
+    (``register``). Returns the half-maps, quarter-maps, positions and each half's shift in Å (for the operation
+    record)."""
     frame = 0.5 * (s.halves[0] + s.halves[1]).cpu()
     px = s.record.pixel_size_angstrom
+    group = symmetry_operators(s.record.symmetry, dtype=torch.float64)
     halves, quarters, positions, shifts = list(halves), quarters and list(quarters), positions.clone(), {}
     for half in (1, 2):
-        shift = register_shift(halves[half - 1], frame, pixel_size_angstrom=px, resolution_angstrom=resolution_angstrom)
+        shift = symmetric_part(register_shift(halves[half - 1], frame, pixel_size_angstrom=px,
+                                              resolution_angstrom=resolution_angstrom), group)
         halves[half - 1] = shift_map(halves[half - 1], shift)
         for i in ((2 * half - 2, 2 * half - 1) if quarters else ()):  # half 1 → sets 1, 2; half 2 → sets 3, 4
             quarters[i] = shift_map(quarters[i], shift)
@@ -344,11 +348,10 @@ def _commit(repo, tip, pop, species, plan, new_items, poses, accs, opts, run, nc
         for key, (old, halves) in new_items.items():
             published = _average(halves[1][0], halves[2][0], halves[1][1], halves[2][1])
             refined[key] = item_version(tx, old, published, halves, refined_against=species_refs_used)
-        new_species, before, after, counts = {}, {}, {}, {}
-        registered = {}
+        new_species, before, after, counts, registered = {}, {}, {}, {}, {}
         for name, s in species.items():
-            halves, quarters = _half_maps(accs[name], opts, s.box)
-            (h1, h2), quarters, positions, registered[name] = _in_register(s, halves, quarters, *poses[name],
+            maps, quarters = _half_maps(accs[name], opts, s.box)
+            (h1, h2), quarters, positions, registered[name] = _in_register(s, maps, quarters, *poses[name],
                                                                            work_res[name])
             mask = s.mask.cpu() if s.mask is not None else torch.ones_like(h1)
             curve = masked_fsc(h1, h2, mask)["corrected"]

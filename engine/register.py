@@ -25,7 +25,7 @@ import torch
 
 from .fourier import spatial_frequency_radius
 
-__all__ = ["register_shift", "shift_map", "shift_poses"]
+__all__ = ["register_shift", "shift_map", "shift_poses", "symmetric_part"]
 
 
 def _ramp(shape: tuple[int, int, int], shift_px: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,14 @@ def shift_poses(positions_angstrom: torch.Tensor, orientations: torch.Tensor, sh
     """
     s = shift_px.to(positions_angstrom.device, positions_angstrom.dtype) * pixel_size_angstrom
     return positions_angstrom - orientations.to(positions_angstrom.dtype) @ s
+
+
+def symmetric_part(shift_px: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
+    """The part of a shift that every operator ``(n, 3, 3)`` of a point group leaves unchanged: along a Cn axis,
+    nothing for Dn, T, O and I. A symmetrised reconstruction is centred on the box's symmetry axes, so a
+    symmetric species' frame can only move along them (the mean of the group's rotations projects onto that
+    subspace)."""
+    return operators.to(shift_px.dtype).mean(0) @ shift_px
 
 
 def register_shift(moving: torch.Tensor, fixed: torch.Tensor, *, pixel_size_angstrom: float,

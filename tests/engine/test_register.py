@@ -12,8 +12,9 @@ from cryopool.engine.assess import compare_with_truth
 from cryopool.engine.forward import ParticleSet, render_tilt_series
 from cryopool.engine.projection import prepare_volume
 from cryopool.engine.records_io import load_map, load_particles
-from cryopool.engine.register import register_shift, shift_map, shift_poses
+from cryopool.engine.register import register_shift, shift_map, shift_poses, symmetric_part
 from cryopool.engine.simulate import write_simulation
+from cryopool.engine.symmetry import symmetry_operators
 from cryopool.engine.writer import species_version
 from cryopool.repo import Metrics, Population, Repository, Species
 
@@ -84,3 +85,14 @@ def test_the_truth_in_another_frame_compares_as_the_truth(small_sim, tmp_path):
     assert abs(same["species"][name]["frame_offset_angstrom"] - float(s.norm()) * px) < 0.05 * px
     wrong = compare_with_truth(repo, replace(truth, species={name: posed_only}), truth)
     assert wrong["position_rms_angstrom"] > 0.5 * float(s.norm()) * px
+
+
+def test_a_symmetric_species_frame_moves_only_along_its_axes():
+    """A symmetrised reconstruction is centred on the box's axes: a Cn map may slide along its axis (z), a Dn map
+    not at all; an asymmetric one anywhere."""
+    s = torch.tensor([0.7, -0.4, 0.9], dtype=torch.float64)
+    assert torch.allclose(symmetric_part(s, symmetry_operators("C1")), s)
+    assert torch.allclose(symmetric_part(s, symmetry_operators("C7")), torch.tensor([0, 0, 0.9], dtype=torch.float64),
+                          atol=1e-6)
+    for group in ("D7", "T", "O", "I"):
+        assert symmetric_part(s, symmetry_operators(group)).abs().max() < 1e-6
