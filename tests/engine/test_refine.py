@@ -40,6 +40,9 @@ def test_refine_commits_with_full_provenance(repo):
     assert commit.parents[0].id == before and commit.operation.kind == "refine"
     params = commit.operation.parameters
     assert params["run"]["iteration"] == 1 and params["run"]["of"] == 1 and params["groups"] == ["shifts", "poses"]
+    registration = params["registration_angstrom"]  # each half-map's move into its species' frame, Å (x, y, z)
+    assert set(registration) == {"a", "b"} and all(len(r["half1"]) == len(r["half2"]) == 3
+                                                   for r in registration.values())
     assert commit.operation.software == software_version()
     old_pop, new_pop = repo.population(before), repo.population(report.commit)
     old_species = {old_pop.species[n] for n in old_pop.species}
