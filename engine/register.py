@@ -2,18 +2,15 @@
 
 A species' frame is a gauge: shifting its map and every particle the opposite way leaves every model image
 unchanged, so nothing in the data pins it. Each half-set's frame starts where its starting half-map put it
-and then drifts with that half's poses, each half its own way (strict gold standard). Measured on the
-co-refinement test's population after 5 iterations: the abundant species' half-maps were 1.0 px apart,
-their FSC from 100 Å to Nyquist averaged 0.24 and 0.60 once in register; the rare species' map against
-the truth 0.47, and 0.74 with each half registered to the truth. Two half-maps out of register blur their
-average and lower their FSC, from which the next iteration takes its band; a drifting map leaves its
-mask, and any model fitted into it, behind.
+and then drifts with that half's poses, each half its own way (strict gold standard). Two half-maps out of
+register blur their average and lower their FSC, from which the next iteration takes its band; a drifting
+map leaves its mask, and any model fitted into it, behind (measured: docs/physics.md §8, where the
+abundant species' half-maps of the co-refinement test ended 1.0 px apart).
 
 So after each reconstruction, each half-map is shifted onto the frame of the map the iteration started
 from (the average of the two half-maps it refined against) and that half's particles are moved alike.
 Only three numbers per half come from that shared map, at the working resolution. Rotations are not
-registered: on the same maps they added nothing (0.71 vs 0.74) and their estimates between halves were
-not consistent, i.e. below what the maps determine.
+registered: they added nothing where measured, and their estimates between halves were not consistent.
 
 A shift ``s`` (pixels, x, y, z) moves a map ``V`` to ``V'(u) = V(u − s)``; with particle orientations ``A`` (map →
 specimen) the same images come from positions ``x' = x − A s``.
