@@ -12,6 +12,7 @@ a bias (measured on noise-free images with the true maps and geometry: 60–1400
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -133,6 +134,7 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
         trainable = params.trainable(settings.groups)
         if not trainable:
             break
+        _balance_species(params, target)
         opt = torch.optim.LBFGS(trainable, max_iter=settings.lbfgs_iterations, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-12, tolerance_change=1e-12, history_size=20)
 
@@ -166,6 +168,52 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
         history.append(target.value())
     geom, im, positions, orientations = params.detached()
     return ItemState(geom, im, positions, orientations, history, decision)
+
+
+# the probe of each pose coordinate's curvature: small against a particle's pose error, large against rounding
+PROBE_STEP = {"pos": 0.5, "rot": 0.2}  # Å, degrees
+BALANCED = ("pos",)
+
+
+def _balance_species(params: ItemParameters, target: AlignmentTarget) -> None:
+    """Precondition the positions of a multi-species system so that L-BFGS moves every species alike.
+
+    A particle's share of the target, and so the curvature in its position, grows with its signal: a small or
+    weak species' positions are many times softer than an abundant large one's, and L-BFGS, whose steps follow
+    the stiffest directions, barely moves them in a round's iterations. With the geometry held, particles are
+    independent, so one probe of all position coordinates at once (a finite difference of the gradient) gives
+    each species' mean curvature; each species is then optimised in units that make its curvature the
+    stiffest species'. Two extra evaluations per round; a single species is left as it is. Orientations are
+    not balanced: measured, it made the weak species' orientations worse (docs/physics.md §8)."""
+    names = [n for n, p in params.p.items() if n.startswith(BALANCED) and p.requires_grad]
+    if len(names) <= len(BALANCED):
+        return
+    params.set_scales({n: 1.0 for n in names})
+
+    def gradients() -> dict[str, torch.Tensor]:
+        for p in params.p.values():
+            p.grad = None
+        target.loss_and_backward()
+        return {n: params.p[n].grad.detach().clone() for n in names}
+
+    before = gradients()
+    with torch.no_grad():
+        for n in names:
+            params.p[n] += PROBE_STEP[n[:3]]
+    after = gradients()
+    with torch.no_grad():
+        for n in names:
+            params.p[n] -= PROBE_STEP[n[:3]]
+    for p in params.p.values():
+        p.grad = None
+    curvature = {n: float((after[n] - before[n]).mean()) / PROBE_STEP[n[:3]] for n in names}
+    scales = {}
+    for kind in BALANCED:
+        stiffest = max(curvature[n] for n in names if n.startswith(kind))
+        for n in (n for n in names if n.startswith(kind)):
+            # a soft or non-convex coordinate gets at most 10× (its curvature taken as ≥ 1 % of the stiffest)
+            scales[n] = math.sqrt(stiffest / max(curvature[n], stiffest / 100)) if stiffest > 0 else 1.0
+    params.set_scales(scales)
 
 
 def _decide(fitted: int, target: AlignmentTarget, history: list[float], settings: RefineSettings,

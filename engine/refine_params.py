@@ -62,16 +62,26 @@ class ItemParameters:
             self.p[f"rot{k}"] = z(n, 1 if static_poses else samples, 3)
             self.orientations_in_tilts.append(orientations_at(s.orientations, geom.dose_time))
         self.species = species
+        self.scales: dict[str, float] = {}  # pose offset = scale × the optimised value (``set_scales``)
 
     def _offsets(self, name: str, samples: int) -> torch.Tensor:
-        p = self.p[name]
+        p = self.p[name] * self.scales[name] if name in self.scales else self.p[name]
         return p.expand(p.shape[0], samples, 3) if p.shape[1] != samples else p
+
+    def set_scales(self, scales: dict[str, float]) -> None:
+        """Optimise pose offsets in units of ``scale`` (a diagonal preconditioner; the offsets themselves do not
+        change)."""
+        with torch.no_grad():
+            for name, scale in scales.items():
+                self.p[name].mul_(self.scales.get(name, 1.0) / scale)
+                self.scales[name] = scale
 
     def release(self) -> None:
         """From static pose offsets to trajectories: every control point starts at the static offset."""
         for k, s in enumerate(self.species):
             for name in (f"pos{k}", f"rot{k}"):
-                self.p[name] = self._offsets(name, s.positions.shape[1]).detach().clone()
+                p = self.p[name]
+                self.p[name] = p.expand(p.shape[0], s.positions.shape[1], 3).detach().clone()
 
     def trainable(self, groups: tuple[str, ...]) -> list[torch.Tensor]:
         names = [g for g in groups if g != "poses"]
