@@ -211,8 +211,10 @@ def _balance_species(params: ItemParameters, target: AlignmentTarget) -> None:
     for kind in BALANCED:
         stiffest = max(curvature[n] for n in names if n.startswith(kind))
         for n in (n for n in names if n.startswith(kind)):
-            # a soft or non-convex coordinate gets at most 10× (its curvature taken as ≥ 1 % of the stiffest)
-            scales[n] = math.sqrt(stiffest / max(curvature[n], stiffest / 100)) if stiffest > 0 else 1.0
+            # a soft or non-convex coordinate gets at most 10× (its curvature taken as ≥ 1 % of the stiffest);
+            # in quarter octaves, so that the order of a float sum (threads, Dask workers) cannot change the path
+            scale = math.sqrt(stiffest / max(curvature[n], stiffest / 100)) if stiffest > 0 else 1.0
+            scales[n] = 2.0 ** (round(4 * math.log2(scale)) / 4)
     params.set_scales(scales)
 
 

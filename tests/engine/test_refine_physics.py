@@ -129,14 +129,14 @@ def test_a_rare_species_gains_from_co_refinement_with_an_abundant_one(tmp_path):
     """M's 5 %/95 % experiment: the same data and iterations, the rare species refined alone or with an abundant one.
 
     Co-refinement constrains the shared per-tilt geometry with the abundant species' signal, and the rare
-    species' orientations follow. Measured (seed 0, 5 iterations, each species compared in its own frame),
-    alone → co-refined: stage-angle RMS error 0.34° → 0.20°, the rare species' orientations 2.67° → 1.73°;
-    its map's mean FSC against the true map from 55 Å to Nyquist 0.739 → 0.741 (0.20 at the start), where
-    the map reconstructed from the true geometry and poses reaches 0.764: at this SNR the rare species alone
-    already finds the geometry its map needs at 20 Å Nyquist, so the map cannot gain (at SNR 0.5 too: 0.579
-    → 0.578). The rare species' projected positions are better alone (1.24 vs 1.97 Å; at SNR 0.5 1.77 vs
-    2.16 Å), not explained yet: not the 2 × 2 warp grid against the simulator's 3 × 3 (1.92 Å co-refined with
-    3 × 3); not asserted.
+    species' orientations follow. Measured (seed 0, 5 iterations, each species compared in its own frame, with
+    the species balance of docs/physics.md §8), alone → co-refined: stage-angle RMS error 0.34° → 0.20°, the
+    rare species' orientations 2.67° → 1.69°; its map's mean FSC against the true map from 55 Å to Nyquist
+    0.739 → 0.745 (0.20 at the start), where the map reconstructed from the true geometry and poses reaches
+    0.764: at this SNR the rare species alone already finds the geometry its map needs at 20 Å Nyquist, so
+    the map cannot gain much (at SNR 0.5, before the balance: 0.579 → 0.578). The rare species' projected
+    positions are better alone (1.24 vs 1.71 Å), not explained yet: not the 2 × 2 warp grid against the
+    simulator's 3 × 3 (1.92 Å co-refined with 3 × 3, before the balance); not asserted.
 
     Before the half-maps were kept in one frame (docs/physics.md §8), this test asserted a gain in the rare map
     measured without registration (0.444 → 0.465): most of each figure was how far each half-map had drifted.

@@ -49,7 +49,7 @@ def test_a_weak_species_is_not_left_behind_by_a_strong_one(scene, monkeypatch):
     balanced = _weak_error(scene, ("strong", "weak"))
     monkeypatch.setattr(refine_item, "_balance_species", lambda params, target: None)
     unbalanced = _weak_error(scene, ("strong", "weak"))
-    # measured: from 8.4 Å, alone 0.62, with the strong species 1.15 (its curvature 42× the weak one's), and
+    # measured: from 8.4 Å, alone 0.62, with the strong species 0.42 (its curvature 42× the weak one's), and
     # 8.1 without the balance: the weak species barely moved
     assert alone < 0.2 * start  # the weak species' own signal can place it
     assert balanced < 0.2 * start and balanced < 0.25 * unbalanced, (start, alone, balanced, unbalanced)
