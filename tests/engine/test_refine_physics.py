@@ -106,9 +106,9 @@ def test_finer_sampling_with_small_particles_far_from_focus(tmp_path):
 
     Before reconstructions held the delocalisation, this species' map stayed at 62–98 Å. The per-tilt
     defocus fit (ctf_fit) engages once its band holds 3 CTF zeros. Measured (seed 0, 2026-12-04, half-maps
-    kept in one frame): positions 13.9 → 3.6 Å, maps 97 % / 89 % of the available gain, per-tilt defocus
-    305 → 142 Å RMS in the published item models (−54 %) and 171 Å per half-set (−44 %; each half-map pulls
-    its half-set's defocus, see docs/physics.md §8).
+    kept in one frame, species balance): positions 13.9 → 2.2 Å, maps 97 % / 94 % of the available gain,
+    per-tilt defocus 305 → 143 Å RMS in the published item models (−53 %) and 172 Å per half-set (−44 %;
+    each half-map pulls its half-set's defocus, see docs/physics.md §8).
     """
     cfg = replace(PRESETS["test"], pixel_size_angstrom=5.0, image_size_px=(384, 384), seed=0)
     sim = simulate(cfg)
