@@ -170,9 +170,8 @@ def refine_item_half(stack: torch.Tensor, geometry: TiltGeometry, imaging: Imagi
     return ItemState(geom, im, positions, orientations, history, decision)
 
 
-# the probe of each pose coordinate's curvature: small against a particle's pose error, large against rounding
-PROBE_STEP = {"pos": 0.5, "rot": 0.2}  # Å, degrees
-BALANCED = ("pos",)
+# the probe of the position curvature: small against a particle's position error, large against rounding
+POSITION_PROBE_ANGSTROM = 0.5
 
 
 def _balance_species(params: ItemParameters, target: AlignmentTarget) -> None:
@@ -185,8 +184,8 @@ def _balance_species(params: ItemParameters, target: AlignmentTarget) -> None:
     each species' mean curvature; each species is then optimised in units that make its curvature the
     stiffest species'. Two extra evaluations per round; a single species is left as it is. Orientations are
     not balanced: measured, it made the weak species' orientations worse (docs/physics.md §8)."""
-    names = [n for n, p in params.p.items() if n.startswith(BALANCED) and p.requires_grad]
-    if len(names) <= len(BALANCED):
+    names = [n for n, p in params.p.items() if n.startswith("pos") and p.requires_grad]
+    if len(names) < 2:
         return
     params.set_scales({n: 1.0 for n in names})
 
@@ -196,25 +195,25 @@ def _balance_species(params: ItemParameters, target: AlignmentTarget) -> None:
         target.loss_and_backward()
         return {n: params.p[n].grad.detach().clone() for n in names}
 
+    def move_all(step: float) -> None:
+        with torch.no_grad():
+            for n in names:
+                params.p[n] += step
+
     before = gradients()
-    with torch.no_grad():
-        for n in names:
-            params.p[n] += PROBE_STEP[n[:3]]
+    move_all(POSITION_PROBE_ANGSTROM)
     after = gradients()
-    with torch.no_grad():
-        for n in names:
-            params.p[n] -= PROBE_STEP[n[:3]]
+    move_all(-POSITION_PROBE_ANGSTROM)
     for p in params.p.values():
         p.grad = None
-    curvature = {n: float((after[n] - before[n]).mean()) / PROBE_STEP[n[:3]] for n in names}
+    curvature = {n: float((after[n] - before[n]).mean()) / POSITION_PROBE_ANGSTROM for n in names}
+    stiffest = max(curvature.values())
     scales = {}
-    for kind in BALANCED:
-        stiffest = max(curvature[n] for n in names if n.startswith(kind))
-        for n in (n for n in names if n.startswith(kind)):
-            # a soft or non-convex coordinate gets at most 10× (its curvature taken as ≥ 1 % of the stiffest);
-            # in quarter octaves, so that the order of a float sum (threads, Dask workers) cannot change the path
-            scale = math.sqrt(stiffest / max(curvature[n], stiffest / 100)) if stiffest > 0 else 1.0
-            scales[n] = 2.0 ** (round(4 * math.log2(scale)) / 4)
+    for n in names:
+        # a soft or non-convex species gets at most 10× (its curvature taken as ≥ 1 % of the stiffest); in
+        # quarter octaves, so that the order of a float sum (threads, Dask workers) cannot change the path
+        scale = math.sqrt(stiffest / max(curvature[n], stiffest / 100)) if stiffest > 0 else 1.0
+        scales[n] = 2.0 ** (round(4 * math.log2(scale)) / 4)
     params.set_scales(scales)
 
 
