@@ -35,10 +35,12 @@ from cryopool.repo import Repository
 from cryopool.engine.refine import RefineOptions, refine_population
 repo = Repository.open(sys.argv[1])
 t0 = time.perf_counter()
-refine_population(repo, RefineOptions(iterations=int(sys.argv[2]), device="cpu"))
+refine_population(repo, RefineOptions(iterations=int(sys.argv[2]), device=sys.argv[3]))
 seconds = time.perf_counter() - t0
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024}))
+import torch
+gpu = torch.cuda.max_memory_allocated() / 2**20 if sys.argv[3] == "cuda" else 0.0
+print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024, "gpu_peak_mib": gpu}))
 """
 
 
@@ -65,12 +67,12 @@ def _shim(commit: str, into: Path) -> Path:
     return into / "pkg"
 
 
-def _run(repo: Path, iterations: int, pythonpath: Path | None) -> dict:
+def _run(repo: Path, iterations: int, pythonpath: Path | None, device: str = "cpu") -> dict:
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(repo), str(iterations)], env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(repo), str(iterations), device], env=env,
+                         capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"refine failed ({repo}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -102,15 +104,18 @@ def _simulated(items: int, where: Path) -> Path:
     return where
 
 
-def _compare(label: str, start: Path, iterations: int, baseline: Path | None, work: Path) -> list[str]:
+def _compare(label: str, start: Path, iterations: int, baseline: Path | None, work: Path,
+             device: str = "cpu") -> list[str]:
     runs = {}
     for who, path in (("this code", None), (f"before ({BASELINE})", baseline)):
         if who != "this code" and baseline is None:
             continue
         copy = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         shutil.copytree(start, copy, dirs_exist_ok=True)
-        runs[who] = {**_run(copy, iterations, path), **_accuracy(copy)}
-        print(f"  {label}: {who} {runs[who]['seconds']:.0f} s", flush=True)
+        runs[who] = {**_run(copy, iterations, path, device if path is None else "cpu"), **_accuracy(copy)}
+        gpu = f", GPU peak {runs[who]['gpu_peak_mib']:.0f} MiB" if runs[who].get("gpu_peak_mib") else ""
+        print(f"  {label}: {who} {runs[who]['seconds']:.0f} s on {device if path is None else 'cpu'}{gpu}",
+              flush=True)
     lines = [f"{label}, {iterations} iteration(s):"]
     keys = list(next(iter(runs.values()))["start"])
     lines.append(f"  {'':24s} {'wall s':>8s} {'peak MiB':>9s} " + " ".join(f"{k[:16]:>16s}" for k in keys))
@@ -135,6 +140,7 @@ def main() -> None:
     ap.add_argument("--baseline-items", type=int, default=1)
     ap.add_argument("--baseline-iterations", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where this code refines (cpu, cuda); the baseline runs on the CPU")
     ap.add_argument("--full-baseline", action="store_true", help="also run the baseline on the full population")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cryopool-ttr-") as tmp:
@@ -148,7 +154,7 @@ def main() -> None:
                 print("\n".join(lines), flush=True)
             full = _simulated(args.items, work / "full")
             lines += _compare(f"{args.items} tilt series", full, args.iterations,
-                              baseline if args.full_baseline else None, work)
+                              baseline if args.full_baseline else None, work, args.device)
             print("\n".join(lines))
         finally:
             if baseline is not None:

@@ -3,8 +3,9 @@
 #   here, once per session:  bash bench/device_wheels.sh        (the few packages the device image lacks → .whl/)
 #   device tool:             run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
 # It installs the wheels, makes cryopool importable without installing it, runs the device tests (CPU against
-# CUDA, --noconftest: the suite's conftest needs the server stack) and bench/bench_cuda.py, and leaves the logs
-# in $OUT. About 5-8 minutes on an H200; every step has its own time limit so one stuck step leaves the rest.
+# CUDA, --noconftest: the suite's conftest needs the server stack), bench/bench_cuda.py and the time-to-result
+# population refined end to end on CUDA (bench/bench_time_to_result.py --device cuda), and leaves the logs in $OUT.
+# Every step has its own time limit so one stuck step leaves the rest.
 set -o pipefail
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -13,6 +14,7 @@ mkdir -p /tmp/ns/cryopool
 for p in repo engine cli; do ln -sfn "$PWD/$p" "/tmp/ns/cryopool/$p"; done
 export PYTHONPATH=/tmp/site:/tmp/ns PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q --noconftest -p no:cacheprovider tests/engine/test_devices.py 2>&1 \
+timeout 150 python3 -m pytest -q --noconftest -p no:cacheprovider tests/engine/test_devices.py 2>&1 \
     | tee "$OUT/device_tests.log"
-timeout 420 python3 bench/bench_cuda.py 2>&1 | tee "$OUT/bench_cuda.log"
+timeout 180 python3 bench/bench_cuda.py 2>&1 | tee "$OUT/bench_cuda.log"
+timeout 200 python3 bench/bench_time_to_result.py --no-baseline --device cuda 2>&1 | tee "$OUT/time_to_result.log"
