@@ -19,6 +19,7 @@ import torch
 
 from cryopool.engine.geometry import euler_zyz_to_matrix
 from cryopool.engine.projection import prepare_volume
+from cryopool.engine.records_io import geometry_to, imaging_to
 from cryopool.engine.refine_item import RefineSettings, SpeciesInput, alignment_target, item_parameters
 from cryopool.engine.tilt_model import Imaging, TiltGeometry
 
@@ -46,7 +47,7 @@ def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu", bud
     stack = torch.randn(tilts, size, size, device=device)
     pre = torch.arange(tilts, dtype=torch.float64, device=device) * 3
     settings = RefineSettings(resolution_angstrom=2 * PIXEL, memory_budget_bytes=int(budget_gib * 1024**3))
-    params = item_parameters(geom, im, species, settings)
+    params = item_parameters(geometry_to(geom, device), imaging_to(im, device), species, settings)
     params.trainable(settings.groups)
     obj = alignment_target(params, stack, pre, torch.full((tilts,), 3.0, dtype=torch.float64, device=device), settings)
     obj.prepare()

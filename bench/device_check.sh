@@ -14,7 +14,10 @@ mkdir -p /tmp/ns/cryopool
 for p in repo engine cli; do ln -sfn "$PWD/$p" "/tmp/ns/cryopool/$p"; done
 export PYTHONPATH=/tmp/site:/tmp/ns PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q --noconftest -p no:cacheprovider tests/engine/test_devices.py 2>&1 \
+timeout 90 python3 -m pytest -q -s --noconftest -p no:cacheprovider tests/engine/test_devices.py 2>&1 \
     | tee "$OUT/device_tests.log"
-timeout 180 python3 bench/bench_cuda.py 2>&1 | tee "$OUT/bench_cuda.log"
-timeout 200 python3 bench/bench_time_to_result.py --no-baseline --device cuda 2>&1 | tee "$OUT/time_to_result.log"
+timeout 140 python3 bench/bench_cuda.py 2>&1 | tee "$OUT/bench_cuda.log"
+# one tilt series of the time-to-result population, 2 iterations, on CUDA under py-spy (where the time goes)
+timeout 200 /tmp/site/bin/py-spy record --subprocesses --rate 50 --format raw -o "$OUT/ttr_cuda_profile.txt" -- \
+    python3 bench/bench_time_to_result.py --no-baseline --device cuda --items 1 --iterations 2 2>&1 \
+    | tee "$OUT/time_to_result.log"

@@ -9,4 +9,6 @@ P="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform 
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d .whl \
     blake3 gemmi zstandard
 python3 -m pip download -q --no-deps --only-binary=:all: -d .whl mrcfile
+# py-spy: where the time of the refinement on CUDA goes (a Python-level profile; the image has no profiler for it)
+python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_5_x86_64 -d .whl py-spy
 ls -la .whl
