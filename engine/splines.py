@@ -11,8 +11,6 @@ the reference. Differentiable in the grid values and the coordinates.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 __all__ = ["interpolate_bspline_grid", "bspline_basis"]
@@ -57,11 +55,13 @@ def interpolate_bspline_grid(grid: torch.Tensor, u: torch.Tensor) -> torch.Tenso
             t = torch.full_like(q[:, d], 0.5)
             base_idx.append(torch.zeros_like(q[:, d], dtype=torch.long))
         weights.append(bspline_basis(t))  # (b, 4)
-    out = torch.zeros(q.shape[0], grid.shape[0], dtype=grid.dtype, device=grid.device)
-    for corner in itertools.product(range(4), repeat=k):
-        lin = sum((base_idx[d] + corner[d]) * strides[d] for d in range(k))
-        w = weights[0][:, corner[0]]
-        for d in range(1, k):
-            w = w * weights[d][:, corner[d]]
-        out = out + flat[:, lin].T * w[:, None]
+    # all 4^k corners at once (a few large operations, not 4^k small ones: on a GPU each is a kernel launch);
+    # corners in itertools.product order, the first dimension slowest
+    offsets = torch.arange(4, device=q.device)
+    lin = torch.zeros(q.shape[0], 1, dtype=torch.long, device=q.device)
+    w = torch.ones(q.shape[0], 1, dtype=weights[0].dtype, device=q.device)
+    for d in range(k):
+        lin = (lin[:, :, None] + ((base_idx[d][:, None] + offsets) * strides[d])[:, None, :]).flatten(1)
+        w = (w[:, :, None] * weights[d][:, None, :]).flatten(1)
+    out = (flat[:, lin] * w).sum(-1).T  # (b, c)
     return out.reshape(*u.shape[:-1], grid.shape[0])

@@ -87,23 +87,43 @@ def test_alignment_target_and_gradient_on_cuda_equal_the_cpus():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (never a requirement)")
 def test_refinement_on_cuda_gives_the_cpus_refined_parameters():
-    """Ten L-BFGS iterations in float32: the two paths may part by float rounding, never by more than a small
-    fraction of a pixel (6 Å) or of the moves refinement makes; the differences are printed for the record."""
+    """CUDA refines to the CPU's parameters as closely as the CPU refines to its own from a start 1e-3 Å away.
+
+    Float rounding differs between the devices (FFTs, summation order), and an optimiser's path can part on it:
+    with 10 L-BFGS iterations this system sits where a 1e-3 Å change of the start moves the refined shifts by
+    0.62 Å and the tilt angles by 0.25° on the CPU (measured), and CUDA landed on that same other path. With 30
+    iterations the paths meet again (≤ 0.05 Å, 0.05°). The tolerance is 4× that spread, measured here, and at
+    least 0.05 Å and 0.01°; the differences are printed for the record."""
+    from dataclasses import replace
+
     from cryopool.engine.refine_item import refine_item_half
     sim, settings = _cuda_system()
+    settings = replace(settings, lbfgs_iterations=30)
     out = {device: refine_item_half(*_inputs(sim, device), settings) for device in ("cpu", "cuda")}
-    cpu, cuda = out["cpu"], out["cuda"]
-    assert "cuda" in str(cuda.positions[0].device)
-    pairs = {"shifts (A)": (cuda.geometry.shifts_angstrom, cpu.geometry.shifts_angstrom, 1.0),
-             "tilt angles (deg)": (cuda.geometry.angle_corrections_deg, cpu.geometry.angle_corrections_deg, 0.05),
-             "positions (A)": (cuda.positions[0], cpu.positions[0], 1.0)}
-    for name, (a, b, tol) in pairs.items():
-        print(f"CUDA - CPU {name}: max {float((a.cpu() - b).abs().max()):.4f}, "
-              f"rms {float((a.cpu() - b).pow(2).mean().sqrt()):.4f} (tolerance {tol})")
-    print(f"target: CPU {cpu.history[-1]:.6f}, CUDA {cuda.history[-1]:.6f}")
-    for name, (a, b, tol) in pairs.items():
-        torch.testing.assert_close(a.cpu(), b, atol=tol, rtol=0, msg=name)
-    assert cuda.history[-1] == pytest.approx(cpu.history[-1], rel=1e-3)
+    moved = _inputs(sim, "cpu")
+    s = moved[5][0]
+    g = torch.Generator().manual_seed(1)
+    moved[5][0] = replace(s, positions=s.positions + 1e-3 * torch.randn(s.positions.shape, generator=g,
+                                                                         dtype=s.positions.dtype))
+    out["cpu, moved start"] = refine_item_half(*moved, settings)
+    cpu = out["cpu"]
+    assert "cuda" in str(out["cuda"].positions[0].device)
+
+    def quantities(state):
+        return {"shifts (A)": state.geometry.shifts_angstrom.cpu(),
+                "tilt angles (deg)": state.geometry.angle_corrections_deg.cpu(),
+                "positions (A)": state.positions[0].cpu()}
+
+    ref = quantities(cpu)
+    spread = {k: float((v - ref[k]).abs().max()) for k, v in quantities(out["cpu, moved start"]).items()}
+    got = {k: float((v - ref[k]).abs().max()) for k, v in quantities(out["cuda"]).items()}
+    floor = {"shifts (A)": 0.05, "tilt angles (deg)": 0.01, "positions (A)": 0.05}
+    for k in ref:
+        print(f"max |CUDA - CPU| {k}: {got[k]:.4f}; CPU from a moved start: {spread[k]:.4f}")
+    print(f"target: CPU {cpu.history[-1]:.6f}, CUDA {out['cuda'].history[-1]:.6f}")
+    for k in ref:
+        assert got[k] <= max(4 * spread[k], floor[k]), k
+    assert out["cuda"].history[-1] == pytest.approx(cpu.history[-1], rel=1e-3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
