@@ -1,7 +1,7 @@
 #!/bin/bash
 # The prepared GPU check (issue 21 §2, issue 18's CUDA timings), one run on a lent GPU machine:
 #   here, once per session:  bash bench/device_wheels.sh        (the few packages the device image lacks → .whl/)
-#   device tool:             run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
+#   device tool:             run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=560)
 # It installs the wheels, makes cryopool importable without installing it, runs the device tests (CPU against
 # CUDA, --noconftest: the suite's conftest needs the server stack), bench/bench_cuda.py and the time-to-result
 # population refined end to end on CUDA (bench/bench_time_to_result.py --device cuda), and leaves the logs in $OUT.
