@@ -109,14 +109,22 @@ def crop_transform(vt: VolumeTransform, radius: float) -> VolumeTransform:
     neighbours: what slices limited to a band need. Sampling it gives the same values in the band; the smaller
     grid is what makes the sampling fast (the whole transform of a 128-px map is 256³ voxels, mostly beyond
     the band, and memory traffic dominates trilinear interpolation)."""
-    size, start = _band_extent(vt.values.shape[0], vt.pad, radius)
-    values = vt.values[start:start + size, start:start + size, start:start + size].contiguous()
+    full = vt.values.shape[0]
+    size, start = _band_extent(full, vt.pad, radius, clamp=False)
+    if size <= full:
+        values = vt.values[start:start + size, start:start + size, start:start + size].contiguous()
+    else:  # a band reaching the grid's edge: a margin of zeros, so that every corner a sample reads is on the
+        # grid (what trilinear sampling's zeros padding would read, without its per-corner checks)
+        m = (size - full) // 2
+        values = torch.nn.functional.pad(vt.values, (0, 0, m, m, m, m, m, m))
     return replace(vt, values=values)
 
 
-def _band_extent(full: int, pad: int, radius: float) -> tuple[int, int]:
-    """The size and first index of the centred cube holding frequencies up to ``radius`` and their neighbours."""
-    size = min(full, 2 * math.ceil(radius * pad + 2) + 2)
+def _band_extent(full: int, pad: int, radius: float, *, clamp: bool = True) -> tuple[int, int]:
+    """The size and first index of the centred cube holding frequencies up to ``radius`` and their neighbours
+    (at most the whole grid unless ``clamp`` is off; the first index is then negative)."""
+    size = 2 * math.ceil(radius * pad + 2) + 2
+    size = min(full, size) if clamp else size
     size += (full - size) % 2  # the centre voxel stays the centre
     return size, full // 2 - size // 2
 

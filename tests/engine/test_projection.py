@@ -149,6 +149,29 @@ def test_a_band_cropped_transform_samples_like_the_whole_one_and_crops_to_itself
     torch.testing.assert_close(extract_points(band, rot, k), extract_points(vt, rot, k))
 
 
+def test_a_band_reaching_nyquist_gets_a_margin_of_zeros_and_samples_like_the_whole_transform():
+    """At Nyquist the band's interpolation neighbours lie beyond the padded grid: the cropped transform grows a
+    margin of zeros instead (what trilinear sampling's zeros padding reads there), so every corner is on the grid.
+    Slices through the band's edge, at random orientations, equal the whole transform's."""
+    torch.manual_seed(4)
+    vt = prepare_volume(torch.randn(32, 32, 32, dtype=torch.float64))
+    radius = 32 / 2 + 1  # a 2-pixel resolution: the band reaches Nyquist
+    band = crop_transform(vt, radius)
+    m = (band.values.shape[0] - vt.values.shape[0]) // 2
+    assert m > 0 and band.values.shape[0] % 2 == vt.values.shape[0] % 2
+    inner = band.values[m:-m, m:-m, m:-m]
+    margin = torch.ones(band.values.shape, dtype=torch.bool)
+    margin[m:-m, m:-m, m:-m] = False
+    assert torch.equal(inner, vt.values) and not band.values[margin].any()
+    angle = torch.linspace(0, 2 * math.pi, 200, dtype=torch.float64)
+    k = 16.0 * torch.stack([torch.cos(angle), torch.sin(angle)], -1)  # on the Nyquist circle
+    rot = _random_rotations(5, seed=2)
+    torch.testing.assert_close(extract_points(band, rot, k), extract_points(vt, rot, k))
+    idx = (torch.einsum("nji,kj->nki", rot, torch.cat([k, torch.zeros_like(k[:, :1])], -1)) * band.pad
+           + band.values.shape[0] // 2)
+    assert idx.min() >= 0 and idx.max() < band.values.shape[0] - 1  # every corner on the grid
+
+
 def test_finalising_on_the_half_grid_equals_the_whole_grid_formula():
     """``finalise`` forms only the Hermitian half of the symmetrised grid and inverts it with irfftn (half-grid
     temporaries); written out here on the whole grid: g(k) + g(−k) with g(−k) at index (D − i) mod D on each
