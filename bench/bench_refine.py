@@ -42,7 +42,8 @@ def _system(box: int, n: int, n_species: int, tilts: int = 41, device="cpu", bud
                                      rng.uniform(-100, 100, per)], 1))
         ori = euler_zyz_to_matrix(torch.tensor(rng.uniform(0, 180, (per, 3))))
         vol = torch.randn(box, box, box)
-        species.append(SpeciesInput(f"s{s}", prepare_volume(vol.to(device)), box, box * PIXEL / 2,
+        # the band's part only, as refine prepares its references (refine.py, masked_reference)
+        species.append(SpeciesInput(f"s{s}", prepare_volume(vol.to(device), radius=box / 2 + 1), box, box * PIXEL / 2,
                                     pos[:, None].to(device), ori[:, None].to(device)))  # static poses: T = 1
     stack = torch.randn(tilts, size, size, device=device)
     pre = torch.arange(tilts, dtype=torch.float64, device=device) * 3
