@@ -188,7 +188,7 @@ def test_co_refinement_halves_a_rare_species_position_error_where_the_geometry_m
     """The same experiment on images without the unmodelled warp (none simulated, none refined): the geometry is
     then what the particles of both species agree on, and the rare species' projected positions follow it.
     Measured, alone → co-refined, seed 0 / seed 1: positions 1.10 → 0.53 Å / 1.04 → 0.48 Å, stage angles
-    0.24° → 0.11° / 0.22° → 0.09°, per-tilt shifts 0.87 → 0.11 Å / 1.16 → 0.14 Å, orientations 2.50° → 2.22° /
+    0.24° → 0.11° / 0.22° → 0.09°, per-tilt shifts 0.87 → 0.11 Å / 1.16 → 0.14 Å, orientations 2.50° → 2.32° /
     2.63° → 2.00°, map 0.704 → 0.709 / 0.746 → 0.755. At 5 Å/px (384² px, 4 iterations): positions
     0.60 → 0.37 Å, map 0.576 → 0.587. The map's gain is small because at 10 Å/px a 1 Å error barely matters
     to a 20 Å Nyquist map: M's gain in the rare map came at near-atomic resolution."""
