@@ -107,9 +107,9 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2, *, radius: float | None =
 
 def crop_transform(vt: VolumeTransform, radius: float) -> VolumeTransform:
     """The same transform holding only frequencies up to ``radius`` (cycles per box) and their interpolation
-    neighbours: what slices limited to a band need. Sampling it gives the same values in the band; the smaller
-    grid is what makes the sampling fast (the whole transform of a 128-px map is 256³ voxels, mostly beyond
-    the band, and memory traffic dominates trilinear interpolation)."""
+    neighbours (zeros where those lie beyond the grid): what slices limited to a band need. Sampling it gives
+    the same values in the band; the smaller grid is what makes the sampling fast (the whole transform of a
+    128-px map is 256³ voxels, mostly beyond the band, and memory traffic dominates trilinear interpolation)."""
     full = vt.values.shape[0]
     size, start = _band_extent(full, vt.pad, radius, clamp=False)
     if size <= full:
