@@ -112,10 +112,10 @@ def _compare(label: str, start: Path, iterations: int, baseline: Path | None, wo
             continue
         copy = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         shutil.copytree(start, copy, dirs_exist_ok=True)
-        runs[who] = {**_run(copy, iterations, path, device if path is None else "cpu"), **_accuracy(copy)}
+        where = device if path is None else "cpu"  # the baseline always runs on the CPU
+        runs[who] = {**_run(copy, iterations, path, where), **_accuracy(copy)}
         gpu = f", GPU peak {runs[who]['gpu_peak_mib']:.0f} MiB" if runs[who].get("gpu_peak_mib") else ""
-        print(f"  {label}: {who} {runs[who]['seconds']:.0f} s on {device if path is None else 'cpu'}{gpu}",
-              flush=True)
+        print(f"  {label}: {who} {runs[who]['seconds']:.0f} s on {where}{gpu}", flush=True)
     lines = [f"{label}, {iterations} iteration(s):"]
     keys = list(next(iter(runs.values()))["start"])
     lines.append(f"  {'':24s} {'wall s':>8s} {'peak MiB':>9s} " + " ".join(f"{k[:16]:>16s}" for k in keys))
@@ -140,7 +140,8 @@ def main() -> None:
     ap.add_argument("--baseline-items", type=int, default=1)
     ap.add_argument("--baseline-iterations", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--device", default="cpu", help="where this code refines (cpu, cuda); the baseline runs on the CPU")
+    ap.add_argument("--device", default="cpu", help="where this code refines the full population (cpu, cuda); the baseline "
+                    "comparison runs on the CPU")
     ap.add_argument("--full-baseline", action="store_true", help="also run the baseline on the full population")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cryopool-ttr-") as tmp:

@@ -93,8 +93,8 @@ def prepare_volume(volume: torch.Tensor, pad: int = 2, *, radius: float | None =
         band = slice(start, start + size)
         ft = _band_transform(padded, band)
         ft.mul_(s[band, None, None] * sign).mul_(s[None, band, None]).mul_(s[None, None, band])
-        vt = VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad)
-        return crop_transform(vt, radius) if size == D else vt  # a band at the grid's edge: its margin
+        # crop_transform keeps this grid as it is, or gives a band at the grid's edge its margin of zeros
+        return crop_transform(VolumeTransform(values=torch.view_as_real(ft).contiguous(), box=d, pad=pad), radius)
     ft = torch.fft.fftn(padded, dim=(-3, -2, -1))
     del padded
     if inplace:
